@@ -1,0 +1,51 @@
+"""
+Linux socket constants that Python's L{socket} module may lack, in one place.
+
+Values are the Linux ABI (include/uapi/linux/in.h, in6.h, asm-generic/socket.h);
+where the running Python defines a name we use its value instead.
+"""
+
+import socket
+
+SOL_IP: int = getattr(socket, "SOL_IP", 0)
+SOL_IPV6: int = getattr(socket, "SOL_IPV6", 41)
+SOL_SOCKET: int = socket.SOL_SOCKET
+
+IP_PKTINFO: int = getattr(socket, "IP_PKTINFO", 8)
+IP_RECVORIGDSTADDR: int = getattr(socket, "IP_RECVORIGDSTADDR", 20)
+IP_ORIGDSTADDR: int = IP_RECVORIGDSTADDR
+IP_FREEBIND: int = getattr(socket, "IP_FREEBIND", 15)
+IP_TRANSPARENT: int = getattr(socket, "IP_TRANSPARENT", 19)
+
+IPV6_V6ONLY: int = getattr(socket, "IPV6_V6ONLY", 26)
+IPV6_RECVPKTINFO: int = getattr(socket, "IPV6_RECVPKTINFO", 49)
+IPV6_PKTINFO: int = getattr(socket, "IPV6_PKTINFO", 50)
+IPV6_RECVORIGDSTADDR: int = getattr(socket, "IPV6_RECVORIGDSTADDR", 74)
+IPV6_ORIGDSTADDR: int = IPV6_RECVORIGDSTADDR
+IPV6_TRANSPARENT: int = getattr(socket, "IPV6_TRANSPARENT", 75)
+IPV6_FREEBIND: int = getattr(socket, "IPV6_FREEBIND", 78)
+
+SO_RXQ_OVFL: int = getattr(socket, "SO_RXQ_OVFL", 40)
+SO_REUSEPORT: int = getattr(socket, "SO_REUSEPORT", 15)
+
+MSG_TRUNC: int = getattr(socket, "MSG_TRUNC", 0x20)
+MSG_CTRUNC: int = getattr(socket, "MSG_CTRUNC", 0x08)
+
+#: Payload sizes of the control messages we ask for.
+IN_PKTINFO_SIZE = 12  # int ifindex, in_addr spec_dst, in_addr addr
+IN6_PKTINFO_SIZE = 20  # in6_addr addr, unsigned int ifindex
+SOCKADDR_IN_SIZE = 16
+SOCKADDR_IN6_SIZE = 28
+U32_SIZE = 4
+
+#: Room for every control message that can arrive with one datagram on a
+#: dual-stack socket (IPv4-mapped traffic brings both pktinfo kinds), with
+#: slack so that a message we did not ask for does not truncate the ones we did.
+ANCILLARY_BUFFER_SIZE: int = (
+    socket.CMSG_SPACE(IN_PKTINFO_SIZE)
+    + socket.CMSG_SPACE(IN6_PKTINFO_SIZE)
+    + socket.CMSG_SPACE(SOCKADDR_IN_SIZE)
+    + socket.CMSG_SPACE(SOCKADDR_IN6_SIZE)
+    + socket.CMSG_SPACE(U32_SIZE)
+    + 64
+)

@@ -103,10 +103,13 @@ class DestinationPort(udp.Port):
         it yields to the reactor (also bounded by C{maxThroughput} bytes).
     @ivar peerMapSize: How many peers' last destinations are remembered for
         plain protocols that reply later to an address they rebuilt.
+    @ivar ancillaryBufferSize: Room for control data per datagram; sized for
+        every message that can arrive together.
     """
 
     maxDatagramsPerRead = 256
     peerMapSize = 8192
+    ancillaryBufferSize = L.ANCILLARY_BUFFER_SIZE
     _log = Logger()
 
     def __init__(
@@ -235,7 +238,7 @@ class DestinationPort(udp.Port):
         cache = self._destinations
         boundPort = self._realPortNumber or 0
         deliver = self._deliverAware if self._destinationAware else self._deliverPlain
-        ancSize = L.ANCILLARY_BUFFER_SIZE if wildcard else 0
+        ancSize = self.ancillaryBufferSize if wildcard else 0
         budget = self.maxThroughput
         remaining = self.maxDatagramsPerRead
         while remaining > 0 and budget > 0 and self._reading:

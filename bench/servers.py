@@ -1,0 +1,238 @@
+"""
+The Python echo servers the benchmark compares, one subcommand each.
+
+    python bench/servers.py VARIANT ADDRESS PORT
+
+VARIANT is one of:
+
+  twisted        Twisted's own reactor.listenUDP with a DatagramProtocol echo
+  asyncio        asyncio's create_datagram_endpoint echo (default event loop)
+  udpdst-dst     udpdst.listenUDP with a DestinationDatagramProtocol echo
+                 (replies with transport.write(data, addr, dst))
+  udpdst-plain   udpdst.listenUDP with the same plain DatagramProtocol echo
+                 as "twisted" (replies with transport.write(data, addr))
+  udpdst-echo    udpdst.listenUDP with the service's udpdst.echo.EchoProtocol
+
+Twisted variants run on the epoll reactor.  PORT 0 picks a free port.
+
+Every server speaks the same control protocol on stdin/stdout as
+bench/cserver.c, so that bench/run.py reads the server's CPU time from inside
+the server process, around the measured window:
+
+  -> (stdout)  "ready PORT"                once listening
+  <- "m"       -> "m UTIME STIME - -"       own rusage (seconds)
+  <- "s"       -> "s JSON"                 extra facts (e.g. udpdst counters)
+  <- "prof-start"                           start cProfile
+  <- "prof-stop PATH"  -> "p PATH"          stop it and dump stats to PATH
+  stdin closed: exit.
+
+Nothing else runs in the server while it is measured: no counters are kept
+in the echo path, so the stock variants are exactly what a user would write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+
+
+def _rusage() -> str:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return f"m {ru.ru_utime:.6f} {ru.ru_stime:.6f} - -"
+
+
+class _Control:
+    """
+    The control protocol, independent of the event loop that feeds it lines.
+    """
+
+    def __init__(self, stats, write, stop):
+        self._stats = stats
+        self._write = write
+        self._stop = stop
+        self._profile = None
+
+    def line(self, line: str) -> None:
+        words = line.split()
+        if not words:
+            return
+        cmd = words[0]
+        if cmd == "m":
+            self._write(_rusage())
+        elif cmd == "s":
+            self._write("s " + json.dumps(self._stats(), default=str))
+        elif cmd == "prof-start":
+            import cProfile
+
+            self._profile = cProfile.Profile()
+            self._profile.enable()
+        elif cmd == "prof-stop" and self._profile is not None:
+            self._profile.disable()
+            self._profile.dump_stats(words[1])
+            self._profile = None
+            self._write(f"p {words[1]}")
+        elif cmd == "quit":
+            self._stop()
+
+
+def _counters(port) -> dict:
+    """
+    Whatever counters a udpdst port exposes, as a plain dict.
+    """
+    counters = getattr(port, "counters", None)
+    if counters is None:
+        return {}
+    if hasattr(counters, "__dataclass_fields__"):
+        import dataclasses
+
+        return dataclasses.asdict(counters)
+    if hasattr(counters, "asDict"):
+        return dict(counters.asDict())
+    return {
+        k: v
+        for k, v in vars(counters).items()
+        if not k.startswith("_") and isinstance(v, int | float)
+    }
+
+
+def _runTwisted(variant: str, address: str, portNumber: int) -> None:
+    from twisted.internet import epollreactor
+
+    epollreactor.install()
+    from twisted.internet import reactor, stdio
+    from twisted.internet.protocol import DatagramProtocol
+    from twisted.protocols.basic import LineOnlyReceiver
+
+    class Echo(DatagramProtocol):
+        def datagramReceived(self, data, addr):
+            self.transport.write(data, addr)
+
+    if variant == "twisted":
+        port = reactor.listenUDP(portNumber, Echo(), interface=address)
+    else:
+        from udpdst import listenUDP
+
+        if variant == "udpdst-plain":
+            protocol = Echo()
+        elif variant == "udpdst-dst":
+            from udpdst import DestinationDatagramProtocol
+
+            class DestinationEcho(DestinationDatagramProtocol):
+                def datagramReceived(self, data, addr, dst):
+                    self.transport.write(data, addr, dst)
+
+            protocol = DestinationEcho()
+        elif variant == "udpdst-echo":
+            protocol = _serviceEcho(reactor)
+        else:
+            raise SystemExit(f"unknown variant {variant!r}")
+        port = listenUDP(portNumber, protocol, interface=address, reactor=reactor)
+
+    class ControlLines(LineOnlyReceiver):
+        delimiter = b"\n"
+
+        def connectionMade(self):
+            self.control = _Control(
+                lambda: {"counters": _counters(port)},
+                lambda text: self.sendLine(text.encode()),
+                reactor.stop,
+            )
+            self.sendLine(f"ready {port.getHost().port}".encode())
+
+        def lineReceived(self, line):
+            self.control.line(line.decode())
+
+        def connectionLost(self, reason):
+            if reactor.running:
+                reactor.stop()
+
+    stdio.StandardIO(ControlLines(), reactor=reactor)
+    reactor.run()
+
+
+def _serviceEcho(reactor):
+    """
+    The service's echo protocol with the most permissive settings its
+    constructor offers (no ACL, no rate limit), so the benchmark measures the
+    echo path and not a policy.
+    """
+    import inspect
+
+    from udpdst.echo import EchoProtocol
+
+    params = inspect.signature(EchoProtocol).parameters
+    kwargs = {}
+    if "reactor" in params:
+        kwargs["reactor"] = reactor
+    if "clock" in params:
+        kwargs["clock"] = reactor
+    return EchoProtocol(**kwargs)
+
+
+def _runAsyncio(address: str, portNumber: int) -> None:
+    import asyncio
+
+    class Echo(asyncio.DatagramProtocol):
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def datagram_received(self, data, addr):
+            self.transport.sendto(data, addr)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            Echo, local_addr=(address, portNumber)
+        )
+        done = loop.create_future()
+        buf = bytearray()
+
+        def write(text):
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+
+        def stop():
+            if not done.done():
+                done.set_result(None)
+
+        control = _Control(lambda: {}, write, stop)
+
+        def readable():
+            chunk = os.read(0, 4096)
+            if not chunk:
+                stop()
+                return
+            buf.extend(chunk)
+            while b"\n" in buf:
+                line, _, rest = bytes(buf).partition(b"\n")
+                buf[:] = rest
+                control.line(line.decode())
+
+        loop.add_reader(0, readable)
+        write(f"ready {transport.get_extra_info('sockname')[1]}")
+        await done
+        transport.close()
+
+    asyncio.run(main())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    parser.add_argument(
+        "variant",
+        choices=["twisted", "asyncio", "udpdst-dst", "udpdst-plain", "udpdst-echo"],
+    )
+    parser.add_argument("address")
+    parser.add_argument("port", type=int)
+    args = parser.parse_args(argv)
+    if args.variant == "asyncio":
+        _runAsyncio(args.address, args.port)
+    else:
+        _runTwisted(args.variant, args.address, args.port)
+
+
+if __name__ == "__main__":
+    main()

@@ -53,7 +53,9 @@ class ReactorTimeout(Exception):
     pass
 
 
-def runUntil(reactor: Any, start: Callable[[], Deferred[Any]], timeout: float = 10.0) -> Any:
+def runUntil(
+    reactor: Any, start: Callable[[], Deferred[Any]], timeout: float = 10.0
+) -> Any:
     """
     Run C{reactor} until the Deferred that C{start()} returns fires, or
     C{timeout} seconds pass; return its result or raise its failure.

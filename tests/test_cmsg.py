@@ -25,7 +25,9 @@ def in_pktinfo(ifindex: int, spec_dst: str, addr: str) -> tuple[int, int, bytes]
     return (
         L.SOL_IP,
         L.IP_PKTINFO,
-        struct.pack("=i4s4s", ifindex, socket.inet_aton(spec_dst), socket.inet_aton(addr)),
+        struct.pack(
+            "=i4s4s", ifindex, socket.inet_aton(spec_dst), socket.inet_aton(addr)
+        ),
     )
 
 
@@ -41,7 +43,10 @@ def orig4(addr: str, port: int) -> tuple[int, int, bytes]:
     return (
         L.SOL_IP,
         L.IP_ORIGDSTADDR,
-        struct.pack("=H", socket.AF_INET) + struct.pack("!H", port) + socket.inet_aton(addr) + b"\0" * 8,
+        struct.pack("=H", socket.AF_INET)
+        + struct.pack("!H", port)
+        + socket.inet_aton(addr)
+        + b"\0" * 8,
     )
 
 
@@ -76,7 +81,9 @@ def test_capturedMappedDatagram() -> None:
 
 
 def test_unicastV4() -> None:
-    dst, _ = parse_destination([in_pktinfo(2, "10.1.2.3", "10.1.2.3"), orig4("10.1.2.3", 12345)], 12345)
+    dst, _ = parse_destination(
+        [in_pktinfo(2, "10.1.2.3", "10.1.2.3"), orig4("10.1.2.3", 12345)], 12345
+    )
     assert dst == Destination("10.1.2.3", 12345, 2, "10.1.2.3")
 
 
@@ -117,7 +124,9 @@ def test_origDstAddrGivesThePort() -> None:
     The original destination port (e.g. after a redirect) comes from
     C{*_ORIGDSTADDR}; without it, the bound port.
     """
-    dst, _ = parse_destination([in_pktinfo(1, "10.0.0.1", "10.0.0.1"), orig4("10.0.0.1", 53)], 5353)
+    dst, _ = parse_destination(
+        [in_pktinfo(1, "10.0.0.1", "10.0.0.1"), orig4("10.0.0.1", 53)], 5353
+    )
     assert dst is not None and dst.port == 53
     dst, _ = parse_destination([in_pktinfo(1, "10.0.0.1", "10.0.0.1")], 5353)
     assert dst is not None and dst.port == 5353
@@ -126,7 +135,9 @@ def test_origDstAddrGivesThePort() -> None:
 
 
 def test_kernelDrops() -> None:
-    dst, drops = parse_destination([in_pktinfo(1, "127.0.0.1", "127.0.0.1"), ovfl(17)], 9)
+    dst, drops = parse_destination(
+        [in_pktinfo(1, "127.0.0.1", "127.0.0.1"), ovfl(17)], 9
+    )
     assert drops == 17 and dst is not None
     assert parse_destination([ovfl(3)], 9) == (None, 3)
 
@@ -137,7 +148,11 @@ def test_nothingUsable() -> None:
 
 
 def test_shortMessagesAreIgnored() -> None:
-    short = [(L.SOL_IP, L.IP_PKTINFO, b"\1\2"), (L.SOL_IPV6, L.IPV6_PKTINFO, b"\0" * 19), (L.SOL_SOCKET, L.SO_RXQ_OVFL, b"")]
+    short = [
+        (L.SOL_IP, L.IP_PKTINFO, b"\1\2"),
+        (L.SOL_IPV6, L.IPV6_PKTINFO, b"\0" * 19),
+        (L.SOL_SOCKET, L.SO_RXQ_OVFL, b""),
+    ]
     assert parse_destination(short, 9) == (None, None)
 
 
@@ -145,7 +160,16 @@ ancillary = st.lists(
     st.one_of(
         st.tuples(
             st.sampled_from([L.SOL_IP, L.SOL_IPV6, L.SOL_SOCKET, 99]),
-            st.sampled_from([L.IP_PKTINFO, L.IP_ORIGDSTADDR, L.IPV6_PKTINFO, L.IPV6_ORIGDSTADDR, L.SO_RXQ_OVFL, 0]),
+            st.sampled_from(
+                [
+                    L.IP_PKTINFO,
+                    L.IP_ORIGDSTADDR,
+                    L.IPV6_PKTINFO,
+                    L.IPV6_ORIGDSTADDR,
+                    L.SO_RXQ_OVFL,
+                    0,
+                ]
+            ),
             st.binary(max_size=40),
         ),
         st.tuples(st.integers(), st.integers(), st.binary(max_size=64)),
@@ -188,39 +212,62 @@ def test_parseAnyPktinfoBytes(kind: int, data: bytes) -> None:
 
 
 def test_replyV4UsesSpecDstWithoutIfindex() -> None:
-    control = reply_control(socket.AF_INET, Destination("10.1.2.255", 7, 3, "10.1.2.2"), "10.1.2.5")
-    assert control == [(L.SOL_IP, L.IP_PKTINFO, struct.pack("=i4s4s", 0, socket.inet_aton("10.1.2.2"), b"\0" * 4))]
+    control = reply_control(
+        socket.AF_INET, Destination("10.1.2.255", 7, 3, "10.1.2.2"), "10.1.2.5"
+    )
+    assert control == [
+        (
+            L.SOL_IP,
+            L.IP_PKTINFO,
+            struct.pack("=i4s4s", 0, socket.inet_aton("10.1.2.2"), b"\0" * 4),
+        )
+    ]
 
 
 def test_replyToMappedPeerOnDualStack() -> None:
-    control = reply_control(socket.AF_INET6, Destination("127.0.0.2", 7, 1, "127.0.0.2"), "::ffff:127.0.0.1")
+    control = reply_control(
+        socket.AF_INET6, Destination("127.0.0.2", 7, 1, "127.0.0.2"), "::ffff:127.0.0.1"
+    )
     mapped = b"\0" * 10 + b"\xff\xff" + socket.inet_aton("127.0.0.2")
     assert control == [(L.SOL_IPV6, L.IPV6_PKTINFO, struct.pack("=16sI", mapped, 0))]
 
 
 def test_replyV6UnicastPinsNoInterface() -> None:
-    control = reply_control(socket.AF_INET6, Destination("fd00::3", 7, 4, "fd00::3"), "fd00::5")
+    control = reply_control(
+        socket.AF_INET6, Destination("fd00::3", 7, 4, "fd00::3"), "fd00::5"
+    )
     assert control == [in6_pktinfo("fd00::3", 0)]
 
 
 def test_replyV6LinkLocalNeedsInterface() -> None:
-    control = reply_control(socket.AF_INET6, Destination("fe80::1", 7, 4, "fe80::1"), "fe80::5%veth0")
+    control = reply_control(
+        socket.AF_INET6, Destination("fe80::1", 7, 4, "fe80::1"), "fe80::5%veth0"
+    )
     assert control == [in6_pktinfo("fe80::1", 4)]
     # A link-local peer of a global address also needs it.
-    control = reply_control(socket.AF_INET6, Destination("fd00::3", 7, 4, "fd00::3"), "fe80::5%4")
+    control = reply_control(
+        socket.AF_INET6, Destination("fd00::3", 7, 4, "fd00::3"), "fe80::5%4"
+    )
     assert control == [in6_pktinfo("fd00::3", 4)]
 
 
 def test_replyV6MulticastFromAnyOnTheLink() -> None:
-    control = reply_control(socket.AF_INET6, Destination("ff02::1:2345", 7, 4, "::"), "fd00::5")
+    control = reply_control(
+        socket.AF_INET6, Destination("ff02::1:2345", 7, 4, "::"), "fd00::5"
+    )
     assert control == [in6_pktinfo("::", 4)]
 
 
 def test_replyUnknownLeavesItToTheKernel() -> None:
     assert reply_control(socket.AF_INET, None, "10.0.0.1") == []
-    assert reply_control(socket.AF_INET, Destination("10.0.0.1", 7, 0, None), "10.0.0.1") == []
+    assert (
+        reply_control(socket.AF_INET, Destination("10.0.0.1", 7, 0, None), "10.0.0.1")
+        == []
+    )
     # An IPv6 source cannot be named on an IPv4 socket.
-    assert reply_control(socket.AF_INET, Destination("::1", 7, 0, "::1"), "10.0.0.1") == []
+    assert (
+        reply_control(socket.AF_INET, Destination("::1", 7, 0, "::1"), "10.0.0.1") == []
+    )
 
 
 def test_isLinkLocal() -> None:

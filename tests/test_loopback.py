@@ -11,15 +11,14 @@ import socket
 from typing import Any
 
 import pytest
-
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import DatagramProtocol
 
 import udpdst
-from udpdst import Destination, DestinationPort, PeerAddress
 from tests.conftest import requiresIPv6
 from tests.reactors import runUntil
+from udpdst import Destination, DestinationPort, PeerAddress
 
 REPLY_WAIT = 1.0
 
@@ -42,7 +41,9 @@ class Answer(DatagramProtocol):
             self.reply.callback(None)
 
 
-def ask(reactor: Any, target: str, port: int, payload: bytes = b"ping") -> Deferred[bytes | None]:
+def ask(
+    reactor: Any, target: str, port: int, payload: bytes = b"ping"
+) -> Deferred[bytes | None]:
     """
     Send C{payload} from a connected socket to C{target}:C{port}; fire with the
     reply, or L{None} if none came within L{REPLY_WAIT} seconds.
@@ -51,12 +52,16 @@ def ask(reactor: Any, target: str, port: int, payload: bytes = b"ping") -> Defer
     clientPort = reactor.listenUDP(0, client, interface="::1" if ":" in target else "")
     clientPort.connect(target, port)
     clientPort.write(payload)
-    timer = reactor.callLater(REPLY_WAIT, lambda: client.reply.called or client.reply.callback(None))
+    timer = reactor.callLater(
+        REPLY_WAIT, lambda: client.reply.called or client.reply.callback(None)
+    )
 
     def done(result: bytes | None) -> Deferred[bytes | None]:
         if timer.active():
             timer.cancel()
-        return defer.maybeDeferred(clientPort.stopListening).addCallback(lambda _: result)
+        return defer.maybeDeferred(clientPort.stopListening).addCallback(
+            lambda _: result
+        )
 
     return client.reply.addCallback(done)
 
@@ -80,10 +85,14 @@ class AwareEcho(udpdst.DestinationDatagramProtocol):
 
     def datagramReceived(self, data: bytes, addr: Any, dst: Destination | None) -> None:
         self.seen.append((addr, dst))
-        self.transport.write(data + b" " + (dst.host if dst else "?").encode(), addr, dst)
+        self.transport.write(
+            data + b" " + (dst.host if dst else "?").encode(), addr, dst
+        )
 
 
-def askAll(reactor: Any, targets: list[str], port: int) -> Deferred[dict[str, bytes | None]]:
+def askAll(
+    reactor: Any, targets: list[str], port: int
+) -> Deferred[dict[str, bytes | None]]:
     @defer.inlineCallbacks
     def run() -> Any:
         results = {}
@@ -105,14 +114,18 @@ V4_TARGETS = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
         pytest.param("::", V4_TARGETS + ["::1"], marks=requiresIPv6),
     ],
 )
-def test_plainProtocolRepliesFromEachAddress(anyReactor: Any, interface: str, targets: list[str]) -> None:
+def test_plainProtocolRepliesFromEachAddress(
+    anyReactor: Any, interface: str, targets: list[str]
+) -> None:
     """
     An unchanged C{DatagramProtocol} on the port answers clients connected to
     every loopback address, on a wildcard IPv4 and a dual-stack socket.
     """
     port = udpdst.listenUDP(0, PlainEcho(), interface, reactor=anyReactor)
     try:
-        results = runUntil(anyReactor, lambda: askAll(anyReactor, targets, port.getHost().port))
+        results = runUntil(
+            anyReactor, lambda: askAll(anyReactor, targets, port.getHost().port)
+        )
     finally:
         port.stopListening()
     assert results == {t: b"ping" for t in targets}
@@ -127,7 +140,9 @@ def test_plainProtocolRepliesFromEachAddress(anyReactor: Any, interface: str, ta
         pytest.param("::", V4_TARGETS + ["::1"], marks=requiresIPv6),
     ],
 )
-def test_awareProtocolSeesDestination(anyReactor: Any, interface: str, targets: list[str]) -> None:
+def test_awareProtocolSeesDestination(
+    anyReactor: Any, interface: str, targets: list[str]
+) -> None:
     """
     A destination-aware protocol is told each address the client used, and
     its reply leaves from there.
@@ -140,7 +155,7 @@ def test_awareProtocolSeesDestination(anyReactor: Any, interface: str, targets: 
     finally:
         port.stopListening()
     assert results == {t: b"ping " + t.encode() for t in targets}
-    for (addr, dst), target in zip(proto.seen, targets):
+    for (addr, dst), target in zip(proto.seen, targets, strict=True):
         assert isinstance(addr, PeerAddress)
         assert dst == Destination(target, portNumber, 1, target)
         if interface == "::" and ":" not in target:
@@ -159,7 +174,9 @@ def test_stockTwistedRepliesFromTheWrongAddress(epollReactor: Any) -> None:
     try:
         results = runUntil(
             epollReactor,
-            lambda: askAll(epollReactor, ["127.0.0.1", "127.0.0.2"], port.getHost().port),
+            lambda: askAll(
+                epollReactor, ["127.0.0.1", "127.0.0.2"], port.getHost().port
+            ),
         )
     finally:
         port.stopListening()
@@ -175,7 +192,9 @@ def test_specificAddress(epollReactor: Any) -> None:
     port = udpdst.listenUDP(0, proto, "127.0.0.2", reactor=epollReactor)
     portNumber = port.getHost().port
     try:
-        results = runUntil(epollReactor, lambda: askAll(epollReactor, ["127.0.0.2"], portNumber))
+        results = runUntil(
+            epollReactor, lambda: askAll(epollReactor, ["127.0.0.2"], portNumber)
+        )
     finally:
         port.stopListening()
     assert results == {"127.0.0.2": b"ping 127.0.0.2"}
@@ -209,7 +228,9 @@ def test_oversizedDatagramIsCountedNotDelivered(epollReactor: Any) -> None:
     delivered cut; the next good datagram is delivered whole.
     """
     proto = AwareEcho()
-    port = udpdst.listenUDP(0, proto, "0.0.0.0", maxPacketSize=100, reactor=epollReactor)
+    port = udpdst.listenUDP(
+        0, proto, "0.0.0.0", maxPacketSize=100, reactor=epollReactor
+    )
     portNumber = port.getHost().port
 
     @defer.inlineCallbacks
@@ -238,7 +259,10 @@ def test_controlTruncationIsCountedAndFallsBack(epollReactor: Any) -> None:
     port = udpdst.listenUDP(0, proto, "0.0.0.0", reactor=epollReactor)
     port.ancillaryBufferSize = socket.CMSG_SPACE(4)
     try:
-        results = runUntil(epollReactor, lambda: askAll(epollReactor, ["127.0.0.1"], port.getHost().port))
+        results = runUntil(
+            epollReactor,
+            lambda: askAll(epollReactor, ["127.0.0.1"], port.getHost().port),
+        )
     finally:
         port.stopListening()
     assert results == {"127.0.0.1": b"ping ?"}
@@ -374,11 +398,15 @@ def test_plainProtocolFallbacks(epollReactor: Any, rebuild: bool, delay: float) 
     a rebuilt C{(host, port)} tuple (the datagram being dispatched, or the
     peer map) or answers after a delay (the address carries its destination).
     """
-    port = udpdst.listenUDP(0, LateEcho(epollReactor, rebuild, delay), "0.0.0.0", reactor=epollReactor)
+    port = udpdst.listenUDP(
+        0, LateEcho(epollReactor, rebuild, delay), "0.0.0.0", reactor=epollReactor
+    )
     try:
         results = runUntil(
             epollReactor,
-            lambda: askAll(epollReactor, ["127.0.0.2", "127.0.0.3"], port.getHost().port),
+            lambda: askAll(
+                epollReactor, ["127.0.0.2", "127.0.0.3"], port.getHost().port
+            ),
         )
     finally:
         port.stopListening()
@@ -450,7 +478,9 @@ def test_portInUse(epollReactor: Any) -> None:
     holder.bind(("0.0.0.0", 0))
     try:
         with pytest.raises(error.CannotListenError):
-            udpdst.listenUDP(holder.getsockname()[1], Collector(), "0.0.0.0", reactor=epollReactor)
+            udpdst.listenUDP(
+                holder.getsockname()[1], Collector(), "0.0.0.0", reactor=epollReactor
+            )
     finally:
         holder.close()
 
@@ -459,10 +489,16 @@ def test_reusePort(epollReactor: Any) -> None:
     """
     With C{reusePort}, two ports share one port number.
     """
-    first = udpdst.listenUDP(0, Collector(), "0.0.0.0", reactor=epollReactor, reusePort=True)
+    first = udpdst.listenUDP(
+        0, Collector(), "0.0.0.0", reactor=epollReactor, reusePort=True
+    )
     try:
         second = udpdst.listenUDP(
-            first.getHost().port, Collector(), "0.0.0.0", reactor=epollReactor, reusePort=True
+            first.getHost().port,
+            Collector(),
+            "0.0.0.0",
+            reactor=epollReactor,
+            reusePort=True,
         )
         second.stopListening()
     finally:
@@ -482,11 +518,16 @@ def test_adoptDatagramPort(epollReactor: Any, asSocket: bool) -> None:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
     proto = AwareEcho()
-    port = udpdst.adoptDatagramPort(sock if asSocket else sock.fileno(), family, proto, reactor=epollReactor)
+    port = udpdst.adoptDatagramPort(
+        sock if asSocket else sock.fileno(), family, proto, reactor=epollReactor
+    )
     sock.close()
     assert isinstance(port, DestinationPort)
     try:
-        results = runUntil(epollReactor, lambda: askAll(epollReactor, ["127.0.0.3"], port.getHost().port))
+        results = runUntil(
+            epollReactor,
+            lambda: askAll(epollReactor, ["127.0.0.3"], port.getHost().port),
+        )
     finally:
         port.stopListening()
     assert results == {"127.0.0.3": b"ping 127.0.0.3"}
@@ -506,7 +547,10 @@ def test_patchReactor(epollReactor: Any) -> None:
     port = epollReactor.listenUDP(0, PlainEcho(), interface="0.0.0.0")
     try:
         assert isinstance(port, DestinationPort)
-        results = runUntil(epollReactor, lambda: askAll(epollReactor, ["127.0.0.2"], port.getHost().port))
+        results = runUntil(
+            epollReactor,
+            lambda: askAll(epollReactor, ["127.0.0.2"], port.getHost().port),
+        )
     finally:
         port.stopListening()
         undo()

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import DatagramProtocol
@@ -42,7 +41,9 @@ class SlowResolver(common.ResolverBase):
         self.delay = delay
 
     def _lookup(self, name: bytes, cls: int, type: int, timeout: Any) -> Deferred[Any]:
-        return deferLater(self.reactor, self.delay, self.inner._lookup, name, cls, type, timeout)
+        return deferLater(
+            self.reactor, self.delay, self.inner._lookup, name, cls, type, timeout
+        )
 
 
 def startServer(reactor: Any, tmp: Path, interface: str, delay: float) -> Any:
@@ -85,7 +86,9 @@ class DNSClient(DatagramProtocol):
         pass
 
 
-def askDNS(reactor: Any, asks: list[tuple[int, str]], port: int, connectTo: str | None) -> Deferred[Any]:
+def askDNS(
+    reactor: Any, asks: list[tuple[int, str]], port: int, connectTo: str | None
+) -> Deferred[Any]:
     """
     Send one query per C{(id, address)}; with C{connectTo} from a socket
     connected there, else from one unconnected socket.  Fire with the replies
@@ -98,12 +101,16 @@ def askDNS(reactor: Any, asks: list[tuple[int, str]], port: int, connectTo: str 
         clientPort.connect(connectTo, port)
     for ident, target in asks:
         clientPort.write(query(ident), None if connectTo else (target, port))
-    timer = reactor.callLater(2.0, lambda: client.done.called or client.done.callback(None))
+    timer = reactor.callLater(
+        2.0, lambda: client.done.called or client.done.callback(None)
+    )
 
     def finish(_: None) -> Deferred[Any]:
         if timer.active():
             timer.cancel()
-        return defer.maybeDeferred(clientPort.stopListening).addCallback(lambda _: client.replies)
+        return defer.maybeDeferred(clientPort.stopListening).addCallback(
+            lambda _: client.replies
+        )
 
     return client.done.addCallback(finish)
 
@@ -123,23 +130,35 @@ def test_dnsThroughSecondaryAddress(
     port = startServer(epollReactor, tmp_path, interface, delay)
     portNumber = port.getHost().port
     try:
-        replies = runUntil(epollReactor, lambda: askDNS(epollReactor, [(7, target)], portNumber, target))
+        replies = runUntil(
+            epollReactor,
+            lambda: askDNS(epollReactor, [(7, target)], portNumber, target),
+        )
     finally:
         port.stopListening()
     assert replies == {7: ((target, portNumber), ["192.0.2.80"])}
 
 
-def test_stockDNSServerFailsThroughSecondaryAddress(epollReactor: Any, tmp_path: Path) -> None:
+def test_stockDNSServerFailsThroughSecondaryAddress(
+    epollReactor: Any, tmp_path: Path
+) -> None:
     """
     The same server on stock C{reactor.listenUDP}: no answer through 127.0.0.2.
     """
     zoneFile = tmp_path / "zone.py"
     zoneFile.write_text(ZONE)
-    factory = server.DNSServerFactory(authorities=[authority.PySourceAuthority(str(zoneFile))])
-    port = epollReactor.listenUDP(0, dns.DNSDatagramProtocol(factory, reactor=epollReactor))
+    factory = server.DNSServerFactory(
+        authorities=[authority.PySourceAuthority(str(zoneFile))]
+    )
+    port = epollReactor.listenUDP(
+        0, dns.DNSDatagramProtocol(factory, reactor=epollReactor)
+    )
     try:
         replies = runUntil(
-            epollReactor, lambda: askDNS(epollReactor, [(7, "127.0.0.2")], port.getHost().port, "127.0.0.2")
+            epollReactor,
+            lambda: askDNS(
+                epollReactor, [(7, "127.0.0.2")], port.getHost().port, "127.0.0.2"
+            ),
         )
     finally:
         port.stopListening()
@@ -147,7 +166,9 @@ def test_stockDNSServerFailsThroughSecondaryAddress(epollReactor: Any, tmp_path:
 
 
 @pytest.mark.parametrize("delay", [0, 0.2], ids=["authority", "delayed-resolver"])
-def test_oneSocketTwoAddressesAlternately(epollReactor: Any, tmp_path: Path, delay: float) -> None:
+def test_oneSocketTwoAddressesAlternately(
+    epollReactor: Any, tmp_path: Path, delay: float
+) -> None:
     """
     One client socket asks 127.0.0.2 and 127.0.0.3 alternately, all queries
     in flight at once; each answer comes from the address its query went to,
@@ -157,7 +178,9 @@ def test_oneSocketTwoAddressesAlternately(epollReactor: Any, tmp_path: Path, del
     portNumber = port.getHost().port
     asks = [(i, "127.0.0.2" if i % 2 else "127.0.0.3") for i in range(1, 9)]
     try:
-        replies = runUntil(epollReactor, lambda: askDNS(epollReactor, asks, portNumber, None))
+        replies = runUntil(
+            epollReactor, lambda: askDNS(epollReactor, asks, portNumber, None)
+        )
     finally:
         port.stopListening()
     assert replies == {i: ((target, portNumber), ["192.0.2.80"]) for i, target in asks}

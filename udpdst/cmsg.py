@@ -46,7 +46,9 @@ def is_link_local_v6(host: str) -> bool:
     Whether C{host} (text, maybe with a C{%scope}) is in fe80::/10.
     """
     head = host[:5].lower()
-    return len(head) == 5 and head[:3] in _LL_HEADS and head[3] != ":" and head[4] == ":"
+    return (
+        len(head) == 5 and head[:3] in _LL_HEADS and head[3] != ":" and head[4] == ":"
+    )
 
 
 _LL_HEADS = frozenset({"fe8", "fe9", "fea", "feb"})

@@ -5,9 +5,8 @@ the transport that can reply from it.
 
 from __future__ import annotations
 
-from zope.interface import Attribute, Interface
-
 from twisted.internet.interfaces import IUDPTransport
+from zope.interface import Attribute, Interface
 
 
 class IDestinationDatagramProtocol(Interface):
@@ -41,7 +40,9 @@ class IDestinationTransport(IUDPTransport):
 
     counters = Attribute("A L{udpdst.port.PortCounters} of this port.")
 
-    def write(packet: bytes, addr: tuple[str, int] | None = None, dst: object = None) -> None:  # type: ignore[override]
+    def write(
+        packet: bytes, addr: tuple[str, int] | None = None, dst: object = None
+    ) -> None:  # type: ignore[override]
         """
         Send a datagram.
 
@@ -58,7 +59,9 @@ class IDestinationTransport(IUDPTransport):
             large to send.
         """
 
-    def writeSequence(seq: object, addr: tuple[str, int] | None = None, dst: object = None) -> None:  # type: ignore[override]
+    def writeSequence(
+        seq: object, addr: tuple[str, int] | None = None, dst: object = None
+    ) -> None:  # type: ignore[override]
         """
         Send a datagram made of the concatenation of C{seq}; as L{write}.
         """

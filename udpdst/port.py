@@ -10,15 +10,14 @@ import socket
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Any
-
-from zope.interface import implementer
+from typing import Any, cast
 
 from twisted.internet import error, udp
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IReactorFDSet
 from twisted.internet.protocol import AbstractDatagramProtocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from udpdst import _linux as L
 from udpdst.address import Destination, PeerAddress
@@ -146,8 +145,12 @@ class DestinationPort(udp.Port):
         self._wildcard = False
         self._fixedDestination: Destination | None = None
         self._reading = False
-        self._destinations: dict[tuple[Any, ...], tuple[Destination | None, int | None]] = {}
-        self._replyControls: dict[tuple[Destination, bool], list[tuple[int, int, bytes]]] = {}
+        self._destinations: dict[
+            tuple[Any, ...], tuple[Destination | None, int | None]
+        ] = {}
+        self._replyControls: dict[
+            tuple[Destination, bool], list[tuple[int, int, bytes]]
+        ] = {}
         self._peerDestinations: dict[tuple[str, int], Destination] = {}
         self._dispatchPeer: tuple[str, int] | None = None
         self._dispatchDestination: Destination | None = None
@@ -402,7 +405,7 @@ class DestinationPort(udp.Port):
                 if no == errno.EINTR:
                     continue
                 if no == errno.EMSGSIZE:
-                    raise error.MessageLengthError("message too long")
+                    raise error.MessageLengthError("message too long") from se
                 if no == errno.ECONNREFUSED:
                     # An ICMP error from an earlier datagram; not this one's.
                     return
@@ -502,7 +505,7 @@ def adoptDatagramPort(
         reactor, fileDescriptor, addressFamily, protocol, maxPacketSize
     )
     # systemd hands over blocking sockets; the reactor needs non-blocking.
-    p._preexistingSocket.setblocking(False)
+    cast(socket.socket, p._preexistingSocket).setblocking(False)
     p.startListening()
     return p
 
@@ -549,4 +552,6 @@ def _adopt(
     *,
     reactor: Any,
 ) -> DestinationPort:
-    return adoptDatagramPort(fileDescriptor, addressFamily, protocol, maxPacketSize, reactor)
+    return adoptDatagramPort(
+        fileDescriptor, addressFamily, protocol, maxPacketSize, reactor
+    )

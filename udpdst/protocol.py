@@ -4,9 +4,8 @@ A base class for protocols that want each datagram's destination.
 
 from __future__ import annotations
 
-from zope.interface import implementer
-
 from twisted.internet.protocol import DatagramProtocol
+from zope.interface import implementer
 
 from udpdst.address import Destination, PeerAddress
 from udpdst.interfaces import IDestinationDatagramProtocol

@@ -1,0 +1,8 @@
+from twisted.application.service import ServiceMaker
+
+udpdst = ServiceMaker(
+    "udpdst",
+    "udpdst.tap",
+    "A UDP echo service that replies from the address each datagram was sent to",
+    "udpdst",
+)

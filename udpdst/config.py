@@ -1,0 +1,483 @@
+"""
+The configuration of the udpdst echo service: its schema (keys, defaults,
+types and validation, in this one place), the TOML loader, and command-line
+overrides.
+
+Each table is a frozen dataclass; each field is a key of that table, and its
+metadata holds the validator and the one-line description that the example
+file (C{etc/udpdst.toml}) and the error messages use.  Every mistake a user
+can make raises L{ConfigError} with one line naming the cause and the fix.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, TypeVar
+
+#: The largest UDP payload over IPv4 (65,535 - 20 byte IP header - 8 byte UDP
+#: header); over IPv6 it is 65,527.  A reply larger than this cannot be sent.
+MAX_UDP_PAYLOAD_V4 = 65507
+MAX_UDP_PAYLOAD_V6 = 65527
+
+#: The longest allowed echo prefix, in bytes once UTF-8 encoded.  Every reply
+#: may be this much larger than its request (reflection amplification).
+MAX_PREFIX = 1024
+
+#: Log levels, in increasing order of severity (names of L{twisted.logger.LogLevel}).
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+class ConfigError(Exception):
+    """
+    The configuration is wrong.  C{str(error)} is one line: what is wrong,
+    where, and how to fix it.
+    """
+
+
+# Validators: each takes the raw value and the key's name for messages
+# ("[limits] per_source_rate", "--prefix") and returns the converted value or
+# raises ConfigError.
+
+_Check = Callable[[Any, str], Any]
+
+
+def _describe(value: Any) -> str:
+    kind = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+    return f"{kind} ({value!r})" if not isinstance(value, list | dict) else kind
+
+
+def _boolean(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, not {_describe(value)}")
+    return value
+
+
+def _integer(low: int, high: int | None = None) -> _Check:
+    def check(value: Any, where: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, not {_describe(value)}")
+        if value < low or (high is not None and value > high):
+            bound = f"{low}..{high}" if high is not None else f"at least {low}"
+            raise ConfigError(f"{where} = {value} is out of range; use {bound}")
+        return value
+
+    return check
+
+
+def _number(low: float) -> _Check:
+    def check(value: Any, where: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where} must be a number, not {_describe(value)}")
+        if not math.isfinite(value) or value < low:
+            raise ConfigError(f"{where} = {value} is out of range; use a number >= {low:g}")
+        return float(value)
+
+    return check
+
+
+def _port(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where} must be an integer port number, not {_describe(value)}")
+    if not 0 <= value <= 65535:
+        raise ConfigError(
+            f"{where} = {value} is out of range; use a port number 0..65535 "
+            "(0 lets the kernel choose one)"
+        )
+    return value
+
+
+def _address(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, not {_describe(value)}")
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ConfigError(
+            f"{where}: bad address {value!r}; use an IP address such as "
+            '"::" (all, IPv6 and IPv4), "0.0.0.0" (all IPv4) or "127.0.0.1"'
+        ) from None
+    return value
+
+
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, not {_describe(value)}")
+    return value
+
+
+def _prefix(value: Any, where: str) -> str:
+    text = _text(value, where)
+    size = len(text.encode("utf-8"))
+    if size > MAX_PREFIX:
+        raise ConfigError(
+            f"{where} is {size} bytes long; use at most {MAX_PREFIX} "
+            "(every reply may be that much larger than its request)"
+        )
+    return text
+
+
+def _level(value: Any, where: str) -> str:
+    text = _text(value, where)
+    level = text.lower()
+    if level == "warning":
+        level = "warn"
+    if level not in LOG_LEVELS:
+        raise ConfigError(
+            f"{where}: unknown log level {value!r}; use one of " + ", ".join(LOG_LEVELS)
+        )
+    return level
+
+
+def _network(value: Any, where: str) -> _Network:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must hold CIDR strings, not {_describe(value)}")
+    try:
+        network = ipaddress.ip_network(value)
+    except ValueError as e:
+        if "host bits set" in str(e):
+            fixed = ipaddress.ip_network(value, strict=False)
+            raise ConfigError(
+                f"{where}: {value!r} has host bits set; write {str(fixed)!r}"
+            ) from None
+        raise ConfigError(
+            f"{where}: bad network {value!r}; use CIDR such as "
+            '"192.0.2.0/24", "2001:db8::/32" or "10.1.2.3" (one host)'
+        ) from None
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_MAPPED):
+        raise ConfigError(
+            f"{where}: {value!r} is an IPv4-mapped range; write it as IPv4 "
+            "(IPv4 clients of a dual-stack listener are matched as IPv4)"
+        )
+    return network
+
+
+def _listOf(item: _Check) -> _Check:
+    def check(value: Any, where: str) -> tuple[Any, ...]:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be an array, not {_describe(value)}")
+        return tuple(item(v, where) for v in value)
+
+    return check
+
+
+def _key(default: Any, check: _Check, doc: str) -> Any:
+    """
+    A key of a table: its default, its validator and its description.
+    """
+    return field(default=default, metadata={"check": check, "doc": doc})
+
+
+# The schema.
+
+
+@dataclass(frozen=True, slots=True)
+class ListenConfig:
+    """
+    One C{[[listen]]} entry: a UDP socket to serve.
+    """
+
+    address: str = _key(
+        "::", _address, 'address to bind; "::" = all IPv6 and IPv4 (dual-stack)'
+    )
+    port: int = _key(12345, _port, "UDP port; 0 = any free port (logged at start)")
+    reuse_port: bool = _key(
+        False, _boolean, "SO_REUSEPORT: let several processes share the port"
+    )
+    receive_buffer: int = _key(
+        0, _integer(0, 2**31 - 1), "SO_RCVBUF in bytes; 0 = kernel default"
+    )
+    v6_only: bool = _key(False, _boolean, 'with address "::", serve IPv6 only')
+    max_packet_size: int = _key(
+        65535, _integer(1, 65535), "largest datagram echoed; larger ones are dropped"
+    )
+    systemd: bool = _key(
+        False, _boolean, "use sockets passed by systemd instead of binding"
+    )
+    fd_name: str = _key(
+        "", _text, 'with systemd: only the sockets with this FileDescriptorName='
+    )
+
+    def describe(self) -> str:
+        """
+        How this listener is named in log lines: C{[::]:12345}, or
+        C{systemd} / C{systemd:NAME} for inherited sockets.
+        """
+        if self.systemd:
+            return f"systemd:{self.fd_name}" if self.fd_name else "systemd"
+        if ":" in self.address:
+            return f"[{self.address}]:{self.port}"
+        return f"{self.address}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class EchoConfig:
+    """
+    The C{[echo]} table.
+    """
+
+    prefix: str = _key(
+        "", _prefix, 'text put before every reply; "" = the exact bytes (RFC 862)'
+    )
+
+    @property
+    def prefixBytes(self) -> bytes:
+        return self.prefix.encode("utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """
+    The C{[limits]} table: who gets an answer, and how often.
+    """
+
+    per_source_rate: float = _key(
+        1000.0, _number(0), "datagrams per second answered per source; 0 = no limit"
+    )
+    per_source_burst: int = _key(
+        2000, _integer(1), "datagrams a source may send at once above the rate"
+    )
+    max_sources: int = _key(
+        65536, _integer(1), "sources whose rate is tracked; least recent forgotten"
+    )
+    allow: tuple[_Network, ...] = _key(
+        (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")),
+        _listOf(_network),
+        "source networks answered",
+    )
+    deny: tuple[_Network, ...] = _key(
+        (), _listOf(_network), "source networks never answered (wins over allow)"
+    )
+    deny_source_ports: tuple[int, ...] = _key(
+        (0, 7, 13, 17, 19, 37), _listOf(_port), "source ports never answered"
+    )
+    deny_same_port: bool = _key(
+        True, _boolean, "never answer a source port equal to the listening port"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """
+    The C{[log]} table.
+    """
+
+    level: str = _key("info", _level, "debug, info, warn, error or critical")
+    stats_interval: float = _key(
+        60.0, _number(0), "seconds between stats lines; 0 = only at stop"
+    )
+
+
+def _defaultListeners() -> tuple[ListenConfig, ...]:
+    return (ListenConfig(),)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """
+    The whole configuration.  C{Config()} is the embedded default: one
+    dual-stack listener on C{[::]:12345}.
+    """
+
+    listen: tuple[ListenConfig, ...] = field(default_factory=_defaultListeners)
+    echo: EchoConfig = field(default_factory=EchoConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+#: The tables of a config file, and the dataclass of each.  C{listen} is an
+#: array of tables.
+TABLES: dict[str, type] = {
+    "listen": ListenConfig,
+    "echo": EchoConfig,
+    "limits": LimitsConfig,
+    "log": LogConfig,
+}
+
+_T = TypeVar("_T")
+
+
+def keysOf(table: type) -> list[tuple[str, Any, str]]:
+    """
+    The keys of a table class: C{(name, default, description)}.
+    """
+    return [(f.name, f.default, f.metadata["doc"]) for f in fields(table)]
+
+
+def _fill(table: type[_T], raw: Mapping[str, Any], where: str) -> _T:
+    known = {f.name: f for f in fields(table)}  # type: ignore[arg-type]
+    for name in raw:
+        if name not in known:
+            raise ConfigError(
+                f"{where}: unknown key {name!r}; known keys are " + ", ".join(known)
+            )
+    values = {
+        name: known[name].metadata["check"](value, f"{where} {name}")
+        for name, value in raw.items()
+    }
+    return table(**values)
+
+
+def _checkListener(listener: ListenConfig, where: str) -> ListenConfig:
+    if listener.fd_name and not listener.systemd:
+        raise ConfigError(f"{where}: fd_name needs systemd = true")
+    if listener.v6_only and listener.address != "::":
+        raise ConfigError(f'{where}: v6_only only applies to address "::"')
+    return listener
+
+
+def _checkLimits(limits: LimitsConfig) -> LimitsConfig:
+    # Port 0 is never a real peer: always refused, whatever the list says.
+    ports = tuple(sorted(set(limits.deny_source_ports) | {0}))
+    return replace(limits, deny_source_ports=ports)
+
+
+def parseConfig(document: Mapping[str, Any], source: str = "config") -> Config:
+    """
+    Build a L{Config} from a parsed TOML document.
+
+    @param document: The document, as L{tomllib} returns it.
+    @param source: How to name the document in messages (its path).
+    @raise ConfigError: Anything is wrong.
+    """
+    for name, value in document.items():
+        if name not in TABLES:
+            raise ConfigError(
+                f"{source}: unknown table or key {name!r}; known tables are "
+                + ", ".join(f"[[{t}]]" if t == "listen" else f"[{t}]" for t in TABLES)
+            )
+        if name == "listen":
+            if not isinstance(value, list):
+                raise ConfigError(
+                    f"{source}: listen must be an array of tables; write "
+                    "[[listen]] (double brackets) before each listener"
+                )
+        elif not isinstance(value, dict):
+            raise ConfigError(f"{source}: {name} must be a table; write [{name}]")
+    listeners: tuple[ListenConfig, ...] = _defaultListeners()
+    if "listen" in document:
+        found = []
+        for i, raw in enumerate(document["listen"], 1):
+            where = f"{source}: [[listen]] #{i}"
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{where} must be a table")
+            found.append(_checkListener(_fill(ListenConfig, raw, where), where))
+        if not found:
+            raise ConfigError(
+                f"{source}: listen is empty; add at least one [[listen]] table"
+            )
+        listeners = tuple(found)
+    return Config(
+        listen=listeners,
+        echo=_fill(EchoConfig, document.get("echo", {}), f"{source}: [echo]"),
+        limits=_checkLimits(
+            _fill(LimitsConfig, document.get("limits", {}), f"{source}: [limits]")
+        ),
+        log=_fill(LogConfig, document.get("log", {}), f"{source}: [log]"),
+    )
+
+
+def loadConfig(path: str | None = None) -> Config:
+    """
+    Read a config file; with no path, the embedded default.
+
+    @raise ConfigError: The file cannot be read, is not valid TOML, or holds
+        a wrong key or value.
+    """
+    if path is None:
+        return Config()
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(
+            f"cannot read config file {path}: {e.strerror}; check the --config path"
+        ) from None
+    try:
+        document = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8"
+        ) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}; fix the syntax there") from None
+    return parseConfig(document, path)
+
+
+def parseListen(text: str, where: str = "--listen") -> ListenConfig:
+    """
+    Parse a command-line listener: C{ADDRESS:PORT} with IPv6 in brackets
+    (C{[::]:7}, C{0.0.0.0:7}, C{[fe80::1%eth0]:7}), or C{systemd} /
+    C{systemd:NAME} for sockets passed by systemd.
+
+    @raise ConfigError: C{text} is not one of those.
+    """
+    if text == "systemd":
+        return ListenConfig(systemd=True)
+    if text.startswith("systemd:"):
+        return ListenConfig(systemd=True, fd_name=text[len("systemd:"):])
+    shape = (
+        f"{where} {text!r}: use ADDRESS:PORT, with IPv6 in brackets "
+        "([::]:12345, 0.0.0.0:12345), or systemd[:NAME]"
+    )
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]:")
+        if not sep or ":" not in host:
+            raise ConfigError(shape)
+    else:
+        host, sep, rest = text.rpartition(":")
+        if not sep or ":" in host:
+            raise ConfigError(shape)
+    try:
+        port = int(rest, 10)
+    except ValueError:
+        raise ConfigError(shape) from None
+    return ListenConfig(
+        address=_address(host, f"{where} {text}"), port=_port(port, f"{where} {text}: port")
+    )
+
+
+def withOverrides(
+    config: Config,
+    listen: Iterable[str] = (),
+    prefix: str | None = None,
+    level: str | None = None,
+    statsInterval: str | None = None,
+) -> Config:
+    """
+    Apply command-line options: C{--listen} (replaces the file's listeners),
+    C{--prefix}, C{--log-level}, C{--stats-interval}.  Values are checked by
+    the same validators as the file's.
+
+    @raise ConfigError: A value is wrong.
+    """
+    listeners = tuple(parseListen(text) for text in listen)
+    if listeners:
+        config = replace(config, listen=listeners)
+    if prefix is not None:
+        config = replace(config, echo=replace(config.echo, prefix=_prefix(prefix, "--prefix")))
+    logConfig = config.log
+    if level is not None:
+        logConfig = replace(logConfig, level=_level(level, "--log-level"))
+    if statsInterval is not None:
+        try:
+            interval: Any = float(statsInterval)
+        except ValueError:
+            interval = statsInterval
+        logConfig = replace(
+            logConfig, stats_interval=_number(0)(interval, "--stats-interval")
+        )
+    return replace(config, log=logConfig)

@@ -1,0 +1,217 @@
+"""
+The echo protocol (RFC 862) on a destination-aware port: each reply leaves
+from the address its request was sent to, and an echo service's classic
+abuses (loops, reflection, amplification) are refused and counted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.error import MessageLengthError
+from twisted.logger import Logger, LogLevel
+
+from udpdst import logs
+from udpdst.address import Destination, PeerAddress
+from udpdst.config import MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6, LimitsConfig
+from udpdst.limits import AccessList, RateLimiter, sourceKey
+from udpdst.protocol import DestinationDatagramProtocol
+
+#: Why a datagram got no reply, in the order the checks run.
+REFUSAL_REASONS = (
+    "source-port",  # a source port in deny_source_ports (loop protection)
+    "same-port",  # source port equal to the listening port (echo-echo loop)
+    "denied",  # a source in a denied network
+    "not-allowed",  # a source in no allowed network
+    "rate",  # the source's token bucket is empty
+    "too-large",  # prefix + datagram exceeds the largest UDP payload
+)
+
+
+@dataclass(slots=True)
+class EchoCounters:
+    """
+    What an L{EchoProtocol} did.
+
+    @ivar received: Datagrams delivered to the protocol.
+    @ivar replied: Replies handed to the kernel.
+    @ivar refused: Datagrams not answered, by reason (L{REFUSAL_REASONS}).
+    @ivar sendErrors: Replies the kernel would not take (e.g. C{ENOBUFS}).
+    """
+
+    received: int = 0
+    replied: int = 0
+    refused: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(REFUSAL_REASONS, 0)
+    )
+    sendErrors: int = 0
+
+    @property
+    def refusedTotal(self) -> int:
+        return sum(self.refused.values())
+
+
+def _hostPort(host: str, port: int) -> str:
+    host = sourceKey(host)
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+class EchoProtocol(DestinationDatagramProtocol):
+    """
+    Reply to every datagram with C{prefix + datagram}, from the address the
+    datagram was sent to, unless one of the checks refuses it.
+
+    The checks, cheapest first: the source port (loop protection), the
+    source network, the source's rate, and the size of the reply.  Refusals
+    are counted by reason in C{counters} and logged per datagram only at
+    debug level.
+
+    @ivar counters: The L{EchoCounters}.
+    """
+
+    def __init__(
+        self,
+        prefix: bytes = b"",
+        *,
+        denySourcePorts: Iterable[int] = LimitsConfig.deny_source_ports,
+        denySamePort: bool = True,
+        access: AccessList | None = None,
+        rateLimiter: RateLimiter | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """
+        @param prefix: Bytes put before every reply.
+        @param denySourcePorts: Source ports never answered; port 0 always is.
+        @param denySamePort: Never answer a datagram whose source port is the
+            port it was sent to (another echo service on the same port would
+            bounce it back forever).
+        @param access: Allowed and denied networks; L{None} allows all.
+        @param rateLimiter: Per-source token buckets; L{None} for no limit.
+        @param clock: Monotonic seconds, for the rate limiter.
+        """
+        self.prefix = prefix
+        self.counters = EchoCounters()
+        self._denyPorts = frozenset(denySourcePorts) | {0}
+        self._denySamePort = denySamePort
+        self._access = access if access is not None and not access.everyone else None
+        self._limiter = (
+            rateLimiter if rateLimiter is not None and not rateLimiter.unlimited else None
+        )
+        self._clock = clock
+        self._ownPort = 0
+        self._log = Logger(namespace="udpdst.echo", source=self)
+
+    @classmethod
+    def fromConfig(
+        cls,
+        prefix: bytes,
+        limits: LimitsConfig,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> EchoProtocol:
+        """
+        Build an echo protocol from the C{[echo]} prefix and C{[limits]}.
+        """
+        return cls(
+            prefix,
+            denySourcePorts=limits.deny_source_ports,
+            denySamePort=limits.deny_same_port,
+            access=AccessList(limits.allow, limits.deny),
+            rateLimiter=RateLimiter(
+                limits.per_source_rate, limits.per_source_burst, limits.max_sources
+            ),
+            clock=clock,
+        )
+
+    @property
+    def amplification(self) -> int:
+        """
+        The most bytes by which a reply can be larger than its request.
+        """
+        return len(self.prefix)
+
+    def startProtocol(self) -> None:
+        host = self.transport.getHost()  # type: ignore[union-attr]
+        self._ownPort = getattr(host, "port", 0)
+
+    def datagramReceived(  # type: ignore[override]
+        self, datagram: bytes, addr: PeerAddress, dst: Destination | None
+    ) -> None:
+        counters = self.counters
+        counters.received += 1
+        host, port = addr
+        if port in self._denyPorts:
+            return self._refuse("source-port", datagram, addr, dst)
+        if self._denySamePort and port == (dst.port if dst is not None else self._ownPort):
+            return self._refuse("same-port", datagram, addr, dst)
+        if self._access is not None:
+            reason = self._access.refusal(host)
+            if reason is not None:
+                return self._refuse(reason, datagram, addr, dst)
+        if self._limiter is not None and not self._limiter.allow(
+            sourceKey(host), self._clock()
+        ):
+            return self._refuse("rate", datagram, addr, dst)
+        if self.prefix:
+            reply = self.prefix + datagram
+            if len(reply) > MAX_UDP_PAYLOAD_V4 and len(reply) > _maxPayload(host):
+                return self._refuse("too-large", datagram, addr, dst)
+        else:
+            reply = datagram
+        if logs.isEnabled(LogLevel.debug):
+            self._log.debug(
+                "{peer} -> {destination}, {size} bytes",
+                peer=_hostPort(host, port),
+                destination=str(dst) if dst is not None else "unknown",
+                size=len(datagram),
+            )
+        try:
+            self.transport.write(reply, addr, dst)  # type: ignore[union-attr, call-arg]
+        except (OSError, MessageLengthError) as e:
+            counters.sendErrors += 1
+            if logs.isEnabled(LogLevel.debug):
+                self._log.debug(
+                    "{peer}: reply not sent: {error}",
+                    peer=_hostPort(host, port),
+                    error=str(e),
+                )
+            return
+        counters.replied += 1
+
+    def _refuse(
+        self, reason: str, datagram: bytes, addr: PeerAddress, dst: Destination | None
+    ) -> None:
+        self.counters.refused[reason] += 1
+        if logs.isEnabled(LogLevel.debug):
+            self._log.debug(
+                "{peer} -> {destination}, {size} bytes: refused ({reason})",
+                peer=_hostPort(addr[0], addr[1]),
+                destination=str(dst) if dst is not None else "unknown",
+                size=len(datagram),
+                reason=reason,
+            )
+
+    def stats(self) -> dict[str, Any]:
+        """
+        The counters as structured log fields.
+        """
+        c = self.counters
+        return {
+            "received": c.received,
+            "replied": c.replied,
+            "refused": c.refusedTotal,
+            "refusedBy": dict(c.refused),
+            "refusedText": " ".join(f"{k}={v}" for k, v in c.refused.items() if v)
+            or "none",
+            "sendErrors": c.sendErrors,
+        }
+
+
+def _maxPayload(host: str) -> int:
+    if ":" in host and not (host.startswith("::ffff:") and "." in host):
+        return MAX_UDP_PAYLOAD_V6
+    return MAX_UDP_PAYLOAD_V4

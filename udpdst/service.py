@@ -1,0 +1,313 @@
+"""
+The udpdst echo service: one listening service per socket, under a parent
+that logs start, periodic and final stats, and turns a failed bind into one
+log line and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.task import LoopingCall
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
+
+from udpdst import logs
+from udpdst.config import Config, ListenConfig
+from udpdst.echo import EchoProtocol
+from udpdst.limits import AccessList, RateLimiter
+from udpdst.port import DestinationPort, adoptDatagramPort, listenUDP
+from udpdst.systemd import InheritedSocket, socketFamily
+
+
+class ListenError(Exception):
+    """
+    A listener could not start; C{str(error)} is one line with the cause and
+    the fix.
+    """
+
+
+def _bindFailure(where: str, e: CannotListenError) -> str:
+    cause = e.socketError
+    code = getattr(cause, "errno", None)
+    if code == errno.EADDRINUSE:
+        return (
+            f"cannot listen on {where}: address already in use; stop the other "
+            "service on that port, choose another port, or set reuse_port = true "
+            "in every process that shares it"
+        )
+    if code in (errno.EACCES, errno.EPERM):
+        return (
+            f"cannot listen on {where}: permission denied; ports below 1024 need "
+            "root (start twistd as root with --uid/--gid to drop privileges after "
+            "binding) or CAP_NET_BIND_SERVICE"
+        )
+    if code == errno.EADDRNOTAVAIL:
+        return (
+            f"cannot listen on {where}: the address is not on this host; use one "
+            'of its addresses, or "::" for all'
+        )
+    if code == errno.EAFNOSUPPORT:
+        return (
+            f"cannot listen on {where}: this host has no IPv6; use an IPv4 "
+            'address such as "0.0.0.0"'
+        )
+    reason = getattr(cause, "strerror", None) or str(cause)
+    return f"cannot listen on {where}: {reason}"
+
+
+def _hostPort(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class ListenerService(Service):
+    """
+    Serve one socket: bind it (or adopt the one systemd passed) in
+    L{privilegedStartService}, before twistd drops privileges, and close it
+    in L{stopService}.
+
+    @ivar port: The L{DestinationPort} once listening, else L{None}.
+    @ivar protocol: The L{EchoProtocol} serving it.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        listener: ListenConfig,
+        protocol: EchoProtocol,
+        inherited: InheritedSocket | None = None,
+        reactor: Any = None,
+    ) -> None:
+        self.listener = listener
+        self.protocol = protocol
+        self.inherited = inherited
+        self.port: DestinationPort | None = None
+        self._lastPort: DestinationPort | None = None
+        self._address = ""
+        self._reactor = reactor
+        self.name = listener.describe() if inherited is None else f"fd{inherited.fd}"
+
+    def privilegedStartService(self) -> None:
+        if self.port is None:
+            self.port = self._listen()
+        Service.privilegedStartService(self)
+
+    def startService(self) -> None:
+        if self.port is None:
+            self.port = self._listen()
+        Service.startService(self)
+
+    def stopService(self) -> Deferred[None] | None:
+        Service.stopService(self)
+        if self.port is None:
+            return None
+        port, self.port = self.port, None
+        self._lastPort = port
+        return maybeDeferred(port.stopListening)
+
+    @property
+    def address(self) -> str:
+        """
+        Where this listener listens (C{[::]:12345}, the real port if the
+        configured one was 0), once it does.
+        """
+        return self._address or self.listener.describe()
+
+    def counters(self) -> dict[str, Any]:
+        """
+        The echo and port counters as structured log fields.
+        """
+        fields = self.protocol.stats()
+        port = self.port or self._lastPort
+        counters = port.counters if port is not None else None
+        fields["kernelDrops"] = counters.kernelDrops if counters else 0
+        fields["sendFallbacks"] = counters.sendFallbacks if counters else 0
+        fields["truncated"] = counters.truncated if counters else 0
+        return fields
+
+    def _listen(self) -> DestinationPort:
+        listener = self.listener
+        if self.inherited is not None:
+            fd = self.inherited.fd
+            try:
+                port = adoptDatagramPort(
+                    fd,
+                    socketFamily(self.inherited),
+                    self.protocol,
+                    listener.max_packet_size,
+                    self._reactor,
+                )
+            except Exception as e:
+                raise ListenError(
+                    f"cannot use systemd socket {fd} ({self.inherited.name}): {e}"
+                ) from None
+            # The port holds its own duplicate; close ours, so that stopping
+            # the port really closes the socket.
+            os.close(fd)
+            how = f"systemd socket {fd} ({self.inherited.name})"
+        else:
+            try:
+                port = listenUDP(
+                    listener.port,
+                    self.protocol,
+                    listener.address,
+                    listener.max_packet_size,
+                    self._reactor,
+                    reusePort=listener.reuse_port,
+                    receiveBufferSize=listener.receive_buffer or None,
+                    v6Only=listener.v6_only,
+                )
+            except CannotListenError as e:
+                raise ListenError(_bindFailure(listener.describe(), e)) from None
+            how = "dual-stack" if listener.address == "::" and not listener.v6_only else ""
+            how = ", ".join(
+                x for x in (how, "reuse_port" if listener.reuse_port else "") if x
+            )
+        self.port = self._lastPort = port
+        host = port.getHost()
+        self._address = _hostPort(host.host, host.port)
+        self._log.info(
+            "udpdst echo listening on {address}{how}; replies at most "
+            "{amplification} bytes larger than requests",
+            address=self.address,
+            how=f" ({how})" if how else "",
+            amplification=self.protocol.amplification,
+            maxPacketSize=listener.max_packet_size,
+        )
+        return port
+
+
+class EchoService(MultiService):
+    """
+    The udpdst service: a L{ListenerService} per socket, stats lines every
+    C{stats_interval} seconds and once more at stop.
+
+    A listener that cannot bind ends the process with one critical log line
+    and exit status 1: raised from L{privilegedStartService}, anything but
+    L{SystemExit} would make twistd print a traceback.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        config: Config,
+        sockets: Sequence[tuple[ListenConfig, InheritedSocket | None]],
+        reactor: Any = None,
+        twistdOptions: Any = None,
+    ) -> None:
+        """
+        @param config: The configuration.
+        @param sockets: What to listen on: each listener with the inherited
+            socket it serves, or L{None} to bind its own
+            (L{udpdst.systemd.assignSockets}).
+        @param reactor: The reactor; the global one if L{None}.
+        @param twistdOptions: twistd's own options when run by twistd: the
+            log observer it would use is then put behind the log level, and
+            its pid file removed if the service cannot start.
+        """
+        MultiService.__init__(self)
+        self.config = config
+        self._reactor = reactor
+        self._twistdOptions = twistdOptions
+        self._statsCall: LoopingCall | None = None
+        access = AccessList(config.limits.allow, config.limits.deny)
+        limiter = RateLimiter(
+            config.limits.per_source_rate,
+            config.limits.per_source_burst,
+            config.limits.max_sources,
+        )
+        prefix = config.echo.prefixBytes
+        self.listeners: list[ListenerService] = []
+        for listener, inherited in sockets:
+            # One protocol per socket (a protocol has one transport); the
+            # access list and the rate limiter are shared, so that a source
+            # gets one budget however many listeners it reaches.
+            protocol = EchoProtocol(
+                prefix,
+                denySourcePorts=config.limits.deny_source_ports,
+                denySamePort=config.limits.deny_same_port,
+                access=access,
+                rateLimiter=limiter,
+            )
+            child = ListenerService(listener, protocol, inherited, reactor)
+            child.setServiceParent(self)
+            self.listeners.append(child)
+
+    def setServiceParent(self, parent: Any) -> None:
+        MultiService.setServiceParent(self, parent)
+        if self._twistdOptions is not None and isinstance(parent, Componentized):
+            # twistd uses an application's ILogObserver component, if set,
+            # instead of building its own (unless --logger was given).
+            if parent.getComponent(ILogObserver, None) is None:
+                observer = logs.twistdLogObserver(self._twistdOptions)
+                if observer is not None:
+                    parent.setComponent(ILogObserver, observer)
+
+    def privilegedStartService(self) -> None:
+        try:
+            MultiService.privilegedStartService(self)
+        except ListenError as e:
+            self._log.critical("{message}", message=str(e))
+            for child in self.listeners:
+                if child.port is not None:
+                    child.port.stopListening()
+            self._removePidFile()
+            raise SystemExit(1) from None
+
+    def startService(self) -> None:
+        MultiService.startService(self)
+        interval = self.config.log.stats_interval
+        if interval > 0:
+            self._statsCall = LoopingCall(self.logStats)
+            if self._reactor is not None:
+                self._statsCall.clock = self._reactor
+            self._statsCall.start(interval, now=False)
+
+    def stopService(self) -> Deferred[Any]:
+        if self._statsCall is not None and self._statsCall.running:
+            self._statsCall.stop()
+        self._statsCall = None
+        d: Deferred[Any] = maybeDeferred(MultiService.stopService, self)
+        d.addCallback(lambda _: self.logStats(final=True))
+        return d
+
+    def logStats(self, final: bool = False) -> None:
+        """
+        Log one stats line per listener.
+        """
+        for child in self.listeners:
+            self._log.info(
+                "{which} {listener}: received {received}, replied {replied}, "
+                "refused {refused} ({refusedText}), send errors {sendErrors}, "
+                "kernel drops {kernelDrops}, send fallbacks {sendFallbacks}, "
+                "oversized {truncated}",
+                which="final stats" if final else "stats",
+                listener=child.address,
+                final=final,
+                **child.counters(),
+            )
+
+    def _removePidFile(self) -> None:
+        """
+        Remove twistd's pid file, which it removes only after exceptions that
+        are not L{SystemExit}.
+        """
+        options = self._twistdOptions
+        path = options.get("pidfile") if options is not None else None
+        if not path:
+            return
+        try:
+            with open(path, "rb") as f:
+                ours = f.read().strip() == str(os.getpid()).encode()
+            if ours:
+                os.unlink(path)
+        except OSError:
+            pass

@@ -1,0 +1,115 @@
+"""
+twistd's C{udpdst} command: its options, and the echo service they build.
+
+Importing this module must stay cheap: C{twistd udpdst --help} imports it,
+and the application (ports, reactor) is imported only by L{makeService}.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import MutableMapping
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.python import usage
+
+from udpdst.config import ConfigError, loadConfig, withOverrides
+from udpdst.systemd import assignSockets, listenFds
+
+_log = Logger(namespace="udpdst.tap")
+
+
+class _ConfigUsageError(usage.UsageError):
+    """
+    A usage error whose message already says how to fix it.
+    """
+
+
+class Options(usage.Options):
+    """
+    twistd udpdst [--config FILE] [--listen ADDRESS:PORT]... [--prefix TEXT]
+    """
+
+    synopsis = "[--config FILE] [--listen ADDRESS:PORT]... [--prefix TEXT]"
+    longdesc = (
+        "A UDP echo service (RFC 862) that replies from the address each "
+        "datagram was sent to. Without --config it listens on [::]:12345 "
+        "(IPv6 and IPv4). Options given here override the config file."
+    )
+    optParameters = [
+        ["config", None, None, "TOML config file (see etc/udpdst.toml)."],
+        ["prefix", None, None, 'Text put before every reply ("" = none).'],
+        ["log-level", None, None, "debug, info, warn, error or critical."],
+        ["stats-interval", None, None, "Seconds between stats lines; 0 = only at stop."],
+    ]
+
+    def __init__(self, environ: MutableMapping[str, str] | None = None) -> None:
+        """
+        @param environ: Where systemd's C{LISTEN_*} variables are read (and
+            removed); L{os.environ} by default.
+        """
+        usage.Options.__init__(self)
+        self["listen"] = []
+        self._environ = os.environ if environ is None else environ
+
+    def opt_listen(self, value: str) -> None:
+        self["listen"].append(value)
+
+    opt_listen.__doc__ = (
+        "ADDRESS:PORT to listen on, IPv6 in brackets ([::]:7, 0.0.0.0:7), or "
+        "systemd[:NAME] for sockets passed by systemd. Repeat for more; "
+        "replaces the config file's listeners."
+    )
+
+    def postOptions(self) -> None:
+        try:
+            config = withOverrides(
+                loadConfig(self["config"]),
+                listen=self["listen"],
+                prefix=self["prefix"],
+                level=self["log-level"],
+                statsInterval=self["stats-interval"],
+            )
+            inherited = listenFds(self._environ)
+            sockets = assignSockets(config.listen, inherited)
+        except ConfigError as e:
+            raise _ConfigUsageError(str(e)) from None
+        if inherited and not any(listener.systemd for listener in config.listen):
+            _log.warn(
+                "systemd passed {count} sockets but no listener has systemd = "
+                "true; they are left unused",
+                count=len(inherited),
+            )
+        self["udpdst"] = config
+        self["sockets"] = sockets
+
+    def parseOptions(self, options: Any = None) -> None:
+        try:
+            usage.Options.parseOptions(self, options)
+        except usage.UsageError as e:
+            if self.parent is None:
+                raise
+            # Under twistd, which would print its whole usage text above the
+            # error: print just the error, on one line.
+            message = str(e)
+            if not isinstance(e, _ConfigUsageError):
+                message += " (see twistd udpdst --help)"
+            raise SystemExit(f"twistd udpdst: {message}") from None
+
+
+def makeService(options: Options, reactor: Any = None) -> Any:
+    """
+    Build the echo service from parsed L{Options}.
+
+    @param reactor: The reactor; the global one if L{None}.
+    @return: A L{udpdst.service.EchoService}.
+    """
+    from udpdst import logs
+    from udpdst.service import EchoService
+
+    config = options["udpdst"]
+    logs.setLogLevel(config.log.level)
+    return EchoService(
+        config, options["sockets"], reactor, twistdOptions=options.parent
+    )

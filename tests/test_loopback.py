@@ -579,3 +579,36 @@ def test_peerAddressIsATuple() -> None:
         dst.host = "x"  # type: ignore[misc]
     assert str(dst) == "127.0.0.2:53"
     assert str(Destination("::1", 53)) == "[::1]:53"
+
+
+def test_kernelDropsAreCounted(epollReactor: Any) -> None:
+    """
+    Datagrams the kernel dropped because the receive buffer was full show up
+    in C{counters.kernelDrops} (from C{SO_RXQ_OVFL}), consistent with what
+    was sent and read.  The kernel stamps the count on a datagram when it is
+    queued, so it shows with the first datagram queued after the drops.
+    """
+    proto = Collector()
+    port = udpdst.listenUDP(0, proto, "0.0.0.0", reactor=epollReactor, receiveBufferSize=4096)
+    sent = 200
+    sender = _queue(port.getHost().port, sent, b"z" * 512)
+
+    def drain() -> None:
+        while True:
+            before = len(proto.got)
+            port.doRead()
+            if len(proto.got) == before:
+                return
+
+    try:
+        drain()
+        survived = len(proto.got)
+        assert port.counters.kernelDrops == 0
+        sender.send(b"after")
+        drain()
+    finally:
+        sender.close()
+        port.stopListening()
+    assert 0 < survived < sent
+    assert proto.got[-1] == b"after"
+    assert port.counters.kernelDrops == sent - survived

@@ -52,7 +52,9 @@ class PortCounters:
     @ivar controlTruncated: Datagrams whose control data did not fit; they
         were delivered with an unknown destination.
     @ivar kernelDrops: Datagrams the kernel dropped on this socket (receive
-        buffer full), as last reported by C{SO_RXQ_OVFL}.
+        buffer full), as last reported by C{SO_RXQ_OVFL}.  The kernel stamps
+        the count on a datagram as it queues it, so drops show with the next
+        datagram that gets through.
     """
 
     received: int = 0

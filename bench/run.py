@@ -158,6 +158,24 @@ def procStatCpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+def coreTimes() -> dict[int, dict[str, float]]:
+    """
+    Per-core idle and steal seconds from /proc/stat, to tell afterwards
+    whether a window was disturbed (steal: the hypervisor ran someone else).
+    """
+    ticks = os.sysconf("SC_CLK_TCK")
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit():
+                out[int(name[3:])] = {
+                    "idle": int(fields[3]) / ticks,
+                    "steal": int(fields[7]) / ticks,
+                }
+    return out
+
+
 def startServers(chosen: list[Variant], cpu: int | None, env: dict) -> None:
     for v in chosen:
         v.process = subprocess.Popen(
@@ -215,6 +233,7 @@ def measure(v: Variant, args, duration: float, serverCore, clientCore) -> dict:
     """
     One measured window: server rusage, client run, server rusage.
     """
+    cores0 = coreTimes()
     stat0 = procStatCpu(v.process.pid)
     u0, s0 = serverCpu(v.process)
     w0 = time.monotonic()
@@ -222,6 +241,7 @@ def measure(v: Variant, args, duration: float, serverCore, clientCore) -> dict:
     w1 = time.monotonic()
     u1, s1 = serverCpu(v.process)
     stat1 = procStatCpu(v.process.pid)
+    cores1 = coreTimes()
     cpu = (u1 - u0) + (s1 - s0)
     received = client["received"]
     return {
@@ -233,6 +253,7 @@ def measure(v: Variant, args, duration: float, serverCore, clientCore) -> dict:
         "server_cpu_s": cpu,
         "server_cpu_s_procstat": stat1 - stat0,
         "window_s": w1 - w0,
+        "steal_s": {c: cores1[c]["steal"] - cores0[c]["steal"] for c in cores1 if c in cores0},
         "server_cpu_util": cpu / client["elapsed"] if client["elapsed"] else None,
         "client_cpu_util": client["cpu_s"] / client["elapsed"] if client["elapsed"] else None,
         "cpu_us_per_dgram": cpu / received * 1e6 if received else None,

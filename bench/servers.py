@@ -11,7 +11,8 @@ VARIANT is one of:
                  (replies with transport.write(data, addr, dst))
   udpdst-plain   udpdst.listenUDP with the same plain DatagramProtocol echo
                  as "twisted" (replies with transport.write(data, addr))
-  udpdst-echo    udpdst.listenUDP with the service's udpdst.echo.EchoProtocol
+  udpdst-echo    udpdst.listenUDP with the service's udpdst.echo.EchoProtocol,
+                 ACL and rate limiter engaged but set never to refuse
 
 Twisted variants run on the epoll reactor.  PORT 0 picks a free port.
 
@@ -136,7 +137,10 @@ def _runTwisted(variant: str, address: str, portNumber: int) -> None:
 
         def connectionMade(self):
             self.control = _Control(
-                lambda: {"counters": _counters(port)},
+                lambda: {
+                "counters": _counters(port),
+                "protocol": _counters(port.protocol),
+            },
                 lambda text: self.sendLine(text.encode()),
                 reactor.stop,
             )
@@ -155,21 +159,26 @@ def _runTwisted(variant: str, address: str, portNumber: int) -> None:
 
 def _serviceEcho(reactor):
     """
-    The service's echo protocol with the most permissive settings its
-    constructor offers (no ACL, no rate limit), so the benchmark measures the
-    echo path and not a policy.
+    The service's echo protocol as the service builds it (C{fromConfig}), with
+    its checks engaged but never refusing the benchmark's traffic: an ACL
+    with a deny list that does not match loopback, and a per-source rate
+    limit far above any rate reached here.  So the benchmark pays for the
+    checks and measures every datagram.
     """
-    import inspect
+    import ipaddress
 
+    from udpdst.config import LimitsConfig
     from udpdst.echo import EchoProtocol
 
-    params = inspect.signature(EchoProtocol).parameters
-    kwargs = {}
-    if "reactor" in params:
-        kwargs["reactor"] = reactor
-    if "clock" in params:
-        kwargs["clock"] = reactor
-    return EchoProtocol(**kwargs)
+    limits = LimitsConfig(
+        per_source_rate=1e9,
+        per_source_burst=10**9,
+        deny=(
+            ipaddress.ip_network("192.0.2.0/24"),
+            ipaddress.ip_network("2001:db8::/32"),
+        ),
+    )
+    return EchoProtocol.fromConfig(b"", limits, clock=reactor.seconds)
 
 
 def _runAsyncio(address: str, portNumber: int) -> None:

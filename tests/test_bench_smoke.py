@@ -1,0 +1,81 @@
+"""
+Smoke test of the benchmark: C{bench/run.py --quick} runs, measures every
+variant, and udpdst's replies through 127.0.0.2 all come back.
+
+No speed is asserted here: speed goals live in the benchmark's own report.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+UDPDST_VARIANTS = ["udpdst-dst6", "udpdst-dst4", "udpdst-plain4", "udpdst-echo6"]
+
+pytestmark = [
+    pytest.mark.skipif(
+        not sys.platform.startswith("linux"), reason="the benchmark is Linux-only"
+    ),
+    pytest.mark.skipif(
+        shutil.which("gcc") is None and shutil.which("cc") is None,
+        reason="no C compiler: the benchmark builds its C client with gcc",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def quickRun(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    out = tmp_path_factory.mktemp("bench-out")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads((out / "latest.json").read_text()), proc.stdout
+
+
+def test_completes_with_a_table(quickRun: tuple[dict, str]) -> None:
+    result, stdout = quickRun
+    assert "µs/dgram" in stdout
+    assert result["summary"]["twisted"]["received"] > 0
+    assert result["records"]
+
+
+def test_client_drops_wrong_source_replies(quickRun: tuple[dict, str]) -> None:
+    """
+    Stock Twisted on 0.0.0.0 answers 127.0.0.2 from 127.0.0.1: the client's
+    connected sockets must drop all of it, or the udpdst check below would
+    prove nothing.
+    """
+    check = quickRun[0]["wrong_source_check"]
+    assert check["sent"] > 0
+    assert check["received"] == 0
+
+
+@pytest.mark.parametrize("name", UDPDST_VARIANTS)
+def test_udpdst_replies_from_the_right_address(
+    quickRun: tuple[dict, str], name: str
+) -> None:
+    result = quickRun[0]
+    if name == "udpdst-echo6" and importlib.util.find_spec("udpdst.echo") is None:
+        pytest.skip("udpdst.echo does not exist yet")
+    variant = result["variants"][name]
+    assert variant["error"] is None, variant["error"]
+    assert variant["target"] == "127.0.0.2"
+    summary = result["summary"][name]
+    stats = result["server_stats"].get(name)
+    assert summary["received"] > 0, (summary, stats)
+    assert summary["lost"] == 0, (summary, stats)
+    assert summary["bad"] == 0, (summary, stats)
+    assert summary["cpu_us_per_dgram_median"] > 0

@@ -456,17 +456,26 @@ def withOverrides(
     prefix: str | None = None,
     level: str | None = None,
     statsInterval: str | None = None,
+    reusePort: bool = False,
 ) -> Config:
     """
     Apply command-line options: C{--listen} (replaces the file's listeners),
-    C{--prefix}, C{--log-level}, C{--stats-interval}.  Values are checked by
-    the same validators as the file's.
+    C{--prefix}, C{--log-level}, C{--stats-interval}, C{--reuse-port} (sets
+    C{reuse_port} on every listener that binds).  Values are checked by the
+    same validators as the file's.
 
     @raise ConfigError: A value is wrong.
     """
     listeners = tuple(parseListen(text) for text in listen)
     if listeners:
         config = replace(config, listen=listeners)
+    if reusePort:
+        config = replace(
+            config,
+            listen=tuple(
+                lc if lc.systemd else replace(lc, reuse_port=True) for lc in config.listen
+            ),
+        )
     if prefix is not None:
         config = replace(config, echo=replace(config.echo, prefix=_prefix(prefix, "--prefix")))
     logConfig = config.log

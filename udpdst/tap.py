@@ -37,6 +37,9 @@ class Options(usage.Options):
         "datagram was sent to. Without --config it listens on [::]:12345 "
         "(IPv6 and IPv4). Options given here override the config file."
     )
+    optFlags = [
+        ["reuse-port", None, "Set reuse_port on every listener (SO_REUSEPORT)."],
+    ]
     optParameters = [
         ["config", None, None, "TOML config file (see etc/udpdst.toml)."],
         ["prefix", None, None, 'Text put before every reply ("" = none).'],
@@ -70,6 +73,7 @@ class Options(usage.Options):
                 prefix=self["prefix"],
                 level=self["log-level"],
                 statsInterval=self["stats-interval"],
+                reusePort=bool(self["reuse-port"]),
             )
             inherited = listenFds(self._environ)
             sockets = assignSockets(config.listen, inherited)

@@ -1,0 +1,194 @@
+"""
+Tests for udpdst.limits: access lists, source keys and the per-source rate
+limiter, including its memory bound under a flood of sources.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tracemalloc
+
+import pytest
+
+from udpdst.limits import AccessList, RateLimiter, sourceAddress, sourceKey
+
+net = ipaddress.ip_network
+EVERYONE = (net("0.0.0.0/0"), net("::/0"))
+
+
+def test_sourceAddressMapsIPv4() -> None:
+    assert sourceAddress("::ffff:10.1.2.5") == ipaddress.IPv4Address("10.1.2.5")
+    assert sourceAddress("10.1.2.5") == ipaddress.IPv4Address("10.1.2.5")
+    assert sourceAddress("fe80::5%eth0") == ipaddress.IPv6Address("fe80::5")
+    assert sourceAddress("2001:db8::1") == ipaddress.IPv6Address("2001:db8::1")
+    assert sourceAddress("example.com") is None
+
+
+def test_sourceKeyMapsIPv4() -> None:
+    assert sourceKey("::ffff:10.1.2.5") == "10.1.2.5"
+    assert sourceKey("10.1.2.5") == "10.1.2.5"
+    assert sourceKey("::1") == "::1"
+    assert sourceKey("::ffff:a01:205") == "::ffff:a01:205"
+
+
+def test_everyoneSkipsTheChecks() -> None:
+    assert AccessList(EVERYONE).everyone
+    assert not AccessList(EVERYONE, [net("10.0.0.0/8")]).everyone
+    assert not AccessList([net("0.0.0.0/0")]).everyone
+
+
+def test_denyWinsOverAllow() -> None:
+    acl = AccessList(EVERYONE, [net("10.9.0.0/16"), net("2001:db8:9::/48")])
+    assert acl.refusal("10.9.1.1") == "denied"
+    assert acl.refusal("2001:db8:9::1") == "denied"
+    assert acl.refusal("10.8.1.1") is None
+    assert acl.refusal("2001:db8:8::1") is None
+
+
+def test_allowRestricts() -> None:
+    acl = AccessList([net("10.0.0.0/8"), net("2001:db8::/32")])
+    assert acl.refusal("10.1.2.3") is None
+    assert acl.refusal("2001:db8::1") is None
+    assert acl.refusal("192.0.2.1") == "not-allowed"
+    assert acl.refusal("2001:db9::1") == "not-allowed"
+    assert acl.refusal("not-an-address") == "not-allowed"
+
+
+def test_ipv6OnlyAllowDoesNotAdmitMappedIPv4() -> None:
+    acl = AccessList([net("::/0")])
+    assert acl.refusal("2001:db8::1") is None
+    assert acl.refusal("::ffff:10.1.2.3") == "not-allowed"
+
+
+def test_mappedPeerMatchedAsIPv4() -> None:
+    """
+    An IPv4 client of a dual-stack socket (::ffff:a.b.c.d) is matched by
+    IPv4 networks, both in allow and in deny.
+    """
+    allow = AccessList([net("10.0.0.0/8")])
+    assert allow.refusal("::ffff:10.1.2.3") is None
+    assert allow.refusal("::ffff:192.0.2.1") == "not-allowed"
+    deny = AccessList(EVERYONE, [net("10.0.0.0/8")])
+    assert deny.refusal("::ffff:10.1.2.3") == "denied"
+
+
+def test_scopedPeerMatched() -> None:
+    acl = AccessList([net("fe80::/10")])
+    assert acl.refusal("fe80::5%eth0") is None
+
+
+def test_decisionCacheIsBounded() -> None:
+    acl = AccessList([net("10.0.0.0/8")])
+    acl.cacheSize = 100
+    for i in range(1000):
+        host = f"10.0.{i // 256}.{i % 256}"
+        assert acl.refusal(host) is None
+        assert len(acl._cache) <= 100
+    # Decisions stay right after the cache was cleared.
+    assert acl.refusal("192.0.2.1") == "not-allowed"
+    assert acl.refusal("10.0.0.1") is None
+
+
+def test_rateBurstThenRefuse() -> None:
+    limiter = RateLimiter(rate=10, burst=3, maxSources=10)
+    assert [limiter.allow("a", 100.0) for _ in range(5)] == [True] * 3 + [False] * 2
+    # Another source has its own bucket.
+    assert limiter.allow("b", 100.0)
+
+
+def test_rateRefills() -> None:
+    limiter = RateLimiter(rate=8, burst=3, maxSources=10)
+    for _ in range(3):
+        assert limiter.allow("a", 100.0)
+    assert not limiter.allow("a", 100.0)
+    # 1/8 s at 8/s is one token.
+    assert limiter.allow("a", 100.125)
+    assert not limiter.allow("a", 100.125)
+    # Refilling stops at the burst.
+    assert [limiter.allow("a", 1000.0) for _ in range(4)] == [True] * 3 + [False]
+
+
+def test_rateAverage() -> None:
+    """
+    Over a long run a source gets rate per second, plus the burst.
+    """
+    limiter = RateLimiter(rate=100, burst=20, maxSources=10)
+    allowed = sum(limiter.allow("a", i / 1000) for i in range(10_000))  # 10 s at 1000/s
+    assert 20 + 100 * 10 - 2 <= allowed <= 20 + 100 * 10 + 2
+
+
+def test_rateClockSteppingBack() -> None:
+    limiter = RateLimiter(rate=10, burst=2, maxSources=10)
+    assert limiter.allow("a", 100.0)
+    assert limiter.allow("a", 100.0)
+    assert not limiter.allow("a", 50.0)
+    assert not limiter.allow("a", 100.0)
+
+
+def test_rateZeroIsUnlimited() -> None:
+    limiter = RateLimiter(rate=0, burst=1, maxSources=1)
+    assert all(limiter.allow(str(i % 3), 0.0) for i in range(10_000))
+    assert len(limiter) == 0
+
+
+def test_rateMemoryBoundedUnderManySources() -> None:
+    """
+    A flood of distinct (spoofed) sources keeps at most maxSources buckets.
+    """
+    limiter = RateLimiter(rate=1000, burst=2000, maxSources=1000)
+    for i in range(50_000):
+        limiter.allow(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 1.0)
+        assert len(limiter) <= 1000
+    assert len(limiter) == 1000
+    assert limiter.evictions == 49_000
+
+
+def test_rateMemoryFootprint() -> None:
+    """
+    The per-source cost documented in etc/udpdst.toml (about 300 bytes,
+    the source's address string included) holds.
+    """
+    limiter = RateLimiter(rate=1000, burst=2000, maxSources=20_000)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(40_000):
+            limiter.allow(f"2001:db8:1234:5678:9abc:def0:{i >> 16:x}:{i & 0xffff:x}", 1.0)
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(limiter) == 20_000
+    assert used / 20_000 < 320
+
+
+def test_rateActiveSourceSurvivesAFlood() -> None:
+    """
+    Eviction is least-recently-used: a limited source that keeps sending
+    stays limited while fewer than maxSources other sources pass between two
+    of its datagrams.
+    """
+    limiter = RateLimiter(rate=1, burst=2, maxSources=100)
+    victim = "192.0.2.1"
+    assert limiter.allow(victim, 0.0)
+    assert limiter.allow(victim, 0.0)
+    for round in range(10):
+        for i in range(99):
+            limiter.allow(f"10.0.{round}.{i}", 0.0)
+        assert not limiter.allow(victim, 0.0)
+        assert victim in limiter
+
+
+def test_rateEvictedSourceStartsAfresh() -> None:
+    limiter = RateLimiter(rate=1, burst=1, maxSources=2)
+    assert limiter.allow("a", 0.0)
+    assert not limiter.allow("a", 0.0)
+    limiter.allow("b", 0.0)
+    limiter.allow("c", 0.0)
+    assert "a" not in limiter
+    assert limiter.allow("a", 0.0)
+
+
+@pytest.mark.parametrize("rate, burst, cap", [(-1, 1, 1), (1, 0, 1), (1, 1, 0)])
+def test_rateBadArguments(rate: float, burst: int, cap: int) -> None:
+    with pytest.raises(ValueError):
+        RateLimiter(rate, burst, cap)

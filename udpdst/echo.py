@@ -30,6 +30,8 @@ REFUSAL_REASONS = (
     "too-large",  # prefix + datagram exceeds the largest UDP payload
 )
 
+_DEFAULT_LIMITS = LimitsConfig()
+
 
 @dataclass(slots=True)
 class EchoCounters:
@@ -78,7 +80,7 @@ class EchoProtocol(DestinationDatagramProtocol):
         self,
         prefix: bytes = b"",
         *,
-        denySourcePorts: Iterable[int] = LimitsConfig.deny_source_ports,
+        denySourcePorts: Iterable[int] = _DEFAULT_LIMITS.deny_source_ports,
         denySamePort: bool = True,
         access: AccessList | None = None,
         rateLimiter: RateLimiter | None = None,

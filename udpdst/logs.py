@@ -89,7 +89,8 @@ def twistdLogObserver(serverOptions: Any) -> ILogObserver | None:
 def jsonLogObserver() -> ILogObserver:
     """
     For C{twistd --logger udpdst.logs.jsonLogObserver}: one JSON object per
-    event on standard output (journald keeps them), with every structured
-    field, behind the log level.
+    line on standard output (journald keeps them), with every structured
+    field, behind the log level.  No RFC 7464 record separator, so that
+    line-oriented tools read it.
     """
-    return filtered(jsonFileLogObserver(sys.stdout))
+    return filtered(jsonFileLogObserver(sys.stdout, recordSeparator=""))

@@ -264,6 +264,12 @@ class EchoService(MultiService):
 
     def startService(self) -> None:
         MultiService.startService(self)
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor
+        # Logged once the reactor runs, i.e. once SIGTERM/SIGINT stop the
+        # service cleanly (twistd binds and starts services before that).
+        reactor.callWhenRunning(self._logRunning)
         interval = self.config.log.stats_interval
         if interval > 0:
             self._statsCall = LoopingCall(self.logStats)
@@ -278,6 +284,16 @@ class EchoService(MultiService):
         d: Deferred[Any] = maybeDeferred(MultiService.stopService, self)
         d.addCallback(lambda _: self.logStats(final=True))
         return d
+
+    def _logRunning(self) -> None:
+        interval = self.config.log.stats_interval
+        self._log.info(
+            "udpdst echo service running: {count} listeners, log level {logLevel}, "
+            "{stats}",
+            count=len(self.listeners),
+            logLevel=self.config.log.level,
+            stats=f"stats every {interval:g} s" if interval > 0 else "stats at stop",
+        )
 
     def logStats(self, final: bool = False) -> None:
         """

@@ -1,0 +1,213 @@
+"""
+Helpers for tests that run C{twistd udpdst} as a real subprocess: start it,
+read its log as it comes, talk to it over loopback, stop it by its pid.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from twisted.logger import eventFromJSON, formatEvent
+
+#: The twistd of the Python running the tests (the venv the project is
+#: installed in).
+TWISTD = str(Path(sys.executable).parent / "twistd")
+
+#: How long a subprocess may take to do what a test waits for: a bound on a
+#: hung test, not a timing assertion.
+DEADLINE = 30.0
+
+START_LINE = re.compile(r"udpdst echo listening on (\S+?)[;( ]")
+RUNNING_LINE = re.compile(r"udpdst echo service running")
+
+
+def readable(line: str) -> str:
+    """
+    A log line as text: JSON events (C{--logger
+    udpdst.logs.jsonLogObserver}) formatted, other lines as they are.
+    """
+    if line.startswith("{"):
+        try:
+            return formatEvent(eventFromJSON(line))
+        except (ValueError, KeyError):
+            pass
+    return line
+
+
+def splitAddress(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class Twistd:
+    """
+    A C{twistd} subprocess whose standard output and error are collected by
+    threads as they come.
+    """
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        cwd: Path,
+        *,
+        twistdArgs: Sequence[str] = ("-n", "--pidfile="),
+        command: Sequence[str] | None = None,
+        env: dict[str, str] | None = None,
+        passFds: Sequence[int] = (),
+        shell: str | None = None,
+    ) -> None:
+        """
+        @param args: The arguments after C{udpdst}.
+        @param twistdArgs: twistd's own options, before C{udpdst}.
+        @param command: Replaces the whole command line.
+        @param shell: A shell command line to run instead (for fd plumbing).
+        """
+        self.argv: list[str] | str
+        if shell is not None:
+            self.argv = shell
+        elif command is not None:
+            self.argv = list(command)
+        else:
+            self.argv = [TWISTD, *twistdArgs, "udpdst", *args]
+        self.proc = subprocess.Popen(
+            self.argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            pass_fds=passFds,
+            shell=shell is not None,
+        )
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.proc.stdout, self.out, True)),
+            threading.Thread(target=self._read, args=(self.proc.stderr, self.err, False)),
+        ]
+        for reader in self._readers:
+            reader.daemon = True
+            reader.start()
+        self._seen = 0
+
+    def _read(self, stream: object, into: list[str], last: bool) -> None:
+        for line in stream:  # type: ignore[attr-defined]
+            into.append(line)
+            self._lines.put(line)
+        if last:
+            self._lines.put(None)
+
+    def output(self) -> str:
+        return "".join(self.out) + "".join(self.err)
+
+    def waitFor(
+        self, pattern: re.Pattern[str] | str, count: int = 1, stderr: bool = False
+    ) -> list[re.Match[str]]:
+        """
+        Read standard output (or error) until C{pattern} has matched C{count}
+        lines (counting from the start); fail with the output so far if the
+        process ends first or the deadline passes.
+        """
+        lines = self.err if stderr else self.out
+        if isinstance(pattern, str):
+            pattern = re.compile(pattern)
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            matches = [m for m in map(pattern.search, map(readable, list(lines))) if m]
+            if len(matches) >= count:
+                return matches[:count]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(
+                    f"{pattern.pattern!r} not seen {count} times; output:\n{self.output()}"
+                )
+            try:
+                line = self._lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                self._lines.put(None)
+                matches = [m for m in map(pattern.search, map(readable, list(lines))) if m]
+                if len(matches) >= count:
+                    return matches[:count]
+                raise AssertionError(
+                    f"twistd ended ({self.proc.wait()}) before {pattern.pattern!r}; "
+                    f"output:\n{self.output()}"
+                )
+
+    def listening(self, count: int = 1) -> list[tuple[str, int]]:
+        """
+        Wait until C{count} listeners started and the reactor runs; their
+        addresses.
+        """
+        found = [splitAddress(m.group(1)) for m in self.waitFor(START_LINE, count)]
+        self.waitFor(RUNNING_LINE)
+        return found
+
+    def finish(self, timeout: float = DEADLINE) -> int:
+        """
+        Wait for the process to end by itself; its exit status.
+        """
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"twistd did not end; output:\n{self.output()}") from None
+        for reader in self._readers:
+            reader.join(DEADLINE)
+        return code
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """
+        Send C{sig} and wait for the process to end; its exit status.
+        """
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+        return self.finish()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def echo(
+    target: str,
+    port: int,
+    data: bytes,
+    source: str | None = None,
+    sourcePort: int = 0,
+) -> bytes:
+    """
+    Send C{data} from a socket connected to C{target}:C{port} (so a reply
+    from any other address is dropped by the kernel) and return the reply.
+
+    @raise socket.timeout: No reply within L{DEADLINE} / 3 seconds.
+    """
+    family = socket.AF_INET6 if ":" in target else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.settimeout(DEADLINE / 3)
+        if source is not None or sourcePort:
+            s.bind((source or ("::" if family == socket.AF_INET6 else "0.0.0.0"), sourcePort))
+        s.connect((target, port))
+        s.send(data)
+        return s.recv(70000)
+
+
+def freePort(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])

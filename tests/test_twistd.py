@@ -1,0 +1,532 @@
+"""
+C{twistd udpdst} as an operator runs it: a real subprocess of the installed
+package (the plugin must be found), real sockets on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests._service_helpers import (
+    DEADLINE,
+    TWISTD,
+    Twistd,
+    echo,
+    freePort,
+)
+from tests.conftest import HAVE_IPV6, requiresIPv6
+
+FINAL_STATS = re.compile(
+    r"final stats (\S+): received (\d+), replied (\d+), refused (\d+) \(([^)]*)\)"
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def pluginInstalled() -> None:
+    """
+    The tests run twistd from the installed package: its plugin must be
+    found, or every test here would fail for the same reason.
+    """
+    if not os.path.exists(TWISTD):
+        pytest.fail(f"no twistd next to {sys.executable}")
+    listing = subprocess.run(
+        [TWISTD, "--help"], capture_output=True, text=True, timeout=DEADLINE
+    ).stdout
+    if not re.search(r"^\s+udpdst\s", listing, re.M):
+        pytest.fail(
+            "twistd does not find the udpdst plugin; install the project with "
+            "pip install -e . --config-settings editable_mode=compat (or pip "
+            "install .)"
+        )
+
+
+@pytest.fixture
+def started(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """
+    Start twistd processes; kill (by pid) whatever a test left running.
+    """
+    processes: list[Twistd] = []
+
+    def start(*args: str, **kw: object) -> Twistd:
+        process = Twistd(args, tmp_path, **kw)  # type: ignore[arg-type]
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        process.kill()
+
+
+def oneLineError(process: Twistd) -> str:
+    """
+    The process ended with a non-zero status and one line on standard error,
+    no traceback and nothing else; that line.
+    """
+    code = process.finish()
+    assert code != 0, process.output()
+    assert "Traceback" not in process.output()
+    assert process.out == []
+    assert len(process.err) == 1, process.err
+    assert process.err[0].startswith("twistd udpdst: ")
+    return process.err[0].rstrip("\n")
+
+
+def oneCriticalLine(process: Twistd) -> str:
+    """
+    The process ended with a non-zero status and one critical log line, and
+    no traceback; that line's message.
+    """
+    code = process.finish()
+    assert code != 0, process.output()
+    assert "Traceback" not in process.output()
+    assert process.err == []
+    critical = [line for line in process.out if "#critical]" in line]
+    assert len(critical) == 1, process.output()
+    assert not [line for line in process.out if "#error]" in line]
+    return critical[0].split("] ", 1)[1].rstrip("\n")
+
+
+# --help
+
+
+def test_helpDoesNotImportTheApplication(tmp_path: Path) -> None:
+    """
+    twistd udpdst --help lists the options and imports neither the service,
+    the echo protocol nor the reactor.
+    """
+    script = (
+        "import sys\n"
+        "sys.argv = ['twistd', 'udpdst', '--help']\n"
+        "from twisted.scripts.twistd import run\n"
+        "try:\n"
+        "    run()\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "print('MODULES', ' '.join(sorted(sys.modules)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--listen=" in result.stdout and "--config=" in result.stdout
+    assert "--prefix=" in result.stdout
+    modules = set(result.stdout.split("MODULES ", 1)[1].split())
+    assert "udpdst.tap" in modules
+    for heavy in (
+        "udpdst.service",
+        "udpdst.echo",
+        "udpdst.limits",
+        "twisted.internet.reactor",
+    ):
+        assert heavy not in modules, heavy
+    if "udpdst.port" in modules:
+        pytest.xfail("udpdst/__init__.py imports udpdst.port eagerly")
+
+
+# Running
+
+
+@pytest.mark.skipif(not HAVE_IPV6, reason="the default listener is [::]: needs IPv6")
+def test_embeddedDefault(started) -> None:  # type: ignore[no-untyped-def]
+    """
+    No options: one dual-stack listener on [::]:12345; clients connected to
+    secondary addresses get their echo; SIGTERM stops it with a final stats
+    line.
+    """
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            probe.bind(("::", 12345))
+    except OSError as e:
+        pytest.skip(f"port 12345 is taken on this host ({e.strerror})")
+    process = started()
+    assert process.listening() == [("::", 12345)]
+    assert "(dual-stack)" in process.output()
+    assert "replies at most 0 bytes larger than requests" in process.output()
+    assert echo("127.0.0.2", 12345, b"to two") == b"to two"
+    assert echo("127.0.0.3", 12345, b"to three") == b"to three"
+    assert echo("::1", 12345, b"to six") == b"to six"
+    assert process.stop() == -signal.SIGTERM
+    (final,) = process.waitFor(FINAL_STATS)
+    assert final.group(1, 2, 3, 4) == ("[::]:12345", "3", "3", "0")
+
+
+def test_configFile(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """
+    A config file with two listeners and a prefix.
+    """
+    config = tmp_path / "udpdst.toml"
+    config.write_text(
+        """
+[[listen]]
+address = "0.0.0.0"
+port = 0
+
+[[listen]]
+address = "127.0.0.3"
+port = 0
+max_packet_size = 1000
+
+[echo]
+prefix = "file: "
+
+[log]
+stats_interval = 0
+"""
+    )
+    process = started("--config", str(config))
+    (wild, v4port), (single, single_port) = process.listening(2)
+    assert (wild, single) == ("0.0.0.0", "127.0.0.3")
+    assert "replies at most 6 bytes larger than requests" in process.output()
+    assert echo("127.0.0.2", v4port, b"a") == b"file: a"
+    assert echo("127.0.0.3", single_port, b"b") == b"file: b"
+    assert process.stop() == -signal.SIGTERM
+    assert len(process.waitFor(FINAL_STATS, 2)) == 2
+
+
+def test_commandLineOverrides(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """
+    --listen replaces the file's listeners (repeatable, IPv6 in brackets),
+    --prefix replaces its prefix; the rest of the file still applies.
+    """
+    taken = freePort()
+    config = tmp_path / "udpdst.toml"
+    config.write_text(
+        f"""
+[[listen]]
+address = "127.0.0.1"
+port = {taken}
+
+[echo]
+prefix = "file: "
+
+[limits]
+deny = ["127.0.0.9/32"]
+"""
+    )
+    listen = ["--listen", "0.0.0.0:0"]
+    if HAVE_IPV6:
+        listen += ["--listen", "[::1]:0"]
+    process = started("--config", str(config), *listen, "--prefix", "cli: ")
+    found = process.listening(len(listen) // 2)
+    assert [host for host, _ in found] == ["0.0.0.0", "::1"][: len(found)]
+    assert f"127.0.0.1:{taken}" not in process.output()
+    port = found[0][1]
+    assert echo("127.0.0.2", port, b"x") == b"cli: x"
+    if HAVE_IPV6:
+        assert echo("::1", found[1][1], b"y") == b"cli: y"
+    with pytest.raises(socket.timeout):
+        # The file's deny list still applies: this one gets no answer.
+        # (The only wait for an absence in these tests, bounded.)
+        echo("127.0.0.2", port, b"z", source="127.0.0.9")
+    process.stop()
+    (final, *_) = process.waitFor(FINAL_STATS)
+    assert final.group(4, 5) == ("1", "denied=1")
+
+
+def test_sigintAndStats(started) -> None:  # type: ignore[no-untyped-def]
+    """
+    Periodic stats lines count what happened; SIGINT stops cleanly too: the
+    port is closed, then the final stats line.
+    """
+    process = started("--listen", "127.0.0.1:0", "--stats-interval", "0.2")
+    ((_, port),) = process.listening()
+    assert echo("127.0.0.1", port, b"one") == b"one"
+    process.waitFor(
+        r"\bstats 127\.0\.0\.1:\d+: received 1, replied 1, refused 0 \(none\), "
+        r"send errors 0, kernel drops 0"
+    )
+    process.stop(signal.SIGINT)
+    output = process.output()
+    closed = output.index(f"(UDP Port {port} Closed)")
+    final = output.index(f"final stats 127.0.0.1:{port}: received 1, replied 1")
+    assert closed < final < output.index("Server Shut Down.")
+    # The socket is closed: the port can be bound again.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", port))
+
+
+def test_logLevelDebugAndJson(started) -> None:  # type: ignore[no-untyped-def]
+    """
+    At debug level one line per datagram, with structured fields in JSON
+    logs (twistd --logger udpdst.logs.jsonLogObserver).
+    """
+    process = started(
+        "--listen",
+        "0.0.0.0:0",
+        "--log-level",
+        "debug",
+        twistdArgs=["-n", "--pidfile=", "--logger", "udpdst.logs.jsonLogObserver"],
+    )
+    ((_, port),) = process.listening()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(DEADLINE / 3)
+        s.bind(("127.0.0.5", 0))
+        s.connect(("127.0.0.2", port))
+        s.send(b"x" * 42)
+        assert s.recv(100) == b"x" * 42
+        peer = f"127.0.0.5:{s.getsockname()[1]}"
+    process.stop()
+    events = [json.loads(line) for line in process.out]
+    (datagram,) = [e for e in events if e.get("log_namespace") == "udpdst.echo"]
+    assert datagram["peer"] == peer
+    assert datagram["destination"] == f"127.0.0.2:{port}"
+    assert datagram["size"] == 42
+    assert datagram["log_format"] == "{peer} -> {destination}, {size} bytes"
+    (final,) = [e for e in events if e.get("final") is True]
+    assert (final["received"], final["replied"], final["refused"]) == (1, 1, 0)
+    assert final["refusedBy"]["rate"] == 0
+    assert "kernelDrops" in final
+
+
+def test_logLevelInfoNoLinePerDatagram(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """
+    At info level (the default) neither answers nor refusals are logged per
+    datagram; refusals show in the stats line by reason.
+    """
+    config = tmp_path / "udpdst.toml"
+    config.write_text('[limits]\ndeny = ["127.0.0.9/32"]\n')
+    process = started("--config", str(config), "--listen", "127.0.0.1:0")
+    ((_, port),) = process.listening()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.9", 0))
+        s.connect(("127.0.0.1", port))
+        for _ in range(20):
+            s.send(b"refused")
+    # Answered after the refused ones were handled (one socket, in order).
+    assert echo("127.0.0.1", port, b"marker") == b"marker"
+    process.stop()
+    (final,) = process.waitFor(FINAL_STATS)
+    assert final.group(2, 3, 4, 5) == ("21", "1", "20", "denied=20")
+    assert not [line for line in process.out if "->" in line]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="binding port 7 needs root")
+def test_privilegedPortThenDropPrivileges(started) -> None:  # type: ignore[no-untyped-def]
+    """
+    Port 7 is bound before twistd drops to --uid/--gid: the process runs as
+    nobody and still echoes.
+    """
+    nobody = pwd.getpwnam("nobody")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind(("127.0.0.7", 7))
+    except OSError as e:
+        pytest.skip(f"127.0.0.7:7 is taken ({e.strerror})")
+    process = started(
+        "--listen",
+        "127.0.0.7:7",
+        twistdArgs=["-n", "--pidfile=", "--uid", str(nobody.pw_uid), "--gid", str(nobody.pw_gid)],
+    )
+    assert process.listening() == [("127.0.0.7", 7)]
+    status = Path(f"/proc/{process.proc.pid}/status").read_text()
+    uids = re.search(r"^Uid:\s+(.*)$", status, re.M)
+    assert uids is not None and set(uids.group(1).split()) == {str(nobody.pw_uid)}
+    assert echo("127.0.0.7", 7, b"seven") == b"seven"
+    process.stop()
+    process.waitFor(FINAL_STATS)
+
+
+# Mistakes: one line, a non-zero exit, never a traceback.
+
+BAD_CONFIGS = [
+    ("[limits]\nper_source_rat = 5\n", "unknown key 'per_source_rat'"),
+    ("[[listen]]\nport = '7'\n", "must be an integer port number"),
+    ("[[listen]]\naddress = 'eth0'\n", "bad address 'eth0'"),
+    ("[[listen]]\nport = 65536\n", "port = 65536 is out of range; use a port number 0..65535"),
+    ("[echo]\nprefix = 'x'\n\n[limits\n", "invalid TOML: "),
+]
+
+
+@pytest.mark.parametrize("text, cause", BAD_CONFIGS)
+def test_badConfigFile(started, tmp_path: Path, text: str, cause: str) -> None:  # type: ignore[no-untyped-def]
+    config = tmp_path / "bad.toml"
+    config.write_text(text)
+    line = oneLineError(started("--config", str(config)))
+    assert cause in line
+    assert str(config) in line
+
+
+def test_invalidTomlNamesItsLine(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    config = tmp_path / "bad.toml"
+    config.write_text("[echo]\nprefix = 'x'\n\n[limits\n")
+    assert "(at line 4, column 8)" in oneLineError(started("--config", str(config)))
+
+
+def test_missingConfigFile(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    line = oneLineError(started("--config", str(tmp_path / "nope.toml")))
+    assert line == (
+        f"twistd udpdst: cannot read config file {tmp_path / 'nope.toml'}: "
+        "No such file or directory; check the --config path"
+    )
+
+
+@pytest.mark.parametrize(
+    "args, cause",
+    [
+        (["--listen", "127.0.0.1"], "use ADDRESS:PORT"),
+        (["--listen", "127.0.0.1:70000"], "out of range"),
+        (["--listen", "host.example:7"], "bad address 'host.example'"),
+        (["--log-level", "loud"], "unknown log level"),
+        (["--bogus"], "option --bogus not recognized (see twistd udpdst --help)"),
+        (["--listen", "systemd"], "none was passed"),
+    ],
+)
+def test_badCommandLine(started, args: list[str], cause: str) -> None:  # type: ignore[no-untyped-def]
+    assert cause in oneLineError(started(*args))
+
+
+def test_portInUse(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        port = holder.getsockname()[1]
+        # With twistd's default pid file, which must not be left behind.
+        process = started("--listen", f"127.0.0.1:{port}", twistdArgs=["-n"])
+        line = oneCriticalLine(process)
+    assert line.startswith(f"cannot listen on 127.0.0.1:{port}: address already in use;")
+    assert not (tmp_path / "twistd.pid").exists()
+
+
+def test_permissionDenied(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """
+    An unprivileged user binding port 7: one line naming the fix.
+    """
+    unprivileged = Path("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+    if unprivileged.exists() and int(unprivileged.read_text()) <= 7:
+        pytest.skip("this host lets anyone bind port 7 (ip_unprivileged_port_start)")
+    command = [TWISTD, "-n", "--pidfile=", "udpdst", "--listen", "127.0.0.1:7"]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root and no setpriv to run as nobody")
+        nobody = pwd.getpwnam("nobody")
+        command = [
+            setpriv,
+            f"--reuid={nobody.pw_uid}",
+            f"--regid={nobody.pw_gid}",
+            "--clear-groups",
+            "--inh-caps=-all",
+            *command,
+        ]
+    os.chmod(tmp_path, 0o777)
+    line = oneCriticalLine(started(command=command))
+    assert line.startswith("cannot listen on 127.0.0.1:7: permission denied; ports below 1024")
+
+
+# Operations
+
+
+def test_reusePortTwoProcesses(started) -> None:  # type: ignore[no-untyped-def]
+    """
+    Two processes share one port with --reuse-port; the kernel spreads
+    clients over both. Without it the second one fails: port in use.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
+        # Hold the port (with SO_REUSEPORT, as the processes will) until both
+        # have bound it, so that no one else takes it meanwhile.
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", 0))
+        port = holder.getsockname()[1]
+        listen = f"127.0.0.1:{port}"
+        a = started("--listen", listen, "--reuse-port", "--prefix", "A:")
+        b = started("--listen", listen, "--reuse-port", "--prefix", "B:")
+        a.listening()
+        b.listening()
+        assert "(reuse_port)" in a.output()
+        lone = started("--listen", listen, "--prefix", "C:")
+        assert "address already in use" in oneCriticalLine(lone)
+    seen = set()
+    for _ in range(64):
+        seen.add(echo("127.0.0.1", port, b"x")[:2])
+        if seen == {b"A:", b"B:"}:
+            break
+    assert seen == {b"A:", b"B:"}
+    a.stop()
+    b.stop()
+
+
+def test_systemdSocketActivation(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """
+    A dual-stack UDP socket inherited on fd 3 with LISTEN_FDS/LISTEN_PID, as
+    systemd passes it, is adopted with the destination options enabled:
+    clients of secondary addresses get their echo.
+    """
+    family = socket.AF_INET6 if HAVE_IPV6 else socket.AF_INET
+    inherited = socket.socket(family, socket.SOCK_DGRAM)
+    if family == socket.AF_INET6:
+        inherited.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        inherited.bind(("::", 0))
+    else:
+        inherited.bind(("0.0.0.0", 0))
+    port = inherited.getsockname()[1]
+    fd = inherited.fileno()
+    # As systemd does: the socket on fd 3, LISTEN_PID the pid that twistd
+    # will have (exec keeps it), then exec.
+    wrapper = (
+        "import os, sys\n"
+        f"os.dup2({fd}, 3)\n"
+        f"os.close({fd})\n"
+        "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', "
+        "LISTEN_FDNAMES='echo')\n"
+        "os.execv(sys.argv[1], sys.argv[1:])\n"
+    )
+    command = [sys.executable, "-c", wrapper, TWISTD, "-n", "--pidfile=", "udpdst"]
+    try:
+        process = started(command=[*command, "--listen", "systemd:echo"], passFds=[fd])
+    finally:
+        inherited.close()
+    (found,) = process.listening()
+    assert found[1] == port
+    assert "systemd socket 3 (echo)" in process.output()
+    assert echo("127.0.0.2", port, b"activated") == b"activated"
+    assert echo("127.0.0.3", port, b"again") == b"again"
+    process.stop()
+    process.waitFor(FINAL_STATS)
+
+
+@requiresIPv6
+def test_systemdSocketActivateTool(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """
+    With systemd-socket-activate, which execs twistd on the first datagram:
+    that datagram, queued before udpdst enabled its options, is answered too.
+    """
+    tool = shutil.which("systemd-socket-activate")
+    if tool is None:
+        pytest.skip("systemd-socket-activate is not installed")
+    port = freePort("::")
+    process = started(
+        command=[
+            tool,
+            "--datagram",
+            f"--listen=[::]:{port}",
+            "--fdname=echo",
+            TWISTD,
+            "-n",
+            "--pidfile=",
+            "udpdst",
+            "--listen",
+            "systemd",
+        ]
+    )
+    process.waitFor(r"Listening on", stderr=True)
+    # The first datagram makes the tool exec twistd; its reply comes from
+    # the kernel's choice of source, so use the primary address.
+    assert echo("::1", port, b"first") == b"first"
+    process.listening()
+    assert echo("127.0.0.2", port, b"second") == b"second"
+    process.stop()

@@ -94,8 +94,12 @@ class Twistd:
         self.err: list[str] = []
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._readers = [
-            threading.Thread(target=self._read, args=(self.proc.stdout, self.out, True)),
-            threading.Thread(target=self._read, args=(self.proc.stderr, self.err, False)),
+            threading.Thread(
+                target=self._read, args=(self.proc.stdout, self.out, True)
+            ),
+            threading.Thread(
+                target=self._read, args=(self.proc.stderr, self.err, False)
+            ),
         ]
         for reader in self._readers:
             reader.daemon = True
@@ -139,7 +143,9 @@ class Twistd:
                 continue
             if line is None:
                 self._lines.put(None)
-                matches = [m for m in map(pattern.search, map(readable, list(lines))) if m]
+                matches = [
+                    m for m in map(pattern.search, map(readable, list(lines))) if m
+                ]
                 if len(matches) >= count:
                     return matches[:count]
                 raise AssertionError(
@@ -164,7 +170,9 @@ class Twistd:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"twistd did not end; output:\n{self.output()}") from None
+            raise AssertionError(
+                f"twistd did not end; output:\n{self.output()}"
+            ) from None
         for reader in self._readers:
             reader.join(DEADLINE)
         return code
@@ -200,7 +208,12 @@ def echo(
     with socket.socket(family, socket.SOCK_DGRAM) as s:
         s.settimeout(DEADLINE / 3)
         if source is not None or sourcePort:
-            s.bind((source or ("::" if family == socket.AF_INET6 else "0.0.0.0"), sourcePort))
+            s.bind(
+                (
+                    source or ("::" if family == socket.AF_INET6 else "0.0.0.0"),
+                    sourcePort,
+                )
+            )
         s.connect((target, port))
         s.send(data)
         return s.recv(70000)

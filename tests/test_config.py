@@ -11,7 +11,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
 from twisted.python import usage
 
 from udpdst.config import (
@@ -19,8 +18,8 @@ from udpdst.config import (
     Config,
     ConfigError,
     EchoConfig,
-    ListenConfig,
     LimitsConfig,
+    ListenConfig,
     LogConfig,
     loadConfig,
     parseListen,
@@ -154,7 +153,11 @@ stats_interval = 0.5
 # cause and the fix.
 
 BAD_FILES = [
-    ("[limits]\nper_source_rat = 5\n", "unknown key 'per_source_rat'", "per_source_rate"),
+    (
+        "[limits]\nper_source_rat = 5\n",
+        "unknown key 'per_source_rat'",
+        "per_source_rate",
+    ),
     ("[[listen]]\nadress = '::'\n", "unknown key 'adress'", "address"),
     ("[echoes]\nprefix = 'x'\n", "unknown table or key 'echoes'", "[echo]"),
     ("port = 7\n", "unknown table or key 'port'", "[[listen]]"),
@@ -326,7 +329,9 @@ stats_interval = 10
 
 
 def test_optionsKeepTheFileWithoutOverrides(tmp_path: Path) -> None:
-    path = write(tmp_path, '[[listen]]\naddress = "0.0.0.0"\nport = 7\n[echo]\nprefix = "p"\n')
+    path = write(
+        tmp_path, '[[listen]]\naddress = "0.0.0.0"\nport = 7\n[echo]\nprefix = "p"\n'
+    )
     config = parse(["--config", path])["udpdst"]
     assert config.listen == (ListenConfig("0.0.0.0", 7),)
     assert config.echo.prefix == "p"

@@ -14,7 +14,6 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
-
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.error import MessageLengthError
 from twisted.internet.protocol import DatagramProtocol
@@ -480,7 +479,9 @@ def test_debugLogsEachDatagram(epollReactor: Any, events: list[dict[str, Any]]) 
     async def scenario() -> None:
         refused = client(epollReactor, "127.0.0.5", "127.0.0.2", port)
         marker = client(epollReactor, "127.0.0.6", "127.0.0.2", port)
-        ports.extend([refused.transport.getHost().port, marker.transport.getHost().port])  # type: ignore[union-attr]
+        ports.extend(
+            [refused.transport.getHost().port, marker.transport.getHost().port]
+        )  # type: ignore[union-attr]
         send(marker, b"x" * 42)
         await marker.waitFor(1)
         await refusedThenMarker(refused, marker)
@@ -499,7 +500,9 @@ def test_debugLogsEachDatagram(epollReactor: Any, events: list[dict[str, Any]]) 
     assert events[1]["reason"] == "denied"
 
 
-def test_infoLogsNothingPerDatagram(epollReactor: Any, events: list[dict[str, Any]]) -> None:
+def test_infoLogsNothingPerDatagram(
+    epollReactor: Any, events: list[dict[str, Any]]
+) -> None:
     """
     Above debug level neither answers nor refusals are logged per datagram:
     a flood must not flood the log.

@@ -153,7 +153,9 @@ def test_rateMemoryFootprint() -> None:
     try:
         before = tracemalloc.get_traced_memory()[0]
         for i in range(40_000):
-            limiter.allow(f"2001:db8:1234:5678:9abc:def0:{i >> 16:x}:{i & 0xffff:x}", 1.0)
+            limiter.allow(
+                f"2001:db8:1234:5678:9abc:def0:{i >> 16:x}:{i & 0xFFFF:x}", 1.0
+            )
         used = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()

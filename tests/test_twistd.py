@@ -331,7 +331,14 @@ def test_privilegedPortThenDropPrivileges(started) -> None:  # type: ignore[no-u
     process = started(
         "--listen",
         "127.0.0.7:7",
-        twistdArgs=["-n", "--pidfile=", "--uid", str(nobody.pw_uid), "--gid", str(nobody.pw_gid)],
+        twistdArgs=[
+            "-n",
+            "--pidfile=",
+            "--uid",
+            str(nobody.pw_uid),
+            "--gid",
+            str(nobody.pw_gid),
+        ],
     )
     assert process.listening() == [("127.0.0.7", 7)]
     status = Path(f"/proc/{process.proc.pid}/status").read_text()
@@ -348,7 +355,10 @@ BAD_CONFIGS = [
     ("[limits]\nper_source_rat = 5\n", "unknown key 'per_source_rat'"),
     ("[[listen]]\nport = '7'\n", "must be an integer port number"),
     ("[[listen]]\naddress = 'eth0'\n", "bad address 'eth0'"),
-    ("[[listen]]\nport = 65536\n", "port = 65536 is out of range; use a port number 0..65535"),
+    (
+        "[[listen]]\nport = 65536\n",
+        "port = 65536 is out of range; use a port number 0..65535",
+    ),
     ("[echo]\nprefix = 'x'\n\n[limits\n", "invalid TOML: "),
 ]
 
@@ -398,7 +408,9 @@ def test_portInUse(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-
         # With twistd's default pid file, which must not be left behind.
         process = started("--listen", f"127.0.0.1:{port}", twistdArgs=["-n"])
         line = oneCriticalLine(process)
-    assert line.startswith(f"cannot listen on 127.0.0.1:{port}: address already in use;")
+    assert line.startswith(
+        f"cannot listen on 127.0.0.1:{port}: address already in use;"
+    )
     assert not (tmp_path / "twistd.pid").exists()
 
 
@@ -425,7 +437,9 @@ def test_permissionDenied(started, tmp_path: Path) -> None:  # type: ignore[no-u
         ]
     os.chmod(tmp_path, 0o777)
     line = oneCriticalLine(started(command=command))
-    assert line.startswith("cannot listen on 127.0.0.1:7: permission denied; ports below 1024")
+    assert line.startswith(
+        "cannot listen on 127.0.0.1:7: permission denied; ports below 1024"
+    )
 
 
 # Operations

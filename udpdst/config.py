@@ -83,7 +83,9 @@ def _number(low: float) -> _Check:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where} must be a number, not {_describe(value)}")
         if not math.isfinite(value) or value < low:
-            raise ConfigError(f"{where} = {value} is out of range; use a number >= {low:g}")
+            raise ConfigError(
+                f"{where} = {value} is out of range; use a number >= {low:g}"
+            )
         return float(value)
 
     return check
@@ -91,7 +93,9 @@ def _number(low: float) -> _Check:
 
 def _port(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{where} must be an integer port number, not {_describe(value)}")
+        raise ConfigError(
+            f"{where} must be an integer port number, not {_describe(value)}"
+        )
     if not 0 <= value <= 65535:
         raise ConfigError(
             f"{where} = {value} is out of range; use a port number 0..65535 "
@@ -208,7 +212,7 @@ class ListenConfig:
         False, _boolean, "use sockets passed by systemd instead of binding"
     )
     fd_name: str = _key(
-        "", _text, 'with systemd: only the sockets with this FileDescriptorName='
+        "", _text, "with systemd: only the sockets with this FileDescriptorName="
     )
 
     def describe(self) -> str:
@@ -428,7 +432,7 @@ def parseListen(text: str, where: str = "--listen") -> ListenConfig:
     if text == "systemd":
         return ListenConfig(systemd=True)
     if text.startswith("systemd:"):
-        return ListenConfig(systemd=True, fd_name=text[len("systemd:"):])
+        return ListenConfig(systemd=True, fd_name=text[len("systemd:") :])
     shape = (
         f"{where} {text!r}: use ADDRESS:PORT, with IPv6 in brackets "
         "([::]:12345, 0.0.0.0:12345), or systemd[:NAME]"
@@ -446,7 +450,8 @@ def parseListen(text: str, where: str = "--listen") -> ListenConfig:
     except ValueError:
         raise ConfigError(shape) from None
     return ListenConfig(
-        address=_address(host, f"{where} {text}"), port=_port(port, f"{where} {text}: port")
+        address=_address(host, f"{where} {text}"),
+        port=_port(port, f"{where} {text}: port"),
     )
 
 
@@ -473,11 +478,14 @@ def withOverrides(
         config = replace(
             config,
             listen=tuple(
-                lc if lc.systemd else replace(lc, reuse_port=True) for lc in config.listen
+                lc if lc.systemd else replace(lc, reuse_port=True)
+                for lc in config.listen
             ),
         )
     if prefix is not None:
-        config = replace(config, echo=replace(config.echo, prefix=_prefix(prefix, "--prefix")))
+        config = replace(
+            config, echo=replace(config.echo, prefix=_prefix(prefix, "--prefix"))
+        )
     logConfig = config.log
     if level is not None:
         logConfig = replace(logConfig, level=_level(level, "--log-level"))

@@ -102,7 +102,9 @@ class EchoProtocol(DestinationDatagramProtocol):
         self._denySamePort = denySamePort
         self._access = access if access is not None and not access.everyone else None
         self._limiter = (
-            rateLimiter if rateLimiter is not None and not rateLimiter.unlimited else None
+            rateLimiter
+            if rateLimiter is not None and not rateLimiter.unlimited
+            else None
         )
         self._clock = clock
         self._ownPort = 0
@@ -148,7 +150,9 @@ class EchoProtocol(DestinationDatagramProtocol):
         host, port = addr
         if port in self._denyPorts:
             return self._refuse("source-port", datagram, addr, dst)
-        if self._denySamePort and port == (dst.port if dst is not None else self._ownPort):
+        if self._denySamePort and port == (
+            dst.port if dst is not None else self._ownPort
+        ):
             return self._refuse("same-port", datagram, addr, dst)
         if self._access is not None:
             reason = self._access.refusal(host)
@@ -172,7 +176,7 @@ class EchoProtocol(DestinationDatagramProtocol):
                 size=len(datagram),
             )
         try:
-            self.transport.write(reply, addr, dst)  # type: ignore[union-attr, call-arg]
+            self.transport.write(reply, addr, dst)  # type: ignore[union-attr, call-arg, misc]
         except (OSError, MessageLengthError) as e:
             counters.sendErrors += 1
             if logs.isEnabled(LogLevel.debug):

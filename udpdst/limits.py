@@ -58,7 +58,9 @@ class AccessList:
 
     cacheSize = 8192
 
-    def __init__(self, allow: Iterable[_Network], deny: Iterable[_Network] = ()) -> None:
+    def __init__(
+        self, allow: Iterable[_Network], deny: Iterable[_Network] = ()
+    ) -> None:
         self._allow = tuple(allow)
         self._deny = tuple(deny)
         self._cache: dict[str, str | None] = {}

@@ -12,8 +12,6 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from zope.interface import implementer
-
 from twisted.logger import (
     FilteringLogObserver,
     ILogFilterPredicate,
@@ -23,6 +21,7 @@ from twisted.logger import (
     PredicateResult,
     jsonFileLogObserver,
 )
+from zope.interface import implementer
 
 
 @implementer(ILogFilterPredicate)

@@ -166,7 +166,11 @@ class ListenerService(Service):
                 )
             except CannotListenError as e:
                 raise ListenError(_bindFailure(listener.describe(), e)) from None
-            how = "dual-stack" if listener.address == "::" and not listener.v6_only else ""
+            how = (
+                "dual-stack"
+                if listener.address == "::" and not listener.v6_only
+                else ""
+            )
             how = ", ".join(
                 x for x in (how, "reuse_port" if listener.reuse_port else "") if x
             )

@@ -44,7 +44,12 @@ class Options(usage.Options):
         ["config", None, None, "TOML config file (see etc/udpdst.toml)."],
         ["prefix", None, None, 'Text put before every reply ("" = none).'],
         ["log-level", None, None, "debug, info, warn, error or critical."],
-        ["stats-interval", None, None, "Seconds between stats lines; 0 = only at stop."],
+        [
+            "stats-interval",
+            None,
+            None,
+            "Seconds between stats lines; 0 = only at stop.",
+        ],
     ]
 
     def __init__(self, environ: MutableMapping[str, str] | None = None) -> None:

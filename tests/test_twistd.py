@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -544,3 +545,65 @@ def test_systemdSocketActivateTool(started, tmp_path: Path) -> None:  # type: ig
     process.listening()
     assert echo("127.0.0.2", port, b"second") == b"second"
     process.stop()
+
+
+def test_daemonModePortInUse(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """
+    Daemonized (no -n), a failed bind ends the launching process with status
+    1 and the cause, instead of leaving it waiting for a status forever.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        port = holder.getsockname()[1]
+        process = started(
+            "--listen",
+            f"127.0.0.1:{port}",
+            twistdArgs=[
+                "--pidfile",
+                str(tmp_path / "d.pid"),
+                "-l",
+                str(tmp_path / "d.log"),
+            ],
+        )
+        assert process.finish() == 1
+    assert "Traceback" not in process.output()
+    assert process.err[0] == (
+        f"An error has occurred: b'cannot listen on 127.0.0.1:{port}: address "
+        "already in use'\n"
+    )
+    log = (tmp_path / "d.log").read_text()
+    assert "Traceback" not in log
+    assert (
+        f"[udpdst.service.EchoService#critical] cannot listen on 127.0.0.1:{port}"
+        in log
+    )
+    assert not (tmp_path / "d.pid").exists()
+
+
+def test_daemonMode(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """
+    Daemonized: the launching process exits 0 once the port is bound; the
+    daemon echoes and stops on SIGTERM with a final stats line.
+    """
+    pidfile, logfile = tmp_path / "d.pid", tmp_path / "d.log"
+    process = started(
+        "--listen",
+        "127.0.0.1:0",
+        twistdArgs=["--pidfile", str(pidfile), "-l", str(logfile)],
+    )
+    assert process.finish() == 0, process.output()
+    daemon = int(pidfile.read_text())
+    try:
+        match = re.search(
+            r"udpdst echo listening on 127\.0\.0\.1:(\d+)", logfile.read_text()
+        )
+        assert match is not None
+        assert echo("127.0.0.1", int(match.group(1)), b"daemon") == b"daemon"
+    finally:
+        os.kill(daemon, signal.SIGTERM)
+    deadline = time.monotonic() + DEADLINE
+    while Path(f"/proc/{daemon}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{daemon}").exists()
+    assert FINAL_STATS.search(logfile.read_text())
+    assert not pidfile.exists()

@@ -263,6 +263,7 @@ class EchoService(MultiService):
             for child in self.listeners:
                 if child.port is not None:
                     child.port.stopListening()
+            self._tellDaemonParent(str(e))
             self._removePidFile()
             raise SystemExit(1) from None
 
@@ -314,6 +315,23 @@ class EchoService(MultiService):
                 final=final,
                 **child.counters(),
             )
+
+    def _tellDaemonParent(self, message: str) -> None:
+        """
+        In daemon mode, twistd's first process waits for a status on a pipe
+        and would wait forever for a child that ends by L{SystemExit}: send
+        it the cause (it prints it, at most 100 bytes, and exits 1).
+        """
+        options = self._twistdOptions
+        pipe = options.get("statusPipe") if options is not None else None
+        if pipe is None:
+            return
+        cause = message.split(";", 1)[0].encode("ascii", "backslashreplace")
+        try:
+            os.write(pipe, b"1 " + cause[:98])
+            os.close(pipe)
+        except OSError:
+            pass
 
     def _removePidFile(self) -> None:
         """

@@ -607,3 +607,17 @@ def test_daemonMode(started, tmp_path: Path) -> None:  # type: ignore[no-untyped
     assert not Path(f"/proc/{daemon}").exists()
     assert FINAL_STATS.search(logfile.read_text())
     assert not pidfile.exists()
+
+
+def test_logLevelFiltersEveryMessage(started) -> None:  # type: ignore[no-untyped-def]
+    """
+    The log level applies to the whole process, twistd's own info lines
+    included: at warn level a failed bind is the only line.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        port = holder.getsockname()[1]
+        process = started("--listen", f"127.0.0.1:{port}", "--log-level", "warn")
+        line = oneCriticalLine(process)
+    assert "address already in use" in line
+    assert len(process.out) == 1

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.error import MessageLengthError
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger
 
 from udpdst import logs
 from udpdst.address import Destination, PeerAddress
@@ -168,7 +168,7 @@ class EchoProtocol(DestinationDatagramProtocol):
                 return self._refuse("too-large", datagram, addr, dst)
         else:
             reply = datagram
-        if logs.isEnabled(LogLevel.debug):
+        if logs.minimumLevel.debug:
             self._log.debug(
                 "{peer} -> {destination}, {size} bytes",
                 peer=_hostPort(host, port),
@@ -179,7 +179,7 @@ class EchoProtocol(DestinationDatagramProtocol):
             self.transport.write(reply, addr, dst)  # type: ignore[union-attr, call-arg, misc]
         except (OSError, MessageLengthError) as e:
             counters.sendErrors += 1
-            if logs.isEnabled(LogLevel.debug):
+            if logs.minimumLevel.debug:
                 self._log.debug(
                     "{peer}: reply not sent: {error}",
                     peer=_hostPort(host, port),
@@ -192,7 +192,7 @@ class EchoProtocol(DestinationDatagramProtocol):
         self, reason: str, datagram: bytes, addr: PeerAddress, dst: Destination | None
     ) -> None:
         self.counters.refused[reason] += 1
-        if logs.isEnabled(LogLevel.debug):
+        if logs.minimumLevel.debug:
             self._log.debug(
                 "{peer} -> {destination}, {size} bytes: refused ({reason})",
                 peer=_hostPort(addr[0], addr[1]),

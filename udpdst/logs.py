@@ -29,11 +29,24 @@ class MinimumLevel:
     """
     Drops events below a level; events without a level pass.
 
-    @ivar level: The lowest L{LogLevel} that passes.
+    @ivar debug: Whether debug events pass: a plain attribute, for the
+        per-datagram paths to test before building an event.
     """
 
     def __init__(self, level: Any = LogLevel.info) -> None:
         self.level = level
+
+    @property
+    def level(self) -> Any:
+        """
+        The lowest L{LogLevel} that passes.
+        """
+        return self._level
+
+    @level.setter
+    def level(self, level: Any) -> None:
+        self._level = level
+        self.debug = bool(level <= LogLevel.debug)
 
     def __call__(self, event: dict[str, Any]) -> Any:
         level = event.get("log_level")

@@ -143,6 +143,7 @@ def main(argv: list[str]) -> int:
         metavar="GROUP%IFNAME",
         help="join an IPv6 multicast group on an interface",
     )
+    parser.add_argument("--v6only", action="store_true", help="listenUDP(v6Only=True)")
     parser.add_argument("--lifetime", type=float, default=30.0)
     options = parser.parse_args(argv)
 
@@ -156,7 +157,13 @@ def main(argv: list[str]) -> int:
     else:
         from udpdst import listenUDP
 
-        port = listenUDP(options.port, protocol, interface=options.interface, reactor=reactor)
+        port = listenUDP(
+            options.port,
+            protocol,
+            interface=options.interface,
+            reactor=reactor,
+            v6Only=options.v6only,
+        )
     holder["port"] = port
     for spec in options.join:
         _join(port, spec)

@@ -155,12 +155,22 @@ class Pair:
         server veth0: 10.1.2.2/24 (primary), 10.1.2.3/24 (secondary),
                       fd00:1:2::2/64, fd00:1:2::3/64, fe80::2/64
                  lo:  192.0.2.10/32, fd00:99::10/128 (VIPs, as in DSR)
+             decoy0:  fe80::99/64, preferred route fe80::/64 (a veth to
+                      decoy1, both in the server namespace)
         client veth1: 10.1.2.5/24, fd00:1:2::5/64, fe80::5/64,
                       routes to the VIPs via the server
+
+    The decoy link makes link-local routing ambiguous, as on any host with
+    two interfaces: a reply to C{fe80::5} without its scope leaves through
+    decoy0 and never reaches the client.
 
     IPv6 addresses are added C{nodad} and automatic link-local addresses are
     off, so no address is ever tentative.
     """
+
+    DECOY_IF = "decoy0"
+    DECOY_PEER_IF = "decoy1"
+    DECOY_LL = "fe80::99"
 
     SERVER_IF = "veth0"
     CLIENT_IF = "veth1"
@@ -182,6 +192,8 @@ class Pair:
         self.server: Namespace | None = None
         self.client: Namespace | None = None
         self._processes: list[ServerProcess] = []
+        self.serverIfindex = 0
+        self.clientIfindex = 0
 
     @classmethod
     def create(cls) -> Pair:
@@ -212,11 +224,21 @@ class Pair:
             for address in [*v6, ll]:
                 ns.ip("addr", "add", f"{address}/64", "dev", ifname, "nodad")
             ns.ip("link", "set", ifname, "up")
+        server.ip(
+            "link", "add", self.DECOY_IF, "type", "veth", "peer", "name", self.DECOY_PEER_IF
+        )
+        for ifname in (self.DECOY_IF, self.DECOY_PEER_IF):
+            server.ip("link", "set", ifname, "addrgenmode", "none")
+            server.ip("link", "set", ifname, "up")
+        server.ip("addr", "add", f"{self.DECOY_LL}/64", "dev", self.DECOY_IF, "nodad")
+        server.ip("-6", "route", "add", "fe80::/64", "dev", self.DECOY_IF, "metric", "1")
         server.ip("addr", "add", f"{self.VIP_V4}/32", "dev", "lo")
         server.ip("addr", "add", f"{self.VIP_V6}/128", "dev", "lo", "nodad")
         client.ip("route", "add", f"{self.VIP_V4}/32", "via", self.SERVER_V4)
         client.ip("-6", "route", "add", f"{self.VIP_V6}/128", "via", self.SERVER_V6)
         self._waitUntilReady()
+        self.serverIfindex = self.ifindex(server, self.SERVER_IF)
+        self.clientIfindex = self.ifindex(client, self.CLIENT_IF)
 
     def _waitUntilReady(self, timeout: float = 5.0) -> None:
         """
@@ -371,6 +393,25 @@ class ServerProcess:
             head, _, rest = line.partition(" ")
             if head == kind:
                 return rest
+
+    def waitForCount(self, kind: str, count: int, timeout: float) -> list[str]:
+        """
+        Wait (bounded) until C{count} lines of C{kind} have been seen in all;
+        return them.  A reply the client gave up on may be written a little
+        later on a loaded machine.
+        """
+        deadline = time.monotonic() + timeout
+        found = self.events(kind)
+        while len(found) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NetnsError(
+                    f"server: {len(found)} {kind} lines, not {count}, within "
+                    f"{timeout}s; saw {self.seen}"
+                )
+            self.waitFor(kind, remaining)
+            found = self.events(kind)
+        return found
 
     def waitReady(self, timeout: float) -> None:
         self.port = int(self.waitFor("READY", timeout))

@@ -382,3 +382,19 @@ def test_underTwistdAnErrorIsOneLineAndAnExit() -> None:
     assert info.value.code == (
         "twistd udpdst: option --bogus not recognized (see twistd udpdst --help)"
     )
+
+
+def test_makeServiceOneChildPerListener() -> None:
+    """
+    makeService builds a listening service per listener, also for listeners
+    that look alike (they are not told apart by name).
+    """
+    from udpdst.tap import makeService
+
+    options = parse(["--listen", "127.0.0.1:0", "--listen", "127.0.0.1:0"])
+    service = makeService(options)
+    assert [child.listener for child in service.listeners] == [
+        ListenConfig("127.0.0.1", 0),
+        ListenConfig("127.0.0.1", 0),
+    ]
+    assert list(service) == service.listeners

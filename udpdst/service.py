@@ -92,7 +92,6 @@ class ListenerService(Service):
         self._lastPort: DestinationPort | None = None
         self._address = ""
         self._reactor = reactor
-        self.name = listener.describe() if inherited is None else f"fd{inherited.fd}"
 
     def privilegedStartService(self) -> None:
         if self.port is None:

@@ -1,28 +1,53 @@
 """
 udpdst: destination-aware UDP ports for Twisted, whose replies leave from the
 address the client sent to.
+
+The names below load their modules on first use, so that importing a
+submodule (as C{twistd udpdst --help} imports L{udpdst.tap}) does not pull in
+the port.
 """
 
-from udpdst.address import Destination, PeerAddress
-from udpdst.interfaces import IDestinationDatagramProtocol, IDestinationTransport
-from udpdst.port import (
-    DestinationPort,
-    PortCounters,
-    adoptDatagramPort,
-    listenUDP,
-    patchReactor,
-)
-from udpdst.protocol import DestinationDatagramProtocol
+from __future__ import annotations
 
-__all__ = [
-    "Destination",
-    "DestinationDatagramProtocol",
-    "DestinationPort",
-    "IDestinationDatagramProtocol",
-    "IDestinationTransport",
-    "PeerAddress",
-    "PortCounters",
-    "adoptDatagramPort",
-    "listenUDP",
-    "patchReactor",
-]
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from udpdst.address import Destination, PeerAddress
+    from udpdst.interfaces import IDestinationDatagramProtocol, IDestinationTransport
+    from udpdst.port import (
+        DestinationPort,
+        PortCounters,
+        adoptDatagramPort,
+        listenUDP,
+        patchReactor,
+    )
+    from udpdst.protocol import DestinationDatagramProtocol
+
+_HOMES = {
+    "Destination": "udpdst.address",
+    "PeerAddress": "udpdst.address",
+    "IDestinationDatagramProtocol": "udpdst.interfaces",
+    "IDestinationTransport": "udpdst.interfaces",
+    "DestinationPort": "udpdst.port",
+    "PortCounters": "udpdst.port",
+    "adoptDatagramPort": "udpdst.port",
+    "listenUDP": "udpdst.port",
+    "patchReactor": "udpdst.port",
+    "DestinationDatagramProtocol": "udpdst.protocol",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'udpdst' has no attribute {name!r}")
+    value = getattr(import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))

@@ -292,9 +292,10 @@ class EchoService(MultiService):
     def _logRunning(self) -> None:
         interval = self.config.log.stats_interval
         self._log.info(
-            "udpdst echo service running: {count} listeners, log level {logLevel}, "
-            "{stats}",
+            "udpdst echo service running: {count} {listeners}, log level "
+            "{logLevel}, {stats}",
             count=len(self.listeners),
+            listeners="listener" if len(self.listeners) == 1 else "listeners",
             logLevel=self.config.log.level,
             stats=f"stats every {interval:g} s" if interval > 0 else "stats at stop",
         )

@@ -176,6 +176,26 @@ def coreTimes() -> dict[int, dict[str, float]]:
     return out
 
 
+def ksoftirqd(core: int | None) -> int | None:
+    """
+    The PID of the kernel thread that runs deferred softirq work on C{core}.
+    On loopback the delivery of each reply normally runs inline, in the
+    sender's system time; if the kernel deferred it to ksoftirqd instead, the
+    server's rusage would miss it, so the JSON records that thread's time.
+    """
+    if core is None:
+        return None
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as f:
+                    if f.read().strip() == f"ksoftirqd/{core}":
+                        return int(entry)
+            except OSError:
+                continue
+    return None
+
+
 def startServers(chosen: list[Variant], cpu: int | None, env: dict) -> None:
     for v in chosen:
         v.process = subprocess.Popen(
@@ -229,11 +249,13 @@ def runClient(v: Variant, args, duration: float, cpu: int | None,
     return json.loads(out.stdout)
 
 
-def measure(v: Variant, args, duration: float, serverCore, clientCore) -> dict:
+def measure(v: Variant, args, duration: float, serverCore, clientCore,
+            softirqPid: int | None = None) -> dict:
     """
     One measured window: server rusage, client run, server rusage.
     """
     cores0 = coreTimes()
+    soft0 = procStatCpu(softirqPid) if softirqPid else None
     stat0 = procStatCpu(v.process.pid)
     u0, s0 = serverCpu(v.process)
     w0 = time.monotonic()
@@ -241,6 +263,7 @@ def measure(v: Variant, args, duration: float, serverCore, clientCore) -> dict:
     w1 = time.monotonic()
     u1, s1 = serverCpu(v.process)
     stat1 = procStatCpu(v.process.pid)
+    soft1 = procStatCpu(softirqPid) if softirqPid else None
     cores1 = coreTimes()
     cpu = (u1 - u0) + (s1 - s0)
     received = client["received"]
@@ -252,8 +275,16 @@ def measure(v: Variant, args, duration: float, serverCore, clientCore) -> dict:
         "server_sys_s": s1 - s0,
         "server_cpu_s": cpu,
         "server_cpu_s_procstat": stat1 - stat0,
+        "ksoftirqd_server_core_s": soft1 - soft0 if soft0 is not None else None,
         "window_s": w1 - w0,
         "steal_s": {c: cores1[c]["steal"] - cores0[c]["steal"] for c in cores1 if c in cores0},
+        # What else ran on the server's core during the window: its busy
+        # time less this server's CPU (10 ms resolution; None when unpinned).
+        "other_on_server_core": (
+            max(0.0, (w1 - w0) - (cores1[serverCore]["idle"] - cores0[serverCore]["idle"])
+                - cpu) / (w1 - w0)
+            if serverCore in cores0 and serverCore in cores1 else None
+        ),
         "server_cpu_util": cpu / client["elapsed"] if client["elapsed"] else None,
         "client_cpu_util": client["cpu_s"] / client["elapsed"] if client["elapsed"] else None,
         "cpu_us_per_dgram": cpu / received * 1e6 if received else None,
@@ -293,6 +324,7 @@ def summarise(records: list[dict], names: list[str]) -> dict[str, dict]:
             "rate_ratio_to_twisted": median(rateRatios),
             "server_cpu_util_median": median([r["server_cpu_util"] for r in rs]),
             "client_cpu_util_median": median([r["client_cpu_util"] for r in rs]),
+            "other_on_server_core_median": median([r["other_on_server_core"] for r in rs]),
             "server_user_share": median(
                 [r["server_user_s"] / r["server_cpu_s"] for r in rs if r["server_cpu_s"]]
             ),
@@ -306,6 +338,10 @@ def summarise(records: list[dict], names: list[str]) -> dict[str, dict]:
     return summary
 
 
+def pct(x):
+    return None if x is None else 100 * x
+
+
 def fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
@@ -313,7 +349,7 @@ def fmt(x, spec):
 def table(summary: dict[str, dict], chosen: list[Variant], failed: list[Variant]) -> str:
     head = (
         f"{'variant':<15} {'target':<10} {'µs/dgram':>9} {'min-max':>13} "
-        f"{'×twisted':>8} {'replies/s':>10} {'×twisted':>8} {'srv%':>5} {'cli%':>5} "
+        f"{'×twisted':>8} {'replies/s':>10} {'×twisted':>8} {'srv%':>5} {'cli%':>5} {'oth%':>5} "
         f"{'sent':>10} {'lost':>6}"
     )
     lines = [head, "-" * len(head)]
@@ -330,6 +366,7 @@ def table(summary: dict[str, dict], chosen: list[Variant], failed: list[Variant]
             f"{fmt(s['rate_ratio_to_twisted'], '8.2f')} "
             f"{fmt(s['server_cpu_util_median'] and 100 * s['server_cpu_util_median'], '5.0f')} "
             f"{fmt(s['client_cpu_util_median'] and 100 * s['client_cpu_util_median'], '5.0f')} "
+            f"{fmt(pct(s['other_on_server_core_median']), '5.0f')} "
             f"{s['sent']:>10} {s['lost']:>6}"
         )
     for v in failed:
@@ -438,6 +475,8 @@ def main(argv=None) -> int:
     env.pop("PYTHONHASHSEED", None)
 
     allVariants = [known[n] for n in names]
+    env0 = environment()
+    softirqPid = ksoftirqd(serverCore)
     started = time.monotonic()
     records: list[dict] = []
     control = None
@@ -463,7 +502,7 @@ def main(argv=None) -> int:
         for rnd in range(args.rounds):
             shift = rnd % len(chosen)
             for v in chosen[shift:] + chosen[:shift]:
-                rec = measure(v, args, args.duration, serverCore, clientCore)
+                rec = measure(v, args, args.duration, serverCore, clientCore, softirqPid)
                 rec["round"] = rnd
                 records.append(rec)
 
@@ -489,7 +528,7 @@ def main(argv=None) -> int:
         "µs/dgram: server CPU (user+sys, own rusage) per echoed datagram, median of "
         "rounds; ×twisted: median of per-round ratios to stock Twisted (lower is "
         "better for µs, higher for replies/s); srv%/cli%: CPU use of server/client "
-        "in the window."
+        "in the window; oth%: CPU taken on the server's core by other processes."
     )
     if control is not None:
         print(
@@ -497,11 +536,20 @@ def main(argv=None) -> int:
             f"127.0.0.1): sent {control['sent']}, received {control['received']} "
             f"-> wrong-source replies are counted as lost"
         )
+    busy = [x["other_on_server_core_median"] for x in summary.values()
+            if x.get("other_on_server_core_median") is not None]
+    if busy and max(busy) > 0.1:
+        print(
+            f"note: other processes took up to {100 * max(busy):.0f}% of the server's "
+            "core (load average at start "
+            f"{env0['loadavg_start'][0]:.1f}): replies/s is unreliable; µs/dgram and "
+            "the ratios still compare."
+        )
     print(f"total {elapsed:.1f} s")
 
     result = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "environment": {**environment(), "loadavg_end": os.getloadavg()},
+        "environment": {**env0, "loadavg_end": os.getloadavg()},
         "server_core": serverCore,
         "client_core": clientCore,
         "variants": {

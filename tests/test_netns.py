@@ -496,3 +496,48 @@ def test_sendFallbackWhenSourceVanishes(
     assert result["reply"]["dst"]["host"] == secondary, result
     assert server.waitFor("SENT", timeout=2.0)
     assertCounters(server, received=1, replied=1, sendFallbacks=1)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "core bug: the retry without control data sends to the 2-tuple "
+        "('fe80::5%veth0', port); CPython ignores the %zone of a 2-tuple "
+        "(sin6_scope_id=0), so the reply follows the main table out of the "
+        "decoy link"
+    ),
+)
+def test_sendFallbackLinkLocal(
+    ownPair: Pair, startServer: Callable[..., ServerProcess]
+) -> None:
+    """
+    As L{test_sendFallbackWhenSourceVanishes}, for a link-local query: the
+    link-local address the query went to is removed before the reply, which
+    must still leave on the client's link, from the server's other
+    link-local address there.  (That second address also keeps the
+    fe80::/64 route of the link alive.)
+    """
+    assert ownPair.server is not None
+    other = "fe80::3"
+    ownPair.server.ip("addr", "add", f"{other}/64", "dev", P.SERVER_IF, "nodad")
+    server = startServer(ownPair, "--interface", "::", "--delay", "0.5")
+    port = server.port
+    assert port is not None
+    client = ownPair.startQuery(
+        q(f"{P.SERVER_LL}%{P.CLIENT_IF}", port, connected=False, timeout=3.0)
+    )
+    try:
+        server.waitFor("RECV", timeout=3.0)
+    except NetnsError:
+        client.kill()
+        client.communicate()
+        raise
+    ownPair.server.ip("addr", "del", f"{P.SERVER_LL}/64", "dev", P.SERVER_IF)
+    (result,) = ownPair.finishQuery(client)
+    assert server.waitFor("SENT", timeout=2.0)
+    counters = server.stop()
+    assert counters is not None and counters["sendFallbacks"] == 1, counters
+    assert result["ok"], f"no reply after the address vanished: {result}"
+    assert result["source"] == [other, port], result
+    assert result["sourceScope"] == ownPair.clientIfindex, result
+    assert result["reply"]["dst"]["host"] == P.SERVER_LL, result

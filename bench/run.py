@@ -61,30 +61,72 @@ def variants(python: str) -> dict[str, Variant]:
     servers = [python, str(BENCH / "servers.py")]
     cserver = str(BENCH / "cserver.bin")
     table = [
-        Variant("c-mmsg", "C recvmmsg/sendmmsg + IP_PKTINFO, '::'",
-                [cserver, "::", "0"], "127.0.0.2", True),
-        Variant("twisted", "Twisted reactor.listenUDP echo, '0.0.0.0'",
-                servers + ["twisted", "0.0.0.0", "0"], "127.0.0.1"),
-        Variant("asyncio", "asyncio datagram endpoint echo, '0.0.0.0'",
-                servers + ["asyncio", "0.0.0.0", "0"], "127.0.0.1"),
-        Variant("udpdst-dst6", "udpdst DestinationDatagramProtocol echo, '::'",
-                servers + ["udpdst-dst", "::", "0"], "127.0.0.2", True),
-        Variant("udpdst-dst4", "udpdst DestinationDatagramProtocol echo, '0.0.0.0'",
-                servers + ["udpdst-dst", "0.0.0.0", "0"], "127.0.0.2", True),
-        Variant("udpdst-plain4", "udpdst + plain DatagramProtocol echo, '0.0.0.0'",
-                servers + ["udpdst-plain", "0.0.0.0", "0"], "127.0.0.2", True),
-        Variant("udpdst-echo6", "udpdst.echo.EchoProtocol (service), '::'",
-                servers + ["udpdst-echo", "::", "0"], "127.0.0.2", True),
+        Variant(
+            "c-mmsg",
+            "C recvmmsg/sendmmsg + IP_PKTINFO, '::'",
+            [cserver, "::", "0"],
+            "127.0.0.2",
+            True,
+        ),
+        Variant(
+            "twisted",
+            "Twisted reactor.listenUDP echo, '0.0.0.0'",
+            servers + ["twisted", "0.0.0.0", "0"],
+            "127.0.0.1",
+        ),
+        Variant(
+            "asyncio",
+            "asyncio datagram endpoint echo, '0.0.0.0'",
+            servers + ["asyncio", "0.0.0.0", "0"],
+            "127.0.0.1",
+        ),
+        Variant(
+            "udpdst-dst6",
+            "udpdst DestinationDatagramProtocol echo, '::'",
+            servers + ["udpdst-dst", "::", "0"],
+            "127.0.0.2",
+            True,
+        ),
+        Variant(
+            "udpdst-dst4",
+            "udpdst DestinationDatagramProtocol echo, '0.0.0.0'",
+            servers + ["udpdst-dst", "0.0.0.0", "0"],
+            "127.0.0.2",
+            True,
+        ),
+        Variant(
+            "udpdst-plain4",
+            "udpdst + plain DatagramProtocol echo, '0.0.0.0'",
+            servers + ["udpdst-plain", "0.0.0.0", "0"],
+            "127.0.0.2",
+            True,
+        ),
+        Variant(
+            "udpdst-echo6",
+            "udpdst.echo.EchoProtocol (service), '::'",
+            servers + ["udpdst-echo", "::", "0"],
+            "127.0.0.2",
+            True,
+        ),
         # Not in the default set: IPv6 proper, through ::1.
-        Variant("udpdst-dst6-v6", "udpdst DestinationDatagramProtocol echo, '::' via ::1",
-                servers + ["udpdst-dst", "::", "0"], "::1"),
+        Variant(
+            "udpdst-dst6-v6",
+            "udpdst DestinationDatagramProtocol echo, '::' via ::1",
+            servers + ["udpdst-dst", "::", "0"],
+            "::1",
+        ),
     ]
     return {v.name: v for v in table}
 
 
 DEFAULT_VARIANTS = [
-    "c-mmsg", "twisted", "asyncio",
-    "udpdst-dst6", "udpdst-dst4", "udpdst-plain4", "udpdst-echo6",
+    "c-mmsg",
+    "twisted",
+    "asyncio",
+    "udpdst-dst6",
+    "udpdst-dst4",
+    "udpdst-plain4",
+    "udpdst-echo6",
 ]
 
 
@@ -133,7 +175,9 @@ def readLine(proc: subprocess.Popen, prefix: str, timeout: float) -> str:
                 return line.rstrip("\n")
 
 
-def ask(proc: subprocess.Popen, command: str, prefix: str, timeout: float = 10.0) -> str:
+def ask(
+    proc: subprocess.Popen, command: str, prefix: str, timeout: float = 10.0
+) -> str:
     proc.stdin.write(command + "\n")
     proc.stdin.flush()
     return readLine(proc, prefix, timeout)
@@ -232,25 +276,47 @@ def stopServer(v: Variant) -> None:
         proc.wait()
 
 
-def runClient(v: Variant, args, duration: float, cpu: int | None,
-              timeoutMs: float | None = None) -> dict:
+def runClient(
+    v: Variant, args, duration: float, cpu: int | None, timeoutMs: float | None = None
+) -> dict:
     cmd = [
         str(BENCH / "client.bin"),
-        "--host", v.target, "--port", str(v.port),
-        "--sockets", str(args.sockets), "--window", str(args.window),
-        "--size", str(args.size), "--duration", str(duration),
-        "--drain", str(args.drain),
-        "--timeout-ms", str(timeoutMs if timeoutMs is not None else args.timeout_ms),
+        "--host",
+        v.target,
+        "--port",
+        str(v.port),
+        "--sockets",
+        str(args.sockets),
+        "--window",
+        str(args.window),
+        "--size",
+        str(args.size),
+        "--duration",
+        str(duration),
+        "--drain",
+        str(args.drain),
+        "--timeout-ms",
+        str(timeoutMs if timeoutMs is not None else args.timeout_ms),
     ]
     out = subprocess.run(
-        cmd, capture_output=True, text=True, check=True,
-        timeout=duration + args.drain + 10, preexec_fn=pinner(cpu),
+        cmd,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=duration + args.drain + 10,
+        preexec_fn=pinner(cpu),
     )
     return json.loads(out.stdout)
 
 
-def measure(v: Variant, args, duration: float, serverCore, clientCore,
-            softirqPid: int | None = None) -> dict:
+def measure(
+    v: Variant,
+    args,
+    duration: float,
+    serverCore,
+    clientCore,
+    softirqPid: int | None = None,
+) -> dict:
     """
     One measured window: server rusage, client run, server rusage.
     """
@@ -277,16 +343,26 @@ def measure(v: Variant, args, duration: float, serverCore, clientCore,
         "server_cpu_s_procstat": stat1 - stat0,
         "ksoftirqd_server_core_s": soft1 - soft0 if soft0 is not None else None,
         "window_s": w1 - w0,
-        "steal_s": {c: cores1[c]["steal"] - cores0[c]["steal"] for c in cores1 if c in cores0},
+        "steal_s": {
+            c: cores1[c]["steal"] - cores0[c]["steal"] for c in cores1 if c in cores0
+        },
         # What else ran on the server's core during the window: its busy
         # time less this server's CPU (10 ms resolution; None when unpinned).
         "other_on_server_core": (
-            max(0.0, (w1 - w0) - (cores1[serverCore]["idle"] - cores0[serverCore]["idle"])
-                - cpu) / (w1 - w0)
-            if serverCore in cores0 and serverCore in cores1 else None
+            max(
+                0.0,
+                (w1 - w0)
+                - (cores1[serverCore]["idle"] - cores0[serverCore]["idle"])
+                - cpu,
+            )
+            / (w1 - w0)
+            if serverCore in cores0 and serverCore in cores1
+            else None
         ),
         "server_cpu_util": cpu / client["elapsed"] if client["elapsed"] else None,
-        "client_cpu_util": client["cpu_s"] / client["elapsed"] if client["elapsed"] else None,
+        "client_cpu_util": client["cpu_s"] / client["elapsed"]
+        if client["elapsed"]
+        else None,
         "cpu_us_per_dgram": cpu / received * 1e6 if received else None,
     }
 
@@ -324,9 +400,15 @@ def summarise(records: list[dict], names: list[str]) -> dict[str, dict]:
             "rate_ratio_to_twisted": median(rateRatios),
             "server_cpu_util_median": median([r["server_cpu_util"] for r in rs]),
             "client_cpu_util_median": median([r["client_cpu_util"] for r in rs]),
-            "other_on_server_core_median": median([r["other_on_server_core"] for r in rs]),
+            "other_on_server_core_median": median(
+                [r["other_on_server_core"] for r in rs]
+            ),
             "server_user_share": median(
-                [r["server_user_s"] / r["server_cpu_s"] for r in rs if r["server_cpu_s"]]
+                [
+                    r["server_user_s"] / r["server_cpu_s"]
+                    for r in rs
+                    if r["server_cpu_s"]
+                ]
             ),
             "sent": sum(r["sent"] for r in rs),
             "received": sum(r["received"] for r in rs),
@@ -346,7 +428,9 @@ def fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
-def table(summary: dict[str, dict], chosen: list[Variant], failed: list[Variant]) -> str:
+def table(
+    summary: dict[str, dict], chosen: list[Variant], failed: list[Variant]
+) -> str:
     head = (
         f"{'variant':<15} {'target':<10} {'µs/dgram':>9} {'min-max':>13} "
         f"{'×twisted':>8} {'replies/s':>10} {'×twisted':>8} {'srv%':>5} {'cli%':>5} {'oth%':>5} "
@@ -377,7 +461,9 @@ def table(summary: dict[str, dict], chosen: list[Variant], failed: list[Variant]
 def environment() -> dict:
     def run(*cmd):
         try:
-            return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT).stdout.strip()
+            return subprocess.run(
+                cmd, capture_output=True, text=True, cwd=ROOT
+            ).stdout.strip()
         except OSError:
             return None
 
@@ -412,25 +498,49 @@ def parseArgs(argv):
         description="udpdst echo benchmark (see bench/README.md)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: 2 rounds of 0.5 s windows (well under 30 s)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 2 rounds of 0.5 s windows (well under 30 s)",
+    )
     p.add_argument("--rounds", type=int, help="rounds (default 5, quick 2)")
-    p.add_argument("--duration", type=float,
-                   help="seconds per measured window (default 3, quick 0.5)")
-    p.add_argument("--warmup", type=float,
-                   help="seconds of unmeasured load per server first (default 0.5, quick 0.2)")
-    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                   help="comma-separated; also known: udpdst-dst6-v6 (via ::1)")
+    p.add_argument(
+        "--duration",
+        type=float,
+        help="seconds per measured window (default 3, quick 0.5)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=float,
+        help="seconds of unmeasured load per server first (default 0.5, quick 0.2)",
+    )
+    p.add_argument(
+        "--variants",
+        default=",".join(DEFAULT_VARIANTS),
+        help="comma-separated; also known: udpdst-dst6-v6 (via ::1)",
+    )
     p.add_argument("--sockets", type=int, default=4, help="connected client sockets")
-    p.add_argument("--window", type=int, default=32,
-                   help="requests outstanding per socket")
+    p.add_argument(
+        "--window", type=int, default=32, help="requests outstanding per socket"
+    )
     p.add_argument("--size", type=int, default=64, help="datagram payload bytes")
-    p.add_argument("--drain", type=float, default=0.3,
-                   help="seconds the client waits for in-flight replies")
-    p.add_argument("--timeout-ms", type=float, default=200,
-                   help="a socket with no reply this long declares its window lost")
-    p.add_argument("--no-pin", action="store_true",
-                   help="do not pin server and client to different cores")
+    p.add_argument(
+        "--drain",
+        type=float,
+        default=0.3,
+        help="seconds the client waits for in-flight replies",
+    )
+    p.add_argument(
+        "--timeout-ms",
+        type=float,
+        default=200,
+        help="a socket with no reply this long declares its window lost",
+    )
+    p.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="do not pin server and client to different cores",
+    )
     p.add_argument("--python", default=sys.executable, help="interpreter for servers")
     p.add_argument("--out", type=Path, default=OUT, help="directory for the JSON")
     args = p.parse_args(argv)
@@ -447,16 +557,21 @@ def main(argv=None) -> int:
     args = parseArgs(argv)
     gcc = shutil.which("gcc") or shutil.which("cc")
     if gcc is None:
-        print("run.py: no C compiler found; install gcc (apt-get install gcc).",
-              file=sys.stderr)
+        print(
+            "run.py: no C compiler found; install gcc (apt-get install gcc).",
+            file=sys.stderr,
+        )
         return 2
     build(gcc)
 
     known = variants(args.python)
     unknown = [n for n in args.variants.split(",") if n not in known]
     if unknown:
-        print(f"run.py: unknown variant(s) {', '.join(unknown)}; known: "
-              f"{', '.join(known)}", file=sys.stderr)
+        print(
+            f"run.py: unknown variant(s) {', '.join(unknown)}; known: "
+            f"{', '.join(known)}",
+            file=sys.stderr,
+        )
         return 2
     names = args.variants.split(",")
     if BASELINE not in names:
@@ -495,14 +610,17 @@ def main(argv=None) -> int:
         # 127.0.0.1.  Short, and with a short timeout; never measured.
         base = known[BASELINE]
         if base in chosen:
-            probe = Variant(base.name, base.description, base.command, "127.0.0.2",
-                            port=base.port)
+            probe = Variant(
+                base.name, base.description, base.command, "127.0.0.2", port=base.port
+            )
             control = runClient(probe, args, 0.3, clientCore, timeoutMs=50)
 
         for rnd in range(args.rounds):
             shift = rnd % len(chosen)
             for v in chosen[shift:] + chosen[:shift]:
-                rec = measure(v, args, args.duration, serverCore, clientCore, softirqPid)
+                rec = measure(
+                    v, args, args.duration, serverCore, clientCore, softirqPid
+                )
                 rec["round"] = rnd
                 records.append(rec)
 
@@ -536,8 +654,11 @@ def main(argv=None) -> int:
             f"127.0.0.1): sent {control['sent']}, received {control['received']} "
             f"-> wrong-source replies are counted as lost"
         )
-    busy = [x["other_on_server_core_median"] for x in summary.values()
-            if x.get("other_on_server_core_median") is not None]
+    busy = [
+        x["other_on_server_core_median"]
+        for x in summary.values()
+        if x.get("other_on_server_core_median") is not None
+    ]
     if busy and max(busy) > 0.1:
         print(
             f"note: other processes took up to {100 * max(busy):.0f}% of the server's "
@@ -548,15 +669,20 @@ def main(argv=None) -> int:
     print(f"total {elapsed:.1f} s")
 
     result = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "config": {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+        },
         "environment": {**env0, "loadavg_end": os.getloadavg()},
         "server_core": serverCore,
         "client_core": clientCore,
         "variants": {
-            v.name: {"description": v.description, "target": v.target,
-                     "exercises_destination": v.exercisesDestination,
-                     "command": v.command[1:] if v.command[0] == args.python else v.command,
-                     "error": v.error}
+            v.name: {
+                "description": v.description,
+                "target": v.target,
+                "exercises_destination": v.exercisesDestination,
+                "command": v.command[1:] if v.command[0] == args.python else v.command,
+                "error": v.error,
+            }
             for v in allVariants
         },
         "summary": summary,

@@ -138,9 +138,9 @@ def _runTwisted(variant: str, address: str, portNumber: int) -> None:
         def connectionMade(self):
             self.control = _Control(
                 lambda: {
-                "counters": _counters(port),
-                "protocol": _counters(port.protocol),
-            },
+                    "counters": _counters(port),
+                    "protocol": _counters(port.protocol),
+                },
                 lambda text: self.sendLine(text.encode()),
                 reactor.stop,
             )

@@ -612,3 +612,30 @@ def test_kernelDropsAreCounted(epollReactor: Any) -> None:
     assert 0 < survived < sent
     assert proto.got[-1] == b"after"
     assert port.counters.kernelDrops == sent - survived
+
+
+def test_floodOfBadDatagramsLogsSparsely(epollReactor: Any) -> None:
+    """
+    Per-datagram trouble (here 20 oversized datagrams) is counted each time
+    but logged only for the 1st, 2nd, 4th, 8th, 16th...: a flood cannot
+    flood the log.
+    """
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if "maxPacketSize" in event.get("log_format", ""):
+            events.append(event)
+
+    port = udpdst.listenUDP(0, Collector(), "0.0.0.0", maxPacketSize=10, reactor=epollReactor)
+    sender = _queue(port.getHost().port, 20, b"x" * 11)
+    globalLogPublisher.addObserver(observe)
+    try:
+        port.doRead()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        sender.close()
+        port.stopListening()
+    assert port.counters.truncated == 20
+    assert [e["count"] for e in events] == [1, 2, 4, 8, 16]

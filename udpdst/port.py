@@ -68,6 +68,15 @@ class PortCounters:
         return asdict(self)
 
 
+def _sparse(count: int) -> bool:
+    """
+    Whether the C{count}th occurrence of a per-datagram event is logged: the
+    1st, 2nd, 4th, 8th...  A remote flood then costs log2(n) lines, not n
+    (twistd shows debug events by default).
+    """
+    return count & (count - 1) == 0
+
+
 _scopeNames: dict[int, str] = {}
 
 
@@ -263,13 +272,15 @@ class DestinationPort(udp.Port):
             counters.received += 1
             if flags & L.MSG_TRUNC:
                 counters.truncated += 1
-                self._log.debug(
-                    "{port}: dropped a datagram from {peer} larger than "
-                    "maxPacketSize={size}",
-                    port=self,
-                    peer=addr,
-                    size=size,
-                )
+                if _sparse(counters.truncated):
+                    self._log.debug(
+                        "{port}: dropped a datagram from {peer} larger than "
+                        "maxPacketSize={size} ({count} so far)",
+                        port=self,
+                        peer=addr,
+                        size=size,
+                        count=counters.truncated,
+                    )
                 continue
             if not wildcard:
                 dst = fixed
@@ -413,14 +424,17 @@ class DestinationPort(udp.Port):
                     return
                 if control and no in _SOURCE_VANISHED:
                     self.counters.sendFallbacks += 1
-                    self._log.debug(
-                        "{port}: could not send from {control!r} to {peer} "
-                        "({error}); sending from the kernel's choice",
-                        port=self,
-                        control=control,
-                        peer=addr,
-                        error=errno.errorcode.get(no, no),
-                    )
+                    if _sparse(self.counters.sendFallbacks):
+                        self._log.debug(
+                            "{port}: could not send from {control!r} to {peer} "
+                            "({error}); sent from the kernel's choice "
+                            "({count} so far)",
+                            port=self,
+                            control=control,
+                            peer=addr,
+                            error=errno.errorcode.get(no, no),
+                            count=self.counters.sendFallbacks,
+                        )
                     control = []
                     continue
                 raise

@@ -34,14 +34,18 @@ def _query(spec: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"query": spec, "ok": False, "error": None}
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
-        sockaddr = socket.getaddrinfo(host, spec["port"], family, socket.SOCK_DGRAM)[0][4]
+        sockaddr = socket.getaddrinfo(host, spec["port"], family, socket.SOCK_DGRAM)[0][
+            4
+        ]
         if spec.get("broadcast"):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
         if spec.get("multicastIf"):
             ifindex = socket.if_nametoindex(spec["multicastIf"])
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, ifindex)
         if spec.get("bind"):
-            bindaddr = socket.getaddrinfo(spec["bind"], 0, family, socket.SOCK_DGRAM)[0][4]
+            bindaddr = socket.getaddrinfo(spec["bind"], 0, family, socket.SOCK_DGRAM)[
+                0
+            ][4]
             sock.bind(bindaddr)
         payload = spec.get("payload", "query").encode()
         if spec.get("connected", True):
@@ -61,7 +65,7 @@ def _query(spec: dict[str, Any]) -> dict[str, Any]:
             result["reply"] = json.loads(data)
         except ValueError:
             result["reply"] = data.decode("utf-8", "replace")
-    except socket.timeout:
+    except TimeoutError:
         result["error"] = "timeout"
     except OSError as e:
         result["error"] = f"{type(e).__name__}: {e}"

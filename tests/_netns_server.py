@@ -135,7 +135,9 @@ def main(argv: list[str]) -> int:
         default="dst",
         help="a DestinationDatagramProtocol, or a plain DatagramProtocol",
     )
-    parser.add_argument("--delay", type=float, default=0.0, help="seconds before replying")
+    parser.add_argument(
+        "--delay", type=float, default=0.0, help="seconds before replying"
+    )
     parser.add_argument(
         "--join",
         action="append",

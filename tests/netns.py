@@ -43,7 +43,9 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         ["ip", *args], capture_output=True, text=True, timeout=IP_TIMEOUT
     )
     if check and proc.returncode != 0:
-        raise NetnsError(f"ip {' '.join(args)}: {proc.stderr.strip() or proc.returncode}")
+        raise NetnsError(
+            f"ip {' '.join(args)}: {proc.stderr.strip() or proc.returncode}"
+        )
     return proc
 
 
@@ -90,8 +92,17 @@ def unavailableReason() -> str | None:
                     reason = f"ip netns exec failed: {entered.stderr.strip()}"
                 else:
                     veth = _ip(
-                        "-n", name, "link", "add", "probe0", "type", "veth",
-                        "peer", "name", "probe1", check=False,
+                        "-n",
+                        name,
+                        "link",
+                        "add",
+                        "probe0",
+                        "type",
+                        "veth",
+                        "peer",
+                        "name",
+                        "probe1",
+                        check=False,
                     )
                     if veth.returncode != 0:
                         reason = f"cannot create a veth pair: {veth.stderr.strip()}"
@@ -140,7 +151,9 @@ class Namespace:
             timeout=IP_TIMEOUT,
         )
         if proc.returncode != 0:
-            raise NetnsError(f"sysctl {key}={value} in {self.name}: {proc.stderr.strip()}")
+            raise NetnsError(
+                f"sysctl {key}={value} in {self.name}: {proc.stderr.strip()}"
+            )
 
     def delete(self) -> None:
         if self._alive:
@@ -209,13 +222,32 @@ class Pair:
         self.server = server = Namespace.create()
         self.client = client = Namespace.create()
         server.ip(
-            "link", "add", self.SERVER_IF, "type", "veth",
-            "peer", "name", self.CLIENT_IF, "netns", client.name,
+            "link",
+            "add",
+            self.SERVER_IF,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            self.CLIENT_IF,
+            "netns",
+            client.name,
         )
         for ns, ifname, v4, v6, ll in (
-            (server, self.SERVER_IF, [self.SERVER_V4, self.SERVER_V4_SECONDARY],
-             [self.SERVER_V6, self.SERVER_V6_SECONDARY], self.SERVER_LL),
-            (client, self.CLIENT_IF, [self.CLIENT_V4], [self.CLIENT_V6], self.CLIENT_LL),
+            (
+                server,
+                self.SERVER_IF,
+                [self.SERVER_V4, self.SERVER_V4_SECONDARY],
+                [self.SERVER_V6, self.SERVER_V6_SECONDARY],
+                self.SERVER_LL,
+            ),
+            (
+                client,
+                self.CLIENT_IF,
+                [self.CLIENT_V4],
+                [self.CLIENT_V6],
+                self.CLIENT_LL,
+            ),
         ):
             ns.ip("link", "set", "lo", "up")
             ns.ip("link", "set", ifname, "addrgenmode", "none")
@@ -225,13 +257,22 @@ class Pair:
                 ns.ip("addr", "add", f"{address}/64", "dev", ifname, "nodad")
             ns.ip("link", "set", ifname, "up")
         server.ip(
-            "link", "add", self.DECOY_IF, "type", "veth", "peer", "name", self.DECOY_PEER_IF
+            "link",
+            "add",
+            self.DECOY_IF,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            self.DECOY_PEER_IF,
         )
         for ifname in (self.DECOY_IF, self.DECOY_PEER_IF):
             server.ip("link", "set", ifname, "addrgenmode", "none")
             server.ip("link", "set", ifname, "up")
         server.ip("addr", "add", f"{self.DECOY_LL}/64", "dev", self.DECOY_IF, "nodad")
-        server.ip("-6", "route", "add", "fe80::/64", "dev", self.DECOY_IF, "metric", "1")
+        server.ip(
+            "-6", "route", "add", "fe80::/64", "dev", self.DECOY_IF, "metric", "1"
+        )
         server.ip("addr", "add", f"{self.VIP_V4}/32", "dev", "lo")
         server.ip("addr", "add", f"{self.VIP_V6}/128", "dev", "lo", "nodad")
         client.ip("route", "add", f"{self.VIP_V4}/32", "via", self.SERVER_V4)
@@ -248,11 +289,16 @@ class Pair:
         deadline = time.monotonic() + timeout
         while True:
             pending = []
-            for ns, ifname in ((self.server, self.SERVER_IF), (self.client, self.CLIENT_IF)):
+            for ns, ifname in (
+                (self.server, self.SERVER_IF),
+                (self.client, self.CLIENT_IF),
+            ):
                 link = ns.ip("-j", "link", "show", ifname).stdout
                 if json.loads(link)[0].get("operstate") not in ("UP", "UNKNOWN"):
                     pending.append(f"{ns.name}/{ifname} down")
-                if ns.ip("-6", "addr", "show", "dev", ifname, "tentative").stdout.strip():
+                if ns.ip(
+                    "-6", "addr", "show", "dev", ifname, "tentative"
+                ).stdout.strip():
                     pending.append(f"{ns.name}/{ifname} tentative")
             if not pending:
                 return
@@ -266,12 +312,16 @@ class Pair:
         (bounded) until it listens.
         """
         assert self.server is not None
-        proc = ServerProcess(self.server.argv(sys.executable, str(SERVER_SCRIPT), *args))
+        proc = ServerProcess(
+            self.server.argv(sys.executable, str(SERVER_SCRIPT), *args)
+        )
         self._processes.append(proc)
         proc.waitReady(timeout)
         return proc
 
-    def query(self, *queries: dict[str, Any], timeout: float | None = None) -> list[dict[str, Any]]:
+    def query(
+        self, *queries: dict[str, Any], timeout: float | None = None
+    ) -> list[dict[str, Any]]:
         """
         Run L{CLIENT_SCRIPT} in the client namespace with C{queries}; return
         its per-query results.
@@ -280,13 +330,17 @@ class Pair:
         if timeout is None:
             timeout = 5.0 + sum(q.get("timeout", 2.0) for q in queries)
         proc = subprocess.run(
-            self.client.argv(sys.executable, str(CLIENT_SCRIPT), json.dumps(list(queries))),
+            self.client.argv(
+                sys.executable, str(CLIENT_SCRIPT), json.dumps(list(queries))
+            ),
             capture_output=True,
             text=True,
             timeout=timeout,
         )
         if proc.returncode != 0:
-            raise NetnsError(f"client failed ({proc.returncode}): {proc.stderr.strip()}")
+            raise NetnsError(
+                f"client failed ({proc.returncode}): {proc.stderr.strip()}"
+            )
         return json.loads(proc.stdout)  # type: ignore[no-any-return]
 
     def startQuery(self, *queries: dict[str, Any]) -> subprocess.Popen[str]:
@@ -296,14 +350,18 @@ class Pair:
         """
         assert self.client is not None
         return subprocess.Popen(
-            self.client.argv(sys.executable, str(CLIENT_SCRIPT), json.dumps(list(queries))),
+            self.client.argv(
+                sys.executable, str(CLIENT_SCRIPT), json.dumps(list(queries))
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
 
     @staticmethod
-    def finishQuery(proc: subprocess.Popen[str], timeout: float = 10.0) -> list[dict[str, Any]]:
+    def finishQuery(
+        proc: subprocess.Popen[str], timeout: float = 10.0
+    ) -> list[dict[str, Any]]:
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -377,7 +435,9 @@ class ServerProcess:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise NetnsError(f"server: no {kind} within {timeout}s; saw {self.seen}")
+                raise NetnsError(
+                    f"server: no {kind} within {timeout}s; saw {self.seen}"
+                )
             try:
                 line = self.lines.get(timeout=remaining)
             except queue.Empty:
@@ -460,4 +520,8 @@ class ServerProcess:
                 self.lines.put(None)
                 break
             self.seen.append(line)
-        return [line.partition(" ")[2] for line in self.seen if line.partition(" ")[0] == kind]
+        return [
+            line.partition(" ")[2]
+            for line in self.seen
+            if line.partition(" ")[0] == kind
+        ]

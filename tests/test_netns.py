@@ -147,7 +147,9 @@ def test_secondaryIPv4(
     assert port is not None
     peer = P.CLIENT_V4 if interface != "::" else "::ffff:" + P.CLIENT_V4
     results = pair.query(q(P.SERVER_V4, port), q(P.SERVER_V4_SECONDARY, port))
-    for result, address in zip(results, [P.SERVER_V4, P.SERVER_V4_SECONDARY]):
+    for result, address in zip(
+        results, [P.SERVER_V4, P.SERVER_V4_SECONDARY], strict=True
+    ):
         assertAnswered(
             result,
             source=address,
@@ -172,12 +174,16 @@ def test_secondaryIPv6(
     A server on C{::} answers queries to its primary and secondary IPv6
     addresses from the address each query went to.
     """
-    args = ["--interface", "::", "--protocol", protocol] + (["--v6only"] if v6only else [])
+    args = ["--interface", "::", "--protocol", protocol] + (
+        ["--v6only"] if v6only else []
+    )
     server = startServer(pair, *args)
     port = server.port
     assert port is not None
     results = pair.query(q(P.SERVER_V6, port), q(P.SERVER_V6_SECONDARY, port))
-    for result, address in zip(results, [P.SERVER_V6, P.SERVER_V6_SECONDARY]):
+    for result, address in zip(
+        results, [P.SERVER_V6, P.SERVER_V6_SECONDARY], strict=True
+    ):
         assertAnswered(
             result,
             source=address,
@@ -235,7 +241,7 @@ def test_ipv4ClientsOnDualStack(
     assert port is not None
     targets = [P.SERVER_V4_SECONDARY, P.SERVER_V6_SECONDARY, P.SERVER_V4, P.SERVER_V6]
     results = pair.query(*(q(t, port) for t in targets))
-    for result, address in zip(results, targets):
+    for result, address in zip(results, targets, strict=True):
         mapped = ":" not in address
         assertAnswered(
             result,
@@ -306,12 +312,15 @@ def test_addressAddedAfterStart(
     assert port is not None
     assert ownPair.server is not None
     ownPair.server.ip("addr", "add", f"{P.SERVER_V4_LATE}/24", "dev", P.SERVER_IF)
-    ownPair.server.ip("addr", "add", f"{P.SERVER_V6_LATE}/64", "dev", P.SERVER_IF, "nodad")
+    ownPair.server.ip(
+        "addr", "add", f"{P.SERVER_V6_LATE}/64", "dev", P.SERVER_IF, "nodad"
+    )
     results = ownPair.query(q(P.SERVER_V4_LATE, port), q(P.SERVER_V6_LATE, port))
     for result, address, peer in zip(
         results,
         [P.SERVER_V4_LATE, P.SERVER_V6_LATE],
         ["::ffff:" + P.CLIENT_V4, P.CLIENT_V6],
+        strict=True,
     ):
         assertAnswered(
             result,
@@ -341,7 +350,7 @@ def test_vipOnLoopback(
     assert port is not None
     targets = [P.VIP_V4] + ([P.VIP_V6] if interface == "::" else [])
     results = pair.query(*(q(t, port) for t in targets))
-    for result, address in zip(results, targets):
+    for result, address in zip(results, targets, strict=True):
         assertAnswered(
             result,
             source=address,
@@ -368,7 +377,13 @@ def test_ipv6Multicast(
     the interface, the kernel picks the address), never from the group.
     """
     server = startServer(
-        pair, "--interface", "::", "--protocol", protocol, "--join", f"{group}%{P.SERVER_IF}"
+        pair,
+        "--interface",
+        "::",
+        "--protocol",
+        protocol,
+        "--join",
+        f"{group}%{P.SERVER_IF}",
     )
     port = server.port
     assert port is not None

@@ -49,6 +49,8 @@ class Variant:
     #: True when the target is not the address the kernel would pick as the
     #: reply source, so that only a destination-aware server answers correctly.
     exercisesDestination: bool = False
+    #: Another udpdst tree to import instead of the checkout's (--tree).
+    tree: Path | None = None
     process: subprocess.Popen | None = field(default=None, repr=False)
     port: int | None = None
     error: str | None = None
@@ -249,7 +251,7 @@ def startServers(chosen: list[Variant], cpu: int | None, env: dict) -> None:
             stderr=subprocess.PIPE,
             text=True,
             bufsize=1,
-            env=env,
+            env=env if v.tree is None else {**env, "PYTHONPATH": str(v.tree)},
             preexec_fn=pinner(cpu),
         )
     for v in chosen:
@@ -431,8 +433,9 @@ def fmt(x, spec):
 def table(
     summary: dict[str, dict], chosen: list[Variant], failed: list[Variant]
 ) -> str:
+    width = max([15] + [len(v.name) for v in chosen + failed])
     head = (
-        f"{'variant':<15} {'target':<10} {'µs/dgram':>9} {'min-max':>13} "
+        f"{'variant':<{width}} {'target':<10} {'µs/dgram':>9} {'min-max':>13} "
         f"{'×twisted':>8} {'replies/s':>10} {'×twisted':>8} {'srv%':>5} {'cli%':>5} {'oth%':>5} "
         f"{'sent':>10} {'lost':>6}"
     )
@@ -442,7 +445,7 @@ def table(
         if s is None:
             continue
         lines.append(
-            f"{v.name:<15} {s['target']:<10} "
+            f"{v.name:<{width}} {s['target']:<10} "
             f"{fmt(s['cpu_us_per_dgram_median'], '9.2f')} "
             f"{fmt(s['cpu_us_per_dgram_min'], '6.2f')}-{fmt(s['cpu_us_per_dgram_max'], '<6.2f')} "
             f"{fmt(s['cpu_ratio_to_twisted'], '8.2f')} "
@@ -454,7 +457,7 @@ def table(
             f"{s['sent']:>10} {s['lost']:>6}"
         )
     for v in failed:
-        lines.append(f"{v.name:<15} not measured: {v.error}")
+        lines.append(f"{v.name:<{width}} not measured: {v.error}")
     return "\n".join(lines)
 
 
@@ -541,6 +544,15 @@ def parseArgs(argv):
         action="store_true",
         help="do not pin server and client to different cores",
     )
+    p.add_argument(
+        "--tree",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="also run every chosen udpdst variant against the udpdst package in "
+        "PATH (a directory holding udpdst/), as VARIANT@LABEL, interleaved with "
+        "the checkout's: an A/B of a patch",
+    )
     p.add_argument("--python", default=sys.executable, help="interpreter for servers")
     p.add_argument("--out", type=Path, default=OUT, help="directory for the JSON")
     args = p.parse_args(argv)
@@ -590,6 +602,28 @@ def main(argv=None) -> int:
     env.pop("PYTHONHASHSEED", None)
 
     allVariants = [known[n] for n in names]
+    for spec in args.tree:
+        label, sep, path = spec.partition("=")
+        tree = Path(path).resolve()
+        if not sep or not (tree / "udpdst" / "__init__.py").is_file():
+            print(
+                f"run.py: --tree {spec!r}: expected LABEL=PATH with PATH/udpdst/ in it",
+                file=sys.stderr,
+            )
+            return 2
+        for n in names:
+            if n.startswith("udpdst-"):
+                v = known[n]
+                allVariants.append(
+                    Variant(
+                        f"{n}@{label}",
+                        f"{v.description}, udpdst from {tree}",
+                        v.command,
+                        v.target,
+                        v.exercisesDestination,
+                        tree=tree,
+                    )
+                )
     env0 = environment()
     softirqPid = ksoftirqd(serverCore)
     started = time.monotonic()

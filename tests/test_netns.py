@@ -513,15 +513,6 @@ def test_sendFallbackWhenSourceVanishes(
     assertCounters(server, received=1, replied=1, sendFallbacks=1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "core bug: the retry without control data sends to the 2-tuple "
-        "('fe80::5%veth0', port); CPython ignores the %zone of a 2-tuple "
-        "(sin6_scope_id=0), so the reply follows the main table out of the "
-        "decoy link"
-    ),
-)
 def test_sendFallbackLinkLocal(
     ownPair: Pair, startServer: Callable[..., ServerProcess]
 ) -> None:

@@ -37,7 +37,19 @@ _HOMES = {
     "DestinationDatagramProtocol": "udpdst.protocol",
 }
 
-__all__ = sorted(_HOMES)
+__all__ = [
+    "Destination",
+    "DestinationDatagramProtocol",
+    "DestinationPort",
+    "IDestinationDatagramProtocol",
+    "IDestinationTransport",
+    "PeerAddress",
+    "PortCounters",
+    "adoptDatagramPort",
+    "listenUDP",
+    "patchReactor",
+]
+assert sorted(__all__) == sorted(_HOMES)
 
 
 def __getattr__(name: str) -> Any:

@@ -77,7 +77,10 @@ def _sparse(count: int) -> bool:
     return count & (count - 1) == 0
 
 
+# Interface names and indexes, both ways; renamed interfaces are rare enough
+# that these small caches are not invalidated.
 _scopeNames: dict[int, str] = {}
+_scopeIndexes: dict[str, int] = {}
 
 
 def _scopedHost(host: str, scope: int) -> str:
@@ -94,6 +97,30 @@ def _scopedHost(host: str, scope: int) -> str:
         if len(_scopeNames) < 1024:
             _scopeNames[scope] = name
     return f"{host}%{name}"
+
+
+def _sockaddr(addr: tuple[str, int]) -> Any:
+    """
+    The address to give C{sendto}/C{sendmsg}: a scoped IPv6 host
+    (C{"fe80::5%eth0"}) becomes C{(host, port, 0, ifindex)}, because Python
+    takes the scope only from a 4-tuple and ignores the zone in the text.
+    """
+    host = addr[0]
+    if "%" not in host or len(addr) != 2:
+        return addr
+    bare, zone = host.split("%", 1)
+    scope = _scopeIndexes.get(zone)
+    if scope is None:
+        if zone.isdigit():
+            scope = int(zone)
+        else:
+            try:
+                scope = socket.if_nametoindex(zone)
+            except OSError:
+                raise error.InvalidAddressError(host, "no such interface") from None
+            if len(_scopeIndexes) < 1024:
+                _scopeIndexes[zone] = scope
+    return (bare, addr[1], 0, scope)
 
 
 @implementer(IDestinationTransport)
@@ -407,12 +434,13 @@ class DestinationPort(udp.Port):
         addr: tuple[str, int],
         control: list[tuple[int, int, bytes]],
     ) -> None:
+        target = _sockaddr(addr)
         while True:
             try:
                 if control:
-                    self.socket.sendmsg((datagram,), control, 0, addr)
+                    self.socket.sendmsg((datagram,), control, 0, target)
                 else:
-                    self.socket.sendto(datagram, addr)
+                    self.socket.sendto(datagram, target)
             except OSError as se:
                 no = se.args[0]
                 if no == errno.EINTR:

@@ -639,3 +639,17 @@ def test_floodOfBadDatagramsLogsSparsely(epollReactor: Any) -> None:
         port.stopListening()
     assert port.counters.truncated == 20
     assert [e["count"] for e in events] == [1, 2, 4, 8, 16]
+
+
+@requiresIPv6
+def test_scopedAddressWithUnknownInterface(epollReactor: Any) -> None:
+    """
+    A scoped IPv6 address naming no interface is an InvalidAddressError, not
+    a send to the wrong link.
+    """
+    port = udpdst.listenUDP(0, Collector(), "::", reactor=epollReactor)
+    try:
+        with pytest.raises(error.InvalidAddressError):
+            port.write(b"x", ("fe80::1%udpdst-none", 9))
+    finally:
+        port.stopListening()

@@ -28,8 +28,10 @@ IPV6_FREEBIND: int = getattr(socket, "IPV6_FREEBIND", 78)
 SO_RXQ_OVFL: int = getattr(socket, "SO_RXQ_OVFL", 40)
 SO_REUSEPORT: int = getattr(socket, "SO_REUSEPORT", 15)
 
-MSG_TRUNC: int = getattr(socket, "MSG_TRUNC", 0x20)
-MSG_CTRUNC: int = getattr(socket, "MSG_CTRUNC", 0x08)
+# Plain ints: socket's are MsgFlag enum members, and `flags & MSG_TRUNC` on
+# those goes through the enum machinery (~0.4 µs a test, on the hot path).
+MSG_TRUNC: int = int(getattr(socket, "MSG_TRUNC", 0x20))
+MSG_CTRUNC: int = int(getattr(socket, "MSG_CTRUNC", 0x08))
 
 #: Payload sizes of the control messages we ask for.
 IN_PKTINFO_SIZE = 12  # int ifindex, in_addr spec_dst, in_addr addr

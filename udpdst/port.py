@@ -278,7 +278,11 @@ class DestinationPort(udp.Port):
         fixed = self._fixedDestination
         cache = self._destinations
         boundPort = self._realPortNumber or 0
-        deliver = self._deliverAware if self._destinationAware else self._deliverPlain
+        deliver = (
+            self.protocol.datagramReceived
+            if self._destinationAware
+            else self._deliverPlain
+        )
         ancSize = self.ancillaryBufferSize if wildcard else 0
         budget = self.maxThroughput
         remaining = self.maxDatagramsPerRead
@@ -341,11 +345,6 @@ class DestinationPort(udp.Port):
                     protocol=self.protocol,
                     peer=peer,
                 )
-
-    def _deliverAware(
-        self, data: bytes, peer: PeerAddress, dst: Destination | None
-    ) -> None:
-        self.protocol.datagramReceived(data, peer, dst)
 
     def _deliverPlain(
         self, data: bytes, peer: PeerAddress, dst: Destination | None

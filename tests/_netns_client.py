@@ -10,7 +10,7 @@ where QUERIES is a JSON list of objects::
                                           #   address is dropped by the kernel
      "bind": "10.1.2.5",                  # optional local address
      "broadcast": false,                  # set SO_BROADCAST
-     "multicastIf": "veth1",              # optional IPV6_MULTICAST_IF
+     "multicastIf": "veth1",              # optional IP(V6)_MULTICAST_IF
      "timeout": 2.0, "payload": "q1"}
 
 It prints one JSON list with, per query: ok, source [host, port] of the reply
@@ -41,7 +41,12 @@ def _query(spec: dict[str, Any]) -> dict[str, Any]:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
         if spec.get("multicastIf"):
             ifindex = socket.if_nametoindex(spec["multicastIf"])
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, ifindex)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, ifindex)
+            else:
+                # struct ip_mreqn: group (unused), local address, ifindex.
+                mreqn = b"\0" * 8 + ifindex.to_bytes(4, sys.byteorder)
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, mreqn)
         if spec.get("bind"):
             bindaddr = socket.getaddrinfo(spec["bind"], 0, family, socket.SOCK_DGRAM)[
                 0

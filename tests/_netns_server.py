@@ -115,8 +115,13 @@ def _buildProtocol(kind: str, delay: float, reactor: Any) -> Any:
 def _join(port: Any, spec: str) -> None:
     group, _, ifname = spec.partition("%")
     ifindex = socket.if_nametoindex(ifname) if ifname else 0
-    mreq = socket.inet_pton(socket.AF_INET6, group) + struct.pack("@I", ifindex)
-    port.getHandle().setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, mreq)
+    if ":" in group:
+        mreq = socket.inet_pton(socket.AF_INET6, group) + struct.pack("@I", ifindex)
+        port.getHandle().setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, mreq)
+    else:
+        # struct ip_mreqn: group, local address (any), interface index.
+        mreqn = socket.inet_aton(group) + b"\0" * 4 + struct.pack("@i", ifindex)
+        port.getHandle().setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn)
 
 
 def main(argv: list[str]) -> int:
@@ -143,7 +148,7 @@ def main(argv: list[str]) -> int:
         action="append",
         default=[],
         metavar="GROUP%IFNAME",
-        help="join an IPv6 multicast group on an interface",
+        help="join a multicast group (IPv4 or IPv6) on an interface",
     )
     parser.add_argument("--v6only", action="store_true", help="listenUDP(v6Only=True)")
     parser.add_argument("--lifetime", type=float, default=30.0)

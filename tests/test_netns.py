@@ -407,6 +407,42 @@ def test_ipv6Multicast(
     assertCounters(server, received=1, replied=1, sendFallbacks=0)
 
 
+@PROTOCOLS
+@pytest.mark.parametrize("interface", ["0.0.0.0", "::"])
+def test_ipv4Multicast(
+    pair: Pair, startServer: Callable[..., ServerProcess], interface: str, protocol: str
+) -> None:
+    """
+    A query to an IPv4 group the server joined on its veth is answered from
+    the unicast C{spec_dst} of that interface (its primary address), never
+    from the group; C{dst} reports the group.
+    """
+    group = "239.1.2.3"
+    server = startServer(
+        pair,
+        "--interface",
+        interface,
+        "--protocol",
+        protocol,
+        "--join",
+        f"{group}%{P.SERVER_IF}",
+    )
+    port = server.port
+    assert port is not None
+    (result,) = pair.query(
+        q(group, port, connected=False, multicastIf=P.CLIENT_IF, bind=P.CLIENT_V4)
+    )
+    assert result["ok"], f"no reply to {result['query']}: {result['error']}"
+    assert result["source"] == [P.SERVER_V4, port], result
+    assert result["reply"]["dst"] == {
+        "host": group,
+        "port": port,
+        "ifindex": pair.serverIfindex,
+        "replyFrom": P.SERVER_V4,
+    }, result["reply"]
+    assertCounters(server, received=1, replied=1, sendFallbacks=0)
+
+
 # 9. The bug itself, with Twisted's own port
 
 

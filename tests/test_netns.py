@@ -121,6 +121,29 @@ def assertAnswered(
     return reply  # type: ignore[no-any-return]
 
 
+def assertEachFromItself(
+    pair: Pair,
+    results: list[dict[str, Any]],
+    targets: list[str],
+    port: int,
+    peers: list[str] | None = None,
+) -> None:
+    """
+    Each unicast query was answered from the address it went to, which the
+    server saw as destination and reply source, arriving on its veth.
+    """
+    for i, (result, address) in enumerate(zip(results, targets, strict=True)):
+        assertAnswered(
+            result,
+            source=address,
+            port=port,
+            dstHost=address,
+            replyFrom=address,
+            ifindex=pair.serverIfindex,
+            peer=None if peers is None else peers[i],
+        )
+
+
 def assertCounters(server: ServerProcess, **expected: int) -> None:
     counters = server.stop()
     assert counters is not None, f"no counters from the server: {server.seen}"
@@ -147,18 +170,8 @@ def test_secondaryIPv4(
     assert port is not None
     peer = P.CLIENT_V4 if interface != "::" else "::ffff:" + P.CLIENT_V4
     results = pair.query(q(P.SERVER_V4, port), q(P.SERVER_V4_SECONDARY, port))
-    for result, address in zip(
-        results, [P.SERVER_V4, P.SERVER_V4_SECONDARY], strict=True
-    ):
-        assertAnswered(
-            result,
-            source=address,
-            port=port,
-            dstHost=address,
-            replyFrom=address,
-            ifindex=pair.serverIfindex,
-            peer=peer,
-        )
+    targets = [P.SERVER_V4, P.SERVER_V4_SECONDARY]
+    assertEachFromItself(pair, results, targets, port, [peer, peer])
     assertCounters(server, received=2, replied=2, sendFallbacks=0, controlTruncated=0)
 
 
@@ -181,18 +194,8 @@ def test_secondaryIPv6(
     port = server.port
     assert port is not None
     results = pair.query(q(P.SERVER_V6, port), q(P.SERVER_V6_SECONDARY, port))
-    for result, address in zip(
-        results, [P.SERVER_V6, P.SERVER_V6_SECONDARY], strict=True
-    ):
-        assertAnswered(
-            result,
-            source=address,
-            port=port,
-            dstHost=address,
-            replyFrom=address,
-            ifindex=pair.serverIfindex,
-            peer=P.CLIENT_V6,
-        )
+    targets = [P.SERVER_V6, P.SERVER_V6_SECONDARY]
+    assertEachFromItself(pair, results, targets, port, [P.CLIENT_V6] * 2)
     assertCounters(server, received=2, replied=2, sendFallbacks=0)
 
 
@@ -241,17 +244,8 @@ def test_ipv4ClientsOnDualStack(
     assert port is not None
     targets = [P.SERVER_V4_SECONDARY, P.SERVER_V6_SECONDARY, P.SERVER_V4, P.SERVER_V6]
     results = pair.query(*(q(t, port) for t in targets))
-    for result, address in zip(results, targets, strict=True):
-        mapped = ":" not in address
-        assertAnswered(
-            result,
-            source=address,
-            port=port,
-            dstHost=address,
-            replyFrom=address,
-            ifindex=pair.serverIfindex,
-            peer="::ffff:" + P.CLIENT_V4 if mapped else P.CLIENT_V6,
-        )
+    peers = [P.CLIENT_V6 if ":" in t else "::ffff:" + P.CLIENT_V4 for t in targets]
+    assertEachFromItself(pair, results, targets, port, peers)
     assertCounters(server, received=4, replied=4, sendFallbacks=0)
 
 
@@ -316,21 +310,13 @@ def test_addressAddedAfterStart(
         "addr", "add", f"{P.SERVER_V6_LATE}/64", "dev", P.SERVER_IF, "nodad"
     )
     results = ownPair.query(q(P.SERVER_V4_LATE, port), q(P.SERVER_V6_LATE, port))
-    for result, address, peer in zip(
+    assertEachFromItself(
+        ownPair,
         results,
         [P.SERVER_V4_LATE, P.SERVER_V6_LATE],
+        port,
         ["::ffff:" + P.CLIENT_V4, P.CLIENT_V6],
-        strict=True,
-    ):
-        assertAnswered(
-            result,
-            source=address,
-            port=port,
-            dstHost=address,
-            replyFrom=address,
-            ifindex=ownPair.serverIfindex,
-            peer=peer,
-        )
+    )
     assertCounters(server, received=2, replied=2, sendFallbacks=0)
 
 
@@ -350,16 +336,9 @@ def test_vipOnLoopback(
     assert port is not None
     targets = [P.VIP_V4] + ([P.VIP_V6] if interface == "::" else [])
     results = pair.query(*(q(t, port) for t in targets))
-    for result, address in zip(results, targets, strict=True):
-        assertAnswered(
-            result,
-            source=address,
-            port=port,
-            dstHost=address,
-            replyFrom=address,
-            # It arrived on the veth, not on lo where the address lives.
-            ifindex=pair.serverIfindex,
-        )
+    # The helper expects the veth's ifindex: the VIP lives on lo, but the
+    # query arrived on the veth.
+    assertEachFromItself(pair, results, targets, port)
     assertCounters(server, received=len(targets), replied=len(targets), sendFallbacks=0)
 
 

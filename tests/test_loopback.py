@@ -589,7 +589,9 @@ def test_kernelDropsAreCounted(epollReactor: Any) -> None:
     queued, so it shows with the first datagram queued after the drops.
     """
     proto = Collector()
-    port = udpdst.listenUDP(0, proto, "0.0.0.0", reactor=epollReactor, receiveBufferSize=4096)
+    port = udpdst.listenUDP(
+        0, proto, "0.0.0.0", reactor=epollReactor, receiveBufferSize=4096
+    )
     sent = 200
     sender = _queue(port.getHost().port, sent, b"z" * 512)
 
@@ -628,7 +630,9 @@ def test_floodOfBadDatagramsLogsSparsely(epollReactor: Any) -> None:
         if "maxPacketSize" in event.get("log_format", ""):
             events.append(event)
 
-    port = udpdst.listenUDP(0, Collector(), "0.0.0.0", maxPacketSize=10, reactor=epollReactor)
+    port = udpdst.listenUDP(
+        0, Collector(), "0.0.0.0", maxPacketSize=10, reactor=epollReactor
+    )
     sender = _queue(port.getHost().port, 20, b"x" * 11)
     globalLogPublisher.addObserver(observe)
     try:

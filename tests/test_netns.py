@@ -41,12 +41,7 @@ def pair() -> Iterator[Pair]:
     """
     One namespace pair for the tests that do not change it.
     """
-    _requireNetns()
-    built = Pair.create()
-    try:
-        yield built
-    finally:
-        built.delete()
+    yield from _buildPair()
 
 
 @pytest.fixture
@@ -55,6 +50,10 @@ def ownPair() -> Iterator[Pair]:
     A namespace pair of the test's own, for tests that add or remove
     addresses.
     """
+    yield from _buildPair()
+
+
+def _buildPair() -> Iterator[Pair]:
     _requireNetns()
     built = Pair.create()
     try:

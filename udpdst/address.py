@@ -8,6 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def formatHostPort(host: str, port: int) -> str:
+    """
+    C{host:port}, with IPv6 hosts in brackets (C{[::1]:53}), as in log lines.
+    """
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True, slots=True)
 class Destination:
     """
@@ -32,9 +39,7 @@ class Destination:
     replyFrom: str | None = None
 
     def __str__(self) -> str:
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+        return formatHostPort(self.host, self.port)
 
 
 class PeerAddress(tuple):  # type: ignore[type-arg]

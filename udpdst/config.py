@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
+from udpdst.address import formatHostPort
+
 #: The largest UDP payload over IPv4 (65,535 - 20 byte IP header - 8 byte UDP
 #: header); over IPv6 it is 65,527.  A reply larger than this cannot be sent.
 MAX_UDP_PAYLOAD_V4 = 65507
@@ -222,9 +224,7 @@ class ListenConfig:
         """
         if self.systemd:
             return f"systemd:{self.fd_name}" if self.fd_name else "systemd"
-        if ":" in self.address:
-            return f"[{self.address}]:{self.port}"
-        return f"{self.address}:{self.port}"
+        return formatHostPort(self.address, self.port)
 
 
 @dataclass(frozen=True, slots=True)

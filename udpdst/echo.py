@@ -15,7 +15,7 @@ from twisted.internet.error import MessageLengthError
 from twisted.logger import Logger
 
 from udpdst import logs
-from udpdst.address import Destination, PeerAddress
+from udpdst.address import Destination, PeerAddress, formatHostPort
 from udpdst.config import MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6, LimitsConfig
 from udpdst.limits import AccessList, RateLimiter, sourceKey
 from udpdst.protocol import DestinationDatagramProtocol
@@ -57,10 +57,8 @@ class EchoCounters:
 
 
 def _hostPort(host: str, port: int) -> str:
-    host = sourceKey(host)
-    if ":" in host:
-        return f"[{host}]:{port}"
-    return f"{host}:{port}"
+    # IPv4 clients of a dual-stack socket are logged in IPv4 form.
+    return formatHostPort(sourceKey(host), port)
 
 
 class EchoProtocol(DestinationDatagramProtocol):

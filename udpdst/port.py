@@ -195,19 +195,6 @@ class DestinationPort(udp.Port):
         self._destinationAware = False
         self._family6 = False
 
-    @classmethod
-    def _fromListeningDescriptor(  # type: ignore[override]
-        cls,
-        reactor: IReactorFDSet | None,
-        fd: int,
-        addressFamily: int,
-        protocol: AbstractDatagramProtocol,
-        maxPacketSize: int,
-    ) -> DestinationPort:
-        return super()._fromListeningDescriptor(  # type: ignore[no-any-return]
-            reactor, fd, addressFamily, protocol, maxPacketSize
-        )
-
     def __repr__(self) -> str:
         if self._realPortNumber is not None:
             return (
@@ -273,7 +260,7 @@ class DestinationPort(udp.Port):
         recvmsg = self.socket.recvmsg
         size = self.maxPacketSize
         counters = self.counters
-        family6 = self.addressFamily == socket.AF_INET6
+        family6 = self._family6
         wildcard = self._wildcard
         fixed = self._fixedDestination
         cache = self._destinations
@@ -544,8 +531,11 @@ def adoptDatagramPort(
         from twisted.internet import reactor as globalReactor
 
         reactor = globalReactor  # type: ignore[assignment]
-    p = DestinationPort._fromListeningDescriptor(
-        reactor, fileDescriptor, addressFamily, protocol, maxPacketSize
+    p = cast(
+        DestinationPort,
+        DestinationPort._fromListeningDescriptor(
+            reactor, fileDescriptor, addressFamily, protocol, maxPacketSize
+        ),
     )
     # systemd hands over blocking sockets; the reactor needs non-blocking.
     cast(socket.socket, p._preexistingSocket).setblocking(False)

@@ -19,6 +19,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
 from udpdst import logs
+from udpdst.address import formatHostPort
 from udpdst.config import Config, ListenConfig
 from udpdst.echo import EchoProtocol
 from udpdst.limits import AccessList, RateLimiter
@@ -60,10 +61,6 @@ def _bindFailure(where: str, e: CannotListenError) -> str:
         )
     reason = getattr(cause, "strerror", None) or str(cause)
     return f"cannot listen on {where}: {reason}"
-
-
-def _hostPort(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class ListenerService(Service):
@@ -175,7 +172,7 @@ class ListenerService(Service):
             )
         self.port = self._lastPort = port
         host = port.getHost()
-        self._address = _hostPort(host.host, host.port)
+        self._address = formatHostPort(host.host, host.port)
         self._log.info(
             "udpdst echo listening on {address}{how}; replies at most "
             "{amplification} bytes larger than requests",

@@ -15,13 +15,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from udpdst.address import Destination, PeerAddress
     from udpdst.interfaces import IDestinationDatagramProtocol, IDestinationTransport
-    from udpdst.port import (
-        DestinationPort,
-        PortCounters,
-        adoptDatagramPort,
-        listenUDP,
-        patchReactor,
-    )
+    from udpdst.listening import adoptDatagramPort, listenUDP, patchReactor
+    from udpdst.port import DestinationPort, PortCounters
     from udpdst.protocol import DestinationDatagramProtocol
 
 _HOMES = {
@@ -31,9 +26,9 @@ _HOMES = {
     "IDestinationTransport": "udpdst.interfaces",
     "DestinationPort": "udpdst.port",
     "PortCounters": "udpdst.port",
-    "adoptDatagramPort": "udpdst.port",
-    "listenUDP": "udpdst.port",
-    "patchReactor": "udpdst.port",
+    "adoptDatagramPort": "udpdst.listening",
+    "listenUDP": "udpdst.listening",
+    "patchReactor": "udpdst.listening",
     "DestinationDatagramProtocol": "udpdst.protocol",
 }
 

@@ -114,18 +114,32 @@ class EchoProtocol(DestinationDatagramProtocol):
         prefix: bytes,
         limits: LimitsConfig,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        access: AccessList | None = None,
+        rateLimiter: RateLimiter | None = None,
     ) -> EchoProtocol:
         """
-        Build an echo protocol from the C{[echo]} prefix and C{[limits]}.
+        Build an echo protocol from the C{[echo]} prefix and C{[limits]}: the
+        one construction that C{twistd udpdst}, the tests and the benchmark
+        share.
+
+        @param access: An access list built from C{limits} to share between
+            protocols; a new one if L{None}.
+        @param rateLimiter: Likewise, a rate limiter to share, so that a
+            source has one budget across listeners.
         """
+        if access is None:
+            access = AccessList(limits.allow, limits.deny)
+        if rateLimiter is None:
+            rateLimiter = RateLimiter(
+                limits.per_source_rate, limits.per_source_burst, limits.max_sources
+            )
         return cls(
             prefix,
             denySourcePorts=limits.deny_source_ports,
             denySamePort=limits.deny_same_port,
-            access=AccessList(limits.allow, limits.deny),
-            rateLimiter=RateLimiter(
-                limits.per_source_rate, limits.per_source_burst, limits.max_sources
-            ),
+            access=access,
+            rateLimiter=rateLimiter,
             clock=clock,
         )
 

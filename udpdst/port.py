@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from functools import partial
-from typing import Any, cast
+from typing import Any
 
 from twisted.internet import error, udp
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -469,122 +468,3 @@ class DestinationPort(udp.Port):
         self._replyControls.clear()
         self._peerDestinations.clear()
         udp.Port.connectionLost(self, reason)
-
-
-def listenUDP(
-    port: int,
-    protocol: AbstractDatagramProtocol,
-    interface: str = "",
-    maxPacketSize: int = 8192,
-    reactor: IReactorFDSet | None = None,
-    *,
-    reusePort: bool = False,
-    receiveBufferSize: int | None = None,
-    v6Only: bool = False,
-) -> DestinationPort:
-    """
-    Like C{reactor.listenUDP}, with a L{DestinationPort}.
-
-    @raise twisted.internet.error.CannotListenError: the bind failed (port
-        in use, no permission, address not local).
-    @raise twisted.internet.error.InvalidAddressError: C{interface} is not
-        an IP address.
-    @return: The listening port.
-    """
-    p = DestinationPort(
-        port,
-        protocol,
-        interface,
-        maxPacketSize,
-        reactor,
-        reusePort=reusePort,
-        receiveBufferSize=receiveBufferSize,
-        v6Only=v6Only,
-    )
-    p.startListening()
-    return p
-
-
-def adoptDatagramPort(
-    fileDescriptor: int | socket.socket,
-    addressFamily: int,
-    protocol: AbstractDatagramProtocol,
-    maxPacketSize: int = 8192,
-    reactor: IReactorFDSet | None = None,
-) -> DestinationPort:
-    """
-    Like C{reactor.adoptDatagramPort}: wrap an already bound datagram socket
-    (e.g. one inherited from systemd) in a L{DestinationPort} and start it.
-
-    The descriptor is duplicated; the caller keeps (and may close) its own.
-    The destination options are enabled on it; datagrams queued before that
-    arrive with an unknown destination and are answered from the kernel's
-    choice.
-
-    @raise twisted.internet.error.UnsupportedAddressFamily: not IPv4 or IPv6.
-    """
-    if addressFamily not in (socket.AF_INET, socket.AF_INET6):
-        raise error.UnsupportedAddressFamily(addressFamily)
-    if isinstance(fileDescriptor, socket.socket):
-        fileDescriptor = fileDescriptor.fileno()
-    if reactor is None:
-        from twisted.internet import reactor as globalReactor
-
-        reactor = globalReactor  # type: ignore[assignment]
-    p = cast(
-        DestinationPort,
-        DestinationPort._fromListeningDescriptor(
-            reactor, fileDescriptor, addressFamily, protocol, maxPacketSize
-        ),
-    )
-    # systemd hands over blocking sockets; the reactor needs non-blocking.
-    cast(socket.socket, p._preexistingSocket).setblocking(False)
-    p.startListening()
-    return p
-
-
-def patchReactor(reactor: Any) -> Callable[[], None]:
-    """
-    Make C{reactor.listenUDP} and C{reactor.adoptDatagramPort} build
-    L{DestinationPort}s, for code that calls the reactor directly.
-
-    Opt-in and per reactor instance.
-
-    @return: A function that undoes the patch.
-    """
-    saved = {
-        name: reactor.__dict__[name]
-        for name in ("listenUDP", "adoptDatagramPort")
-        if name in reactor.__dict__
-    }
-
-    def _listenUDP(
-        port: int,
-        protocol: AbstractDatagramProtocol,
-        interface: str = "",
-        maxPacketSize: int = 8192,
-    ) -> DestinationPort:
-        return listenUDP(port, protocol, interface, maxPacketSize, reactor)
-
-    reactor.listenUDP = _listenUDP
-    reactor.adoptDatagramPort = partial(_adopt, reactor=reactor)
-
-    def undo() -> None:
-        for name in ("listenUDP", "adoptDatagramPort"):
-            reactor.__dict__.pop(name, None)
-        reactor.__dict__.update(saved)
-
-    return undo
-
-
-def _adopt(
-    fileDescriptor: int,
-    addressFamily: int,
-    protocol: AbstractDatagramProtocol,
-    maxPacketSize: int = 8192,
-    *,
-    reactor: Any,
-) -> DestinationPort:
-    return adoptDatagramPort(
-        fileDescriptor, addressFamily, protocol, maxPacketSize, reactor
-    )

@@ -23,7 +23,8 @@ from udpdst.address import formatHostPort
 from udpdst.config import Config, ListenConfig
 from udpdst.echo import EchoProtocol
 from udpdst.limits import AccessList, RateLimiter
-from udpdst.port import DestinationPort, adoptDatagramPort, listenUDP
+from udpdst.listening import adoptDatagramPort, listenUDP
+from udpdst.port import DestinationPort
 from udpdst.systemd import InheritedSocket, socketFamily
 
 
@@ -230,12 +231,8 @@ class EchoService(MultiService):
             # One protocol per socket (a protocol has one transport); the
             # access list and the rate limiter are shared, so that a source
             # gets one budget however many listeners it reaches.
-            protocol = EchoProtocol(
-                prefix,
-                denySourcePorts=config.limits.deny_source_ports,
-                denySamePort=config.limits.deny_same_port,
-                access=access,
-                rateLimiter=limiter,
+            protocol = EchoProtocol.fromConfig(
+                prefix, config.limits, access=access, rateLimiter=limiter
             )
             child = ListenerService(listener, protocol, inherited, reactor)
             child.setServiceParent(self)

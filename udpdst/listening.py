@@ -1,0 +1,114 @@
+"""
+How destination-aware ports are built and started: the counterparts of
+C{reactor.listenUDP} and C{reactor.adoptDatagramPort}, and the patch that
+makes a reactor's own methods build them.
+
+A port's options are named once, by L{DestinationPort.__init__}; everything
+here passes them through.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from functools import partial
+from typing import Any, cast
+
+from twisted.internet import error
+from twisted.internet.interfaces import IReactorFDSet
+from twisted.internet.protocol import AbstractDatagramProtocol
+
+from udpdst.port import DestinationPort
+
+
+def listenUDP(
+    port: int,
+    protocol: AbstractDatagramProtocol,
+    interface: str = "",
+    maxPacketSize: int = 8192,
+    reactor: IReactorFDSet | None = None,
+    **options: Any,
+) -> DestinationPort:
+    """
+    Like C{reactor.listenUDP}, with a L{DestinationPort}.
+
+    @param options: The port's keyword-only options (C{reusePort},
+        C{receiveBufferSize}, C{v6Only}); see L{DestinationPort.__init__}.
+    @raise twisted.internet.error.CannotListenError: the bind failed (port
+        in use, no permission, address not local).
+    @raise twisted.internet.error.InvalidAddressError: C{interface} is not
+        an IP address.
+    @return: The listening port.
+    """
+    p = DestinationPort(port, protocol, interface, maxPacketSize, reactor, **options)
+    p.startListening()
+    return p
+
+
+def adoptDatagramPort(
+    fileDescriptor: int | socket.socket,
+    addressFamily: int,
+    protocol: AbstractDatagramProtocol,
+    maxPacketSize: int = 8192,
+    reactor: IReactorFDSet | None = None,
+) -> DestinationPort:
+    """
+    Like C{reactor.adoptDatagramPort}: wrap an already bound datagram socket
+    (e.g. one inherited from systemd) in a L{DestinationPort} and start it.
+
+    The descriptor is duplicated; the caller keeps (and may close) its own.
+    The destination options are enabled on it; datagrams queued before that
+    arrive with an unknown destination and are answered from the kernel's
+    choice.
+
+    @raise twisted.internet.error.UnsupportedAddressFamily: not IPv4 or IPv6.
+    """
+    if addressFamily not in (socket.AF_INET, socket.AF_INET6):
+        raise error.UnsupportedAddressFamily(addressFamily)
+    if isinstance(fileDescriptor, socket.socket):
+        fileDescriptor = fileDescriptor.fileno()
+    if reactor is None:
+        from twisted.internet import reactor as globalReactor
+
+        reactor = globalReactor  # type: ignore[assignment]
+    p = cast(
+        DestinationPort,
+        DestinationPort._fromListeningDescriptor(
+            reactor, fileDescriptor, addressFamily, protocol, maxPacketSize
+        ),
+    )
+    # systemd hands over blocking sockets; the reactor needs non-blocking.
+    cast(socket.socket, p._preexistingSocket).setblocking(False)
+    p.startListening()
+    return p
+
+
+#: The reactor methods that L{patchReactor} replaces, and what builds the port.
+_PATCHED = {
+    "listenUDP": listenUDP,
+    "adoptDatagramPort": adoptDatagramPort,
+}
+
+
+def patchReactor(reactor: Any) -> Callable[[], None]:
+    """
+    Make C{reactor.listenUDP} and C{reactor.adoptDatagramPort} build
+    L{DestinationPort}s, for code that calls the reactor directly.
+
+    Opt-in and per reactor instance.  The patched methods take the
+    reactor's own arguments (and the port's keyword options) unchanged.
+
+    @return: A function that undoes the patch.
+    """
+    saved = {
+        name: reactor.__dict__[name] for name in _PATCHED if name in reactor.__dict__
+    }
+    for name, build in _PATCHED.items():
+        setattr(reactor, name, partial(build, reactor=reactor))
+
+    def undo() -> None:
+        for name in _PATCHED:
+            reactor.__dict__.pop(name, None)
+        reactor.__dict__.update(saved)
+
+    return undo

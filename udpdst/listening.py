@@ -84,7 +84,7 @@ def adoptDatagramPort(
 
 
 #: The reactor methods that L{patchReactor} replaces, and what builds the port.
-_PATCHED = {
+_PATCHED: dict[str, Callable[..., DestinationPort]] = {
     "listenUDP": listenUDP,
     "adoptDatagramPort": adoptDatagramPort,
 }

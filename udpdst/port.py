@@ -158,6 +158,9 @@ class DestinationPort(udp.Port):
         every message that can arrive together.
     """
 
+    #: The L{udpdst.io.Path} this port reads and writes with; set it (e.g. to
+    #: L{udpdst.io.PLAIN}) before the port starts listening.
+    ioPath: io.Path = io.DEFAULT
     maxDatagramsPerRead = 256
     peerMapSize = 8192
     peerCacheSize = 4096
@@ -314,7 +317,7 @@ class DestinationPort(udp.Port):
         queued, or an error that ends the pass).
         """
         try:
-            received = io.receive(self.socket, count, size, ancSize)
+            received = self.ioPath.receive(self.socket, count, size, ancSize)
         except OSError as se:
             no = se.args[0]
             if no in _READ_IGNORE:
@@ -380,7 +383,7 @@ class DestinationPort(udp.Port):
         peer address cannot be read; the datagram is then counted and dropped.
         """
         try:
-            addr, ancdata, target = io.decodeKey(key)
+            addr, ancdata, target = self.ioPath.decodeKey(key)
         except (ValueError, OSError):
             self.counters.unreadable += 1
             return None
@@ -396,9 +399,9 @@ class DestinationPort(udp.Port):
             host = f"{host}%{_interfaceName(addr[3])}"
         peer = PeerAddress(host, addr[1], dst)
         control = (
-            io.packControl(reply_control(self.addressFamily, dst, host))
+            self.ioPath.packControl(reply_control(self.addressFamily, dst, host))
             if self._wildcard
-            else io.packControl(())
+            else self.ioPath.packControl(())
         )
         peer._reply = (self, target, control, self._maxLength(host))
         entry = (peer, dst)
@@ -425,7 +428,7 @@ class DestinationPort(udp.Port):
             counters.oversized += 1
             if _sparse(counters.oversized):
                 try:
-                    peer: Any = io.decodeKey(key)[0]
+                    peer: Any = self.ioPath.decodeKey(key)[0]
                 except (ValueError, OSError):
                     peer = "?"
                 self._log.debug(
@@ -524,7 +527,7 @@ class DestinationPort(udp.Port):
             control = reply_control(self.addressFamily, dst, host)
         if type(datagram) is not bytes:
             datagram = bytes(datagram)
-        self._enqueue((datagram, target, io.packControl(control)))
+        self._enqueue((datagram, target, self.ioPath.packControl(control)))
 
     def _tooLong(self) -> None:
         self.counters.sendErrors += 1
@@ -544,7 +547,7 @@ class DestinationPort(udp.Port):
         else:
             sockaddr = (host, addr[1])
         try:
-            return io.packTarget(sockaddr)
+            return self.ioPath.packTarget(sockaddr)
         except (OSError, ValueError):
             raise error.InvalidAddressError(host, "not an IP address") from None
 
@@ -592,7 +595,7 @@ class DestinationPort(udp.Port):
         start = 0
         total = len(queue)
         while start < total:
-            sent, no = io.send(self.socket, queue, start)
+            sent, no = self.ioPath.send(self.socket, queue, start)
             counters.replied += sent
             start += sent
             if no:
@@ -609,7 +612,7 @@ class DestinationPort(udp.Port):
         data, target, control = item
         counters = self.counters
         if no == errno.ECONNREFUSED or (control and no in _SOURCE_VANISHED):
-            retry = (data, target, io.packControl(()))
+            retry = (data, target, self.ioPath.packControl(()))
             if control and no != errno.ECONNREFUSED:
                 counters.sendFallbacks += 1
                 if _sparse(counters.sendFallbacks):
@@ -622,7 +625,7 @@ class DestinationPort(udp.Port):
                     )
             else:
                 retry = item
-            sent, no = io.send(self.socket, [retry], 0)
+            sent, no = self.ioPath.send(self.socket, [retry], 0)
             if sent:
                 counters.replied += 1
                 return

@@ -146,14 +146,15 @@ def test_bothPathsAgree(epollReactor: Any, interface: str) -> None:
                 client.sendto(payload, (host, port.getHost().port))
                 expected.append((index, host, payload))
             whole = [e for e in expected if len(e[2]) <= maxSize]
+            wanted = before + len(expected)
             _drain(
                 port,
-                lambda: (
-                    len(proto.seen) + port.counters.oversized - before >= len(expected)
+                lambda p=proto, q=port, n=wanted: (
+                    len(p.seen) + q.counters.oversized >= n
                 ),
             )
             sources = []
-            for index, host, payload in whole:
+            for index, _host, payload in whole:
                 data, source = _replies(clients[index], 1)[0]
                 assert data == payload
                 sources.append((source[0], source[1] == port.getHost().port))

@@ -385,6 +385,9 @@ class DestinationPort(udp.Port):
         try:
             addr, ancdata, target = self.ioPath.decodeKey(key)
         except (ValueError, OSError):
+            addr = None
+        if addr is None or (len(addr) == 4) != self._family6:
+            # The kernel gives a socket's own family; anything else is junk.
             self.counters.unreadable += 1
             return None
         if not self._wildcard:

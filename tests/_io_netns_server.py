@@ -5,7 +5,10 @@ one it rebuilt from text (C{("fe80::5%veth0", 5353)}), so both ways a reply
 finds its interface are exercised.  Speaks what L{tests.netns.ServerProcess}
 reads: C{READY port}, then C{COUNTERS json} when stdin closes.
 
-    python _io_netns_server.py given|rebuilt
+    python _io_netns_server.py given|rebuilt|burst
+
+C{burst} answers each datagram at once with 300 small replies, to fill a
+small queue on the way out.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ def main(mode: str) -> None:
 
     class Echo(DatagramProtocol):
         def datagramReceived(self, data: bytes, addr: Any) -> None:
+            if mode == "burst":
+                for i in range(300):
+                    self.transport.write(b"%d" % i, addr)
+                return
             target = (str(addr[0]), int(addr[1])) if mode == "rebuilt" else addr
             reply = json.dumps({"peer": addr[0]}).encode()
             # Later, as a resolver would: the dispatch is over by then.

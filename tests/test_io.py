@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import error
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import DatagramProtocol
 
 import udpdst
@@ -313,3 +314,41 @@ def test_peerAddressStaysAPlainValue() -> None:
     """
     peer = PeerAddress("127.0.0.1", 5, None)
     assert peer == ("127.0.0.1", 5) and peer._reply is None
+
+
+def test_icmpErrorsDoNotStopThePort(anyReactor: Any) -> None:
+    """
+    Replies to clients that are gone come back as ICMP port unreachable;
+    with C{IP_RECVERR} on they land in the error queue, which pollers report
+    as an error event.  The port reads and counts them and keeps answering,
+    on every reactor.
+    """
+    from tests.reactors import runUntil
+    from tests.test_loopback import ask
+
+    class LateEcho(DatagramProtocol):
+        def datagramReceived(self, data: bytes, addr: Any) -> None:
+            anyReactor.callLater(0.05, self.transport.write, data, addr)
+
+    port = udpdst.listenUDP(0, LateEcho(), "0.0.0.0", reactor=anyReactor)
+    number = port.getHost().port
+
+    def run() -> Any:
+        for _ in range(3):
+            gone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            gone.sendto(b"bye", ("127.0.0.2", number))
+            gone.close()
+        d = Deferred()
+        # After the replies to the closed sockets have bounced.
+        anyReactor.callLater(
+            0.5, lambda: ask(anyReactor, "127.0.0.2", number).chainDeferred(d)
+        )
+        return d
+
+    try:
+        answer = runUntil(anyReactor, run)
+    finally:
+        port.stopListening()
+    assert answer == b"ping"
+    assert port.counters.replied == 4
+    assert port.counters.icmpErrors == 3

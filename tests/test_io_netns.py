@@ -121,3 +121,89 @@ def test_interfaceChangesDoNotStopLinkLocalReplies(ownPair: Pair, mode: str) -> 
     assert counters is not None
     assert counters["sendErrors"] == 0, counters
     assert counters["replied"] == counters["received"] == 4, counters
+
+
+#: Counts the replies to one datagram until the link has been quiet a while.
+_BURST_CLIENT = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, 33, 1 << 22)  # SO_RCVBUFFORCE
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.send(b"go")
+s.settimeout(3.0)
+count = 0
+try:
+    while True:
+        s.recv(100)
+        count += 1
+except TimeoutError:
+    pass
+print(count)
+"""
+
+
+@pytest.mark.parametrize("path", ["recvmmsg", "recvmsg"])
+def test_egressDropsAreSendErrors(ownPair: Pair, path: str) -> None:
+    """
+    Replies the kernel drops on the way out (a tiny C{tbf} queue on the
+    server's link) are counted in C{sendErrors}, not as replied: every reply
+    is one or the other, and the client got exactly those replied.
+    """
+    import os
+    import subprocess
+
+    from udpdst import io
+
+    if path == "recvmmsg" and io.BATCHED is None:
+        pytest.skip("udpdst._mmsg is not built")
+    pair = ownPair
+    assert pair.server is not None and pair.client is not None
+    tc = subprocess.run(
+        [
+            "tc",
+            "-n",
+            pair.server.name,
+            "qdisc",
+            "add",
+            "dev",
+            P.SERVER_IF,
+            "root",
+            "tbf",
+            "rate",
+            "1mbit",
+            "burst",
+            "2000",
+            "limit",
+            "2000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    if tc.returncode != 0:
+        pytest.skip(f"tc cannot add a tbf qdisc: {tc.stderr.strip()}")
+    env = {**os.environ}
+    if path == "recvmsg":
+        env["UDPDST_IO"] = "python"
+    argv = pair.server.argv(sys.executable, str(SERVER), "burst")
+    server = ServerProcess(
+        ["env", *(f"{k}={v}" for k, v in env.items() if k == "UDPDST_IO"), *argv]
+    )
+    try:
+        server.waitReady(10)
+        client = subprocess.run(
+            pair.client.argv(
+                sys.executable, "-c", _BURST_CLIENT, P.SERVER_V4, str(server.port)
+            ),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert client.returncode == 0, client.stderr
+        got = int(client.stdout)
+    finally:
+        counters = server.stop()
+    assert counters is not None
+    assert counters["replied"] + counters["sendErrors"] == 300, counters
+    assert counters["sendErrors"] > 0, counters
+    assert got == counters["replied"], (got, counters)

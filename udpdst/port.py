@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.internet import error, udp
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.interfaces import IReactorFDSet
+from twisted.internet.interfaces import IHalfCloseableDescriptor, IReactorFDSet
 from twisted.internet.protocol import AbstractDatagramProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -36,6 +36,25 @@ _SOURCE_VANISHED = frozenset({errno.EINVAL, errno.EADDRNOTAVAIL, errno.ENETUNREA
 
 _READ_IGNORE = frozenset(udp._sockErrReadIgnore)
 _READ_REFUSE = frozenset(udp._sockErrReadRefuse)
+
+# What an ICMP error about an earlier reply turns into (icmp_err_convert,
+# icmpv6_err_convert): with IP_RECVERR on, the next receive fails once with it
+# and the details wait in the error queue.
+_ICMP_ERRORS = frozenset(
+    {
+        errno.ECONNREFUSED,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.EHOSTDOWN,
+        errno.ENONET,
+        errno.ENOPROTOOPT,
+        errno.EOPNOTSUPP,
+        errno.EMSGSIZE,
+        errno.EPROTO,
+        errno.EACCES,
+        errno.ETIMEDOUT,
+    }
+)
 
 # The largest UDP payload: IPv4 (also IPv4-mapped peers), and IPv6.
 _MAX_V4 = 65507
@@ -63,6 +82,9 @@ class PortCounters:
         source address could not be used (it vanished, or is tentative).
     @ivar unreadable: Datagrams dropped because their peer address could not
         be read (not in C{received}).
+    @ivar icmpErrors: ICMP errors (e.g. port unreachable) that came back for
+        replies already sent, read from the socket's error queue; the
+        replies stay counted in C{replied}.
     @ivar controlTruncated: Datagrams whose control data did not fit; they
         were delivered with an unknown destination.
     @ivar kernelDrops: Datagrams the kernel dropped on this socket (receive
@@ -79,6 +101,7 @@ class PortCounters:
     controlTruncated: int = 0
     kernelDrops: int = 0
     unreadable: int = 0
+    icmpErrors: int = 0
 
     def asDict(self) -> dict[str, int]:
         return asdict(self)
@@ -98,6 +121,22 @@ def _sparse(count: int) -> bool:
     (twistd shows debug events by default).
     """
     return count & (count - 1) == 0
+
+
+def _enableSendErrors(sock: socket.socket) -> None:
+    """
+    Turn on C{IP_RECVERR} (and C{IPV6_RECVERR}): without it the kernel
+    reports a reply dropped by a full queue on the way out (C{ENOBUFS}) to
+    nobody, and the reply would count as replied.
+    """
+    options = [(L.SOL_IP, L.IP_RECVERR)]
+    if sock.family == socket.AF_INET6:
+        options.append((L.SOL_IPV6, L.IPV6_RECVERR))
+    for level, option in options:
+        try:
+            sock.setsockopt(level, option, 1)
+        except OSError:
+            pass
 
 
 def _interfaceName(index: int) -> str:
@@ -127,7 +166,7 @@ def _scopeOf(zone: str, host: str) -> int:
         raise error.InvalidAddressError(host, "no such interface") from None
 
 
-@implementer(IDestinationTransport)
+@implementer(IDestinationTransport, IHalfCloseableDescriptor)
 class DestinationPort(udp.Port):
     """
     A L{udp.Port} whose wildcard socket reports each datagram's destination
@@ -145,7 +184,10 @@ class DestinationPort(udp.Port):
     queued and sent together when the batch is done, in order; a write
     outside a pass is sent at once.  Errors known at C{write} time raise;
     errors of the send itself are counted in C{counters.sendErrors} and
-    logged sparsely.
+    logged sparsely.  C{IP_RECVERR} is on, so that replies the kernel drops
+    on the way out (a full queue: C{ENOBUFS}) are counted there too rather
+    than as replied; the ICMP errors it also reports are read off the error
+    queue and counted in C{counters.icmpErrors}.
 
     @ivar counters: The L{PortCounters}.
     @ivar maxDatagramsPerRead: The most datagrams one C{doRead} handles before
@@ -235,6 +277,7 @@ class DestinationPort(udp.Port):
 
     def _bindSocket(self) -> None:
         udp.Port._bindSocket(self)
+        _enableSendErrors(self.socket)
         sockname = self.socket.getsockname()
         host = sockname[0]
         self._family6 = self.socket.family == socket.AF_INET6
@@ -290,6 +333,10 @@ class DestinationPort(udp.Port):
                 want = min(io.BATCH, remaining)
                 received = self._receive(want, size, ancSize)
                 if received is None:
+                    if remaining == self.maxDatagramsPerRead:
+                        # Woken with nothing to read: maybe an error queue
+                        # the select reactor reports as readable.
+                        self._drainErrors()
                     return
                 batch, drops, nbytes = received
                 if drops >= 0:
@@ -316,18 +363,53 @@ class DestinationPort(udp.Port):
         One batch from the socket, or L{None} when there is none (nothing
         queued, or an error that ends the pass).
         """
-        try:
-            received = self.ioPath.receive(self.socket, count, size, ancSize)
-        except OSError as se:
-            no = se.args[0]
-            if no in _READ_IGNORE:
-                return None
-            if no in _READ_REFUSE:
+        for _attempt in range(2):
+            try:
+                received = self.ioPath.receive(self.socket, count, size, ancSize)
+            except OSError as se:
+                no = se.args[0]
+                if no in _READ_IGNORE:
+                    return None
                 if self._connectedAddr:
-                    self.protocol.connectionRefused()
-                return None
-            raise
-        return received if received[0] else None
+                    if no in _READ_REFUSE:
+                        self.protocol.connectionRefused()
+                        return None
+                    raise
+                if no not in _ICMP_ERRORS:
+                    raise
+                # About an earlier reply, not this read: read the details
+                # off the error queue and go on.
+                self._drainErrors()
+                continue
+            return received if received[0] else None
+        return None
+
+    def _drainErrors(self) -> None:
+        """
+        Read (and count) what waits in the socket's error queue: it takes
+        room from the receive buffer, and makes pollers report an error.
+        """
+        recvmsg = self.socket.recvmsg
+        for _ in range(self.maxDatagramsPerRead):
+            try:
+                recvmsg(0, 256, L.MSG_ERRQUEUE)
+            except OSError:
+                break
+            self.counters.icmpErrors += 1
+
+    def readConnectionLost(self, reason: Any) -> None:
+        """
+        epoll and poll report a queued ICMP error as an error event with
+        nothing to read, and Twisted takes that for the end of input; a UDP
+        socket has no such end, so read the error queue and keep reading.
+        """
+        self._drainErrors()
+        self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if self._reading and self.connected:
+            udp.Port.startReading(self)
+
+    def writeConnectionLost(self, reason: Any) -> None:
+        pass
 
     def _dispatch(self, batch: io.Batch) -> bool:
         """

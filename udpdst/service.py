@@ -8,23 +8,24 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import LoopingCall
-from twisted.logger import ILogObserver, Logger
-from twisted.python.components import Componentized
+from twisted.logger import Logger
 
-from udpdst import logs
+from udpdst._twistd import TwistdHooks
 from udpdst.address import formatHostPort
 from udpdst.config import Config, ListenConfig
 from udpdst.echo import EchoProtocol
 from udpdst.limits import AccessList, RateLimiter
 from udpdst.listening import adoptDatagramPort, listenUDP
 from udpdst.port import DestinationPort
+from udpdst.stats import ListenerStats, Snapshot, takeSnapshot
 from udpdst.systemd import InheritedSocket, socketFamily
 
 
@@ -117,17 +118,17 @@ class ListenerService(Service):
         """
         return self._address or self.listener.describe()
 
-    def counters(self) -> dict[str, Any]:
+    def counterSources(self) -> tuple[str, Any, Any]:
         """
-        The echo and port counters as structured log fields.
+        Where this listener's counters are: C{(address, port counters or
+        None, echo counters)}, for L{udpdst.stats.takeSnapshot}.
         """
-        fields = self.protocol.stats()
         port = self.port or self._lastPort
-        counters = port.counters if port is not None else None
-        fields["kernelDrops"] = counters.kernelDrops if counters else 0
-        fields["sendFallbacks"] = counters.sendFallbacks if counters else 0
-        fields["truncated"] = counters.truncated if counters else 0
-        return fields
+        return (
+            self.address,
+            port.counters if port is not None else None,
+            self.protocol.counters,
+        )
 
     def _listen(self) -> DestinationPort:
         listener = self.listener
@@ -193,6 +194,14 @@ class EchoService(MultiService):
     A listener that cannot bind ends the process with one critical log line
     and exit status 1: raised from L{privilegedStartService}, anything but
     L{SystemExit} would make twistd print a traceback.
+
+    What the stats lines report is L{snapshot}'s: this process's counters
+    unless C{snapshotProvider} is set (e.g. to the sum over worker
+    processes).  Other services (a metrics endpoint, a worker manager) are
+    added as children with L{addService}: they start and stop with it.
+
+    @ivar snapshotProvider: L{None}, or a callable returning the
+        L{Snapshot} to report instead of L{localSnapshot}'s.
     """
 
     _log = Logger()
@@ -212,15 +221,17 @@ class EchoService(MultiService):
         @param reactor: The reactor; the global one if L{None}.
         @param twistdOptions: twistd's own options when run by twistd: the
             log observer it would use is then put behind the log level, and
-            its pid file removed if the service cannot start.
+            its pid file removed if the service cannot start
+            (L{udpdst._twistd.TwistdHooks}).
         """
         MultiService.__init__(self)
         self.config = config
         self._reactor = reactor
-        self._twistdOptions = twistdOptions
+        self._twistd = TwistdHooks(twistdOptions) if twistdOptions is not None else None
         self._statsCall: LoopingCall | None = None
+        self.snapshotProvider: Callable[[], Snapshot] | None = None
         access = AccessList(config.limits.allow, config.limits.deny)
-        limiter = RateLimiter(
+        self.limiter = limiter = RateLimiter(
             config.limits.per_source_rate,
             config.limits.per_source_burst,
             config.limits.max_sources,
@@ -240,13 +251,8 @@ class EchoService(MultiService):
 
     def setServiceParent(self, parent: Any) -> None:
         MultiService.setServiceParent(self, parent)
-        if self._twistdOptions is not None and isinstance(parent, Componentized):
-            # twistd uses an application's ILogObserver component, if set,
-            # instead of building its own (unless --logger was given).
-            if parent.getComponent(ILogObserver, None) is None:
-                observer = logs.twistdLogObserver(self._twistdOptions)
-                if observer is not None:
-                    parent.setComponent(ILogObserver, observer)
+        if self._twistd is not None:
+            self._twistd.installLogObserver(parent)
 
     def privilegedStartService(self) -> None:
         try:
@@ -256,8 +262,8 @@ class EchoService(MultiService):
             for child in self.listeners:
                 if child.port is not None:
                     child.port.stopListening()
-            self._tellDaemonParent(str(e))
-            self._removePidFile()
+            if self._twistd is not None:
+                self._twistd.failedToStart(str(e))
             raise SystemExit(1) from None
 
     def startService(self) -> None:
@@ -294,52 +300,71 @@ class EchoService(MultiService):
             stats=f"stats every {interval:g} s" if interval > 0 else "stats at stop",
         )
 
+    def localSnapshot(self) -> Snapshot:
+        """
+        This process's counters, now.
+        """
+        return takeSnapshot(
+            (child.counterSources() for child in self.listeners), self.limiter
+        )
+
+    def snapshot(self) -> Snapshot:
+        """
+        What the stats report: C{snapshotProvider()} if set, else
+        L{localSnapshot}.
+        """
+        if self.snapshotProvider is not None:
+            return self.snapshotProvider()
+        return self.localSnapshot()
+
     def logStats(self, final: bool = False) -> None:
         """
-        Log one stats line per listener.
+        Log one stats line per listener and one for the rate limiter, all
+        from one L{snapshot}.
         """
-        for child in self.listeners:
+        which = "final stats" if final else "stats"
+        snapshot = self.snapshot()
+        for address, stats in snapshot.listeners.items():
+            text, fields = _statsLine(stats)
             self._log.info(
-                "{which} {listener}: received {received}, replied {replied}, "
-                "refused {refused} ({refusedText}), send errors {sendErrors}, "
-                "kernel drops {kernelDrops}, send fallbacks {sendFallbacks}, "
-                "oversized {truncated}",
-                which="final stats" if final else "stats",
-                listener=child.address,
+                "{which} {listener}: " + text,
+                which=which,
+                listener=address,
                 final=final,
-                **child.counters(),
+                **fields,
             )
+        self._log.info(
+            "{which} rate limiter: {rateLimitedSources} sources tracked, "
+            "{limiterEvictions} evicted",
+            which=which,
+            rateLimitedSources=snapshot.rateLimitedSources,
+            limiterEvictions=snapshot.limiterEvictions,
+        )
 
-    def _tellDaemonParent(self, message: str) -> None:
-        """
-        In daemon mode, twistd's first process waits for a status on a pipe
-        and would wait forever for a child that ends by L{SystemExit}: send
-        it the cause (it prints it, at most 100 bytes, and exits 1).
-        """
-        options = self._twistdOptions
-        pipe = options.get("statusPipe") if options is not None else None
-        if pipe is None:
-            return
-        cause = message.split(";", 1)[0].encode("ascii", "backslashreplace")
-        try:
-            os.write(pipe, b"1 " + cause[:98])
-            os.close(pipe)
-        except OSError:
-            pass
 
-    def _removePidFile(self) -> None:
-        """
-        Remove twistd's pid file, which it removes only after exceptions that
-        are not L{SystemExit}.
-        """
-        options = self._twistdOptions
-        path = options.get("pidfile") if options is not None else None
-        if not path:
-            return
-        try:
-            with open(path, "rb") as f:
-                ours = f.read().strip() == str(os.getpid()).encode()
-            if ours:
-                os.unlink(path)
-        except OSError:
-            pass
+#: The counters a stats line starts with, in this order; the port's other
+#: counters follow in the order it lists them.
+_LEADING = ("received", "replied", "refused", "sendErrors", "kernelDrops")
+
+
+def _words(name: str) -> str:
+    return re.sub(r"[A-Z]", lambda m: " " + m.group().lower(), name)
+
+
+def _statsLine(stats: ListenerStats) -> tuple[str, dict[str, Any]]:
+    """
+    A listener's stats as log text (a format string) and structured fields:
+    every counter by its name, C{refused} the total and C{refusedBy} by
+    reason.
+    """
+    fields: dict[str, Any] = dict(stats.counters)
+    fields["refused"] = stats.refusedTotal
+    fields["refusedBy"] = dict(stats.refused)
+    fields["refusedText"] = (
+        " ".join(f"{k}={v}" for k, v in stats.refused.items() if v) or "none"
+    )
+    names = [n for n in _LEADING if n in fields]
+    names += [n for n in stats.counters if n not in _LEADING]
+    parts = [f"{_words(n)} {{{n}}}" for n in names]
+    parts[names.index("refused")] += " ({refusedText})"
+    return ", ".join(parts), fields

@@ -14,7 +14,14 @@ from typing import Any
 from twisted.logger import Logger
 from twisted.python import usage
 
-from udpdst.config import ConfigError, loadConfig, withOverrides
+from udpdst.config import (
+    LISTEN_HELP,
+    OPTIONS,
+    REUSE_PORT_HELP,
+    ConfigError,
+    loadConfig,
+    withOverrides,
+)
 from udpdst.systemd import assignSockets, listenFds
 
 _log = Logger(namespace="udpdst.tap")
@@ -37,19 +44,16 @@ class Options(usage.Options):
         "datagram was sent to. Without --config it listens on [::]:12345 "
         "(IPv6 and IPv4). Options given here override the config file."
     )
-    optFlags = [
-        ["reuse-port", None, "Set reuse_port on every listener (SO_REUSEPORT)."],
-    ]
+    optFlags = [["reuse-port", None, REUSE_PORT_HELP]]
     optParameters = [
-        ["config", None, None, "TOML config file (see etc/udpdst.toml)."],
-        ["prefix", None, None, 'Text put before every reply ("" = none).'],
-        ["log-level", None, None, "debug, info, warn, error or critical."],
         [
-            "stats-interval",
+            "config",
             None,
             None,
-            "Seconds between stats lines; 0 = only at stop.",
+            "TOML config file (example: udpdst/data/udpdst.toml in the package).",
         ],
+        # One per key that has an option, with the key's own description.
+        *([option.name, None, None, option.help] for option in OPTIONS),
     ]
 
     def __init__(self, environ: MutableMapping[str, str] | None = None) -> None:
@@ -64,20 +68,14 @@ class Options(usage.Options):
     def opt_listen(self, value: str) -> None:
         self["listen"].append(value)
 
-    opt_listen.__doc__ = (
-        "ADDRESS:PORT to listen on, IPv6 in brackets ([::]:7, 0.0.0.0:7), or "
-        "systemd[:NAME] for sockets passed by systemd. Repeat for more; "
-        "replaces the config file's listeners."
-    )
+    opt_listen.__doc__ = LISTEN_HELP
 
     def postOptions(self) -> None:
         try:
             config = withOverrides(
                 loadConfig(self["config"]),
+                {option.name: self[option.name] for option in OPTIONS},
                 listen=self["listen"],
-                prefix=self["prefix"],
-                level=self["log-level"],
-                statsInterval=self["stats-interval"],
                 reusePort=bool(self["reuse-port"]),
             )
             inherited = listenFds(self._environ)

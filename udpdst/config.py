@@ -379,6 +379,13 @@ class MetricsConfig:
         option="metrics",
     )
 
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        """
+        C{listen} as C{(address, port)}; only if it is not empty.
+        """
+        return _hostPort(self.listen, "[metrics] listen", "")
+
 
 def _defaultListeners() -> tuple[ListenConfig, ...]:
     return (ListenConfig(),)

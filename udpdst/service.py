@@ -36,14 +36,22 @@ class ListenError(Exception):
     """
 
 
-def _bindFailure(where: str, e: CannotListenError) -> str:
+def bindFailure(where: str, e: CannotListenError, udp: bool = True) -> str:
+    """
+    Why a bind failed and how to fix it, in one line.
+
+    @param where: What could not listen (C{127.0.0.1:7}).
+    @param udp: Whether it is a UDP listener (which C{reuse_port} can share).
+    """
     cause = e.socketError
     code = getattr(cause, "errno", None)
     if code == errno.EADDRINUSE:
+        share = (
+            ", or set reuse_port = true in every process that shares it" if udp else ""
+        )
         return (
             f"cannot listen on {where}: address already in use; stop the other "
-            "service on that port, choose another port, or set reuse_port = true "
-            "in every process that shares it"
+            f"service on that port or choose another port{share}"
         )
     if code in (errno.EACCES, errno.EPERM):
         return (
@@ -163,7 +171,7 @@ class ListenerService(Service):
                     v6Only=listener.v6_only,
                 )
             except CannotListenError as e:
-                raise ListenError(_bindFailure(listener.describe(), e)) from None
+                raise ListenError(bindFailure(listener.describe(), e)) from None
             how = (
                 "dual-stack"
                 if listener.address == "::" and not listener.v6_only

@@ -82,6 +82,13 @@ class Options(usage.Options):
             sockets = assignSockets(config.listen, inherited)
         except ConfigError as e:
             raise _ConfigUsageError(str(e)) from None
+        if config.metrics.listen:
+            from udpdst.metrics import MISSING_EXTRA, checkAvailable
+
+            try:
+                checkAvailable()
+            except ImportError:
+                raise _ConfigUsageError(MISSING_EXTRA) from None
         if inherited and not any(listener.systemd for listener in config.listen):
             _log.warn(
                 "systemd passed {count} sockets but no listener has systemd = "
@@ -117,6 +124,13 @@ def makeService(options: Options, reactor: Any = None) -> Any:
 
     config = options["udpdst"]
     logs.setLogLevel(config.log.level)
-    return EchoService(
+    service = EchoService(
         config, options["sockets"], reactor, twistdOptions=options.parent
     )
+    if config.metrics.listen:
+        from udpdst.metrics import MetricsService
+
+        MetricsService(config.metrics, service.snapshot, reactor).setServiceParent(
+            service
+        )
+    return service

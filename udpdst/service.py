@@ -9,18 +9,22 @@ from __future__ import annotations
 import errno
 import os
 import re
+import signal
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from udpdst import logs
 from udpdst._twistd import TwistdHooks
 from udpdst.address import formatHostPort
-from udpdst.config import Config, ListenConfig
+from udpdst.config import Config, ConfigError, LimitsConfig, ListenConfig
 from udpdst.echo import EchoProtocol
 from udpdst.limits import AccessList, RateLimiter
 from udpdst.listening import adoptDatagramPort, listenUDP
@@ -126,6 +130,21 @@ class ListenerService(Service):
         """
         return self._address or self.listener.describe()
 
+    def replaceProtocol(self, protocol: EchoProtocol) -> None:
+        """
+        Serve the socket with C{protocol} from now on (a reload changed the
+        echo's settings), keeping the socket open and the refusal counts.
+        """
+        old, self.protocol = self.protocol, protocol
+        protocol.counters = old.counters
+        port = self.port
+        if port is not None:
+            # The port reads self.protocol for every batch: the next
+            # datagram goes to the new one.
+            port.protocol = protocol
+            old.doStop()
+            protocol.makeConnection(port)
+
     def counterSources(self) -> tuple[str, Any, Any]:
         """
         Where this listener's counters are: C{(address, port counters or
@@ -208,6 +227,9 @@ class EchoService(MultiService):
     processes).  Other services (a metrics endpoint, a worker manager) are
     added as children with L{addService}: they start and stop with it.
 
+    On SIGHUP (when given a C{reloader}) it reloads its configuration: see
+    L{reload}.
+
     @ivar snapshotProvider: L{None}, or a callable returning the
         L{Snapshot} to report instead of L{localSnapshot}'s.
     """
@@ -220,6 +242,7 @@ class EchoService(MultiService):
         sockets: Sequence[tuple[ListenConfig, InheritedSocket | None]],
         reactor: Any = None,
         twistdOptions: Any = None,
+        reloader: Callable[[], Config] | None = None,
     ) -> None:
         """
         @param config: The configuration.
@@ -231,6 +254,9 @@ class EchoService(MultiService):
             log observer it would use is then put behind the log level, and
             its pid file removed if the service cannot start
             (L{udpdst._twistd.TwistdHooks}).
+        @param reloader: Reads the configuration again (the file and the
+            command line's overrides), raising L{ConfigError} if it is
+            wrong; SIGHUP calls L{reload} with it.  L{None}: no reload.
         """
         MultiService.__init__(self)
         self.config = config
@@ -238,24 +264,39 @@ class EchoService(MultiService):
         self._twistd = TwistdHooks(twistdOptions) if twistdOptions is not None else None
         self._statsCall: LoopingCall | None = None
         self.snapshotProvider: Callable[[], Snapshot] | None = None
-        access = AccessList(config.limits.allow, config.limits.deny)
-        self.limiter = limiter = RateLimiter(
-            config.limits.per_source_rate,
-            config.limits.per_source_burst,
-            config.limits.max_sources,
-        )
-        prefix = config.echo.prefixBytes
+        self._reloader = reloader
+        self._reloading: Deferred[None] | None = None
+        self._previousHangup: Any = None
+        self._access = AccessList(config.limits.allow, config.limits.deny)
+        self.limiter = _limiter(config.limits)
         self.listeners: list[ListenerService] = []
         for listener, inherited in sockets:
-            # One protocol per socket (a protocol has one transport); the
-            # access list and the rate limiter are shared, so that a source
-            # gets one budget however many listeners it reaches.
-            protocol = EchoProtocol.fromConfig(
-                prefix, config.limits, access=access, rateLimiter=limiter
-            )
-            child = ListenerService(listener, protocol, inherited, reactor)
+            self._addListener(listener, inherited)
+
+    def _echo(self) -> EchoProtocol:
+        # One protocol per socket (a protocol has one transport); the access
+        # list and the rate limiter are shared, so that a source gets one
+        # budget however many listeners it reaches.
+        return EchoProtocol.fromConfig(
+            self.config.echo.prefixBytes,
+            self.config.limits,
+            access=self._access,
+            rateLimiter=self.limiter,
+        )
+
+    def _addListener(
+        self, listener: ListenConfig, inherited: InheritedSocket | None
+    ) -> ListenerService:
+        child = ListenerService(listener, self._echo(), inherited, self._reactor)
+        self.listeners.append(child)
+        try:
+            # Binds at once if this service runs (a reload).
             child.setServiceParent(self)
-            self.listeners.append(child)
+        except ListenError:
+            self.listeners.remove(child)
+            child.disownServiceParent()
+            raise
+        return child
 
     def setServiceParent(self, parent: Any) -> None:
         MultiService.setServiceParent(self, parent)
@@ -282,6 +323,15 @@ class EchoService(MultiService):
         # Logged once the reactor runs, i.e. once SIGTERM/SIGINT stop the
         # service cleanly (twistd binds and starts services before that).
         reactor.callWhenRunning(self._logRunning)
+        self._startStats()
+        if self._reloader is not None:
+            self._previousHangup = signal.signal(
+                signal.SIGHUP,
+                # A signal handler may only hand work to the reactor.
+                lambda *_: reactor.callFromThread(self._reloadOnSignal),
+            )
+
+    def _startStats(self) -> None:
         interval = self.config.log.stats_interval
         if interval > 0:
             self._statsCall = LoopingCall(self.logStats)
@@ -289,10 +339,16 @@ class EchoService(MultiService):
                 self._statsCall.clock = self._reactor
             self._statsCall.start(interval, now=False)
 
-    def stopService(self) -> Deferred[Any]:
+    def _stopStats(self) -> None:
         if self._statsCall is not None and self._statsCall.running:
             self._statsCall.stop()
         self._statsCall = None
+
+    def stopService(self) -> Deferred[Any]:
+        self._stopStats()
+        if self._previousHangup is not None:
+            signal.signal(signal.SIGHUP, self._previousHangup)
+            self._previousHangup = None
         d: Deferred[Any] = maybeDeferred(MultiService.stopService, self)
         d.addCallback(lambda _: self.logStats(final=True))
         return d
@@ -307,6 +363,111 @@ class EchoService(MultiService):
             logLevel=self.config.log.level,
             stats=f"stats every {interval:g} s" if interval > 0 else "stats at stop",
         )
+
+    def _reloadOnSignal(self) -> None:
+        if not self.running or self._reloader is None:
+            return
+        if self._reloading is not None:
+            self._log.warn("SIGHUP during a reload: ignored; send it again later")
+            return
+        try:
+            reloading = self.reload(self._reloader())
+        except ConfigError as e:
+            self._log.error(
+                "reload failed, the running configuration is kept: {error}",
+                error=str(e),
+            )
+            return
+        self._reloading = reloading
+        reloading.addBoth(self._reloaded)
+
+    def _reloaded(self, result: Any) -> None:
+        self._reloading = None
+        if isinstance(result, Failure):
+            self._log.failure("reload failed", result)
+
+    def reload(self, config: Config) -> Deferred[None]:
+        """
+        Apply a new configuration to the running service: listeners that
+        are gone close, new ones bind, and unchanged ones keep their socket
+        (no datagram lost); the echo's prefix and limits, the log level and
+        the stats interval change in place.  One info line says what
+        changed; one error line if a new listener cannot bind (the rest is
+        applied, that listener is not served).
+
+        @raise ConfigError: The new configuration cannot be applied while
+            running (a systemd listener it did not have); nothing changed.
+        """
+        old = self.config
+        keep, remove, add = self._planListeners(config)
+        changes = _changes(old, config, add, remove)
+        self.config = config
+        if config.limits != old.limits:
+            self._access = AccessList(config.limits.allow, config.limits.deny)
+            if _limiterKey(config.limits) != _limiterKey(old.limits):
+                evictions = self.limiter.evictions
+                self.limiter = _limiter(config.limits)
+                self.limiter.evictions = evictions
+        if config.limits != old.limits or config.echo != old.echo:
+            for child in keep:
+                child.replaceProtocol(self._echo())
+        if config.log.level != old.log.level:
+            logs.setLogLevel(config.log.level)
+        if config.log.stats_interval != old.log.stats_interval:
+            self._stopStats()
+            self._startStats()
+        stopped = [maybeDeferred(self._removeListener, child) for child in remove]
+        d: Deferred[Any] = gatherResults(stopped)
+
+        def bind(_: Any) -> None:
+            # After the removed ones closed: a listener re-added with other
+            # options takes the same address and port.
+            for listener, inherited in add:
+                try:
+                    self._addListener(listener, inherited)
+                except ListenError as e:
+                    self._log.error("reload: {message}; not serving it", message=str(e))
+            self._log.info(
+                "reloaded configuration: {changes}",
+                changes="; ".join(changes) or "nothing changed",
+            )
+
+        d.addCallback(bind)
+        return d
+
+    def _planListeners(
+        self, config: Config
+    ) -> tuple[
+        list[ListenerService],
+        list[ListenerService],
+        list[tuple[ListenConfig, InheritedSocket | None]],
+    ]:
+        """
+        Which running listeners stay, which go, and which are new.
+        """
+        running = list(self.listeners)
+        keep: list[ListenerService] = []
+        add: list[tuple[ListenConfig, InheritedSocket | None]] = []
+        for listener in config.listen:
+            same = [child for child in running if child.listener == listener]
+            if same:
+                # A systemd listener serves every socket it was given.
+                mine = same if listener.systemd else same[:1]
+                keep.extend(mine)
+                for child in mine:
+                    running.remove(child)
+            elif listener.systemd:
+                raise ConfigError(
+                    f"listener {listener.describe()} is new, but systemd passes "
+                    "sockets only at start; restart the service to use it"
+                )
+            else:
+                add.append((listener, None))
+        return keep, running, add
+
+    def _removeListener(self, child: ListenerService) -> Deferred[None] | None:
+        self.listeners.remove(child)
+        return self.removeService(child)
 
     def localSnapshot(self) -> Snapshot:
         """
@@ -348,6 +509,44 @@ class EchoService(MultiService):
             rateLimitedSources=snapshot.rateLimitedSources,
             limiterEvictions=snapshot.limiterEvictions,
         )
+
+
+def _limiter(limits: LimitsConfig) -> RateLimiter:
+    return RateLimiter(*_limiterKey(limits))
+
+
+def _limiterKey(limits: LimitsConfig) -> tuple[float, int, int]:
+    return (limits.per_source_rate, limits.per_source_burst, limits.max_sources)
+
+
+def _changes(
+    old: Config,
+    new: Config,
+    add: Sequence[tuple[ListenConfig, Any]],
+    remove: Sequence[ListenerService],
+) -> list[str]:
+    """
+    What a reload changes, as phrases for its log line.
+    """
+    changes = [f"listener {child.address} removed" for child in remove]
+    changes += [f"listener {listener.describe()} added" for listener, _ in add]
+    if new.echo != old.echo:
+        changes.append(f"prefix {old.echo.prefix!r} -> {new.echo.prefix!r}")
+    for f in fields(LimitsConfig):
+        was, now = getattr(old.limits, f.name), getattr(new.limits, f.name)
+        if was != now:
+            changes.append(f"[limits] {f.name} changed")
+    if new.log.level != old.log.level:
+        changes.append(f"log level {old.log.level} -> {new.log.level}")
+    if new.log.stats_interval != old.log.stats_interval:
+        changes.append(
+            f"stats interval {old.log.stats_interval:g} s -> "
+            f"{new.log.stats_interval:g} s"
+        )
+    for name in ("service", "metrics"):
+        if getattr(new, name) != getattr(old, name):
+            changes.append(f"[{name}] changed, applies at the next restart")
+    return changes
 
 
 #: The counters a stats line starts with, in this order; the port's other

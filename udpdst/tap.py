@@ -18,6 +18,7 @@ from udpdst.config import (
     LISTEN_HELP,
     OPTIONS,
     REUSE_PORT_HELP,
+    Config,
     ConfigError,
     loadConfig,
     withOverrides,
@@ -70,25 +71,35 @@ class Options(usage.Options):
 
     opt_listen.__doc__ = LISTEN_HELP
 
-    def postOptions(self) -> None:
-        try:
-            config = withOverrides(
-                loadConfig(self["config"]),
-                {option.name: self[option.name] for option in OPTIONS},
-                listen=self["listen"],
-                reusePort=bool(self["reuse-port"]),
-            )
-            inherited = listenFds(self._environ)
-            sockets = assignSockets(config.listen, inherited)
-        except ConfigError as e:
-            raise _ConfigUsageError(str(e)) from None
+    def readConfig(self) -> Config:
+        """
+        The configuration: the file, then the command line's overrides (at
+        start, and again at each reload).
+
+        @raise ConfigError: It is wrong.
+        """
+        config = withOverrides(
+            loadConfig(self["config"]),
+            {option.name: self[option.name] for option in OPTIONS},
+            listen=self["listen"],
+            reusePort=bool(self["reuse-port"]),
+        )
         if config.metrics.listen:
             from udpdst.metrics import MISSING_EXTRA, checkAvailable
 
             try:
                 checkAvailable()
             except ImportError:
-                raise _ConfigUsageError(MISSING_EXTRA) from None
+                raise ConfigError(MISSING_EXTRA) from None
+        return config
+
+    def postOptions(self) -> None:
+        try:
+            config = self.readConfig()
+            inherited = listenFds(self._environ)
+            sockets = assignSockets(config.listen, inherited)
+        except ConfigError as e:
+            raise _ConfigUsageError(str(e)) from None
         if inherited and not any(listener.systemd for listener in config.listen):
             _log.warn(
                 "systemd passed {count} sockets but no listener has systemd = "
@@ -125,7 +136,11 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     config = options["udpdst"]
     logs.setLogLevel(config.log.level)
     service = EchoService(
-        config, options["sockets"], reactor, twistdOptions=options.parent
+        config,
+        options["sockets"],
+        reactor,
+        twistdOptions=options.parent,
+        reloader=options.readConfig,
     )
     if config.metrics.listen:
         from udpdst.metrics import MetricsService

@@ -36,20 +36,18 @@ _DEFAULT_LIMITS = LimitsConfig()
 @dataclass(slots=True)
 class EchoCounters:
     """
-    What an L{EchoProtocol} did.
+    What only an L{EchoProtocol} knows: why it did not answer.  What came in,
+    what went out and what failed to go out, the port counts
+    (L{udpdst.port.PortCounters}), so that every datagram is counted once:
+    C{received = replied + sum(refused) + sendErrors}.
 
-    @ivar received: Datagrams delivered to the protocol.
-    @ivar replied: Replies handed to the kernel.
-    @ivar refused: Datagrams not answered, by reason (L{REFUSAL_REASONS}).
-    @ivar sendErrors: Replies the kernel would not take (e.g. C{ENOBUFS}).
+    @ivar refused: Datagrams not answered, by reason (every reason of
+        L{REFUSAL_REASONS}, 0 included).
     """
 
-    received: int = 0
-    replied: int = 0
     refused: dict[str, int] = field(
         default_factory=lambda: dict.fromkeys(REFUSAL_REASONS, 0)
     )
-    sendErrors: int = 0
 
     @property
     def refusedTotal(self) -> int:
@@ -106,6 +104,7 @@ class EchoProtocol(DestinationDatagramProtocol):
         )
         self._clock = clock
         self._ownPort = 0
+        self._port: Any = None
         self._log = Logger(namespace="udpdst.echo", source=self)
 
     @classmethod
@@ -151,14 +150,14 @@ class EchoProtocol(DestinationDatagramProtocol):
         return len(self.prefix)
 
     def startProtocol(self) -> None:
+        # Kept past stopProtocol (which clears transport) for the final stats.
+        self._port = self.transport
         host = self.transport.getHost()  # type: ignore[union-attr]
         self._ownPort = getattr(host, "port", 0)
 
     def datagramReceived(  # type: ignore[override]
         self, datagram: bytes, addr: PeerAddress, dst: Destination | None
     ) -> None:
-        counters = self.counters
-        counters.received += 1
         host, port = addr
         if port in self._denyPorts:
             return self._refuse("source-port", datagram, addr, dst)
@@ -190,15 +189,14 @@ class EchoProtocol(DestinationDatagramProtocol):
         try:
             self.transport.write(reply, addr, dst)  # type: ignore[union-attr, call-arg, misc]
         except (OSError, MessageLengthError) as e:
-            counters.sendErrors += 1
+            # The port counts failed writes (sendErrors); a full buffer or a
+            # vanished route must not stop the service.
             if logs.minimumLevel.debug:
                 self._log.debug(
                     "{peer}: reply not sent: {error}",
                     peer=_hostPort(host, port),
                     error=str(e),
                 )
-            return
-        counters.replied += 1
 
     def _refuse(
         self, reason: str, datagram: bytes, addr: PeerAddress, dst: Destination | None
@@ -215,17 +213,19 @@ class EchoProtocol(DestinationDatagramProtocol):
 
     def stats(self) -> dict[str, Any]:
         """
-        The counters as structured log fields.
+        The counters as structured log fields: the refusals counted here,
+        with what the port counted (C{received}, C{replied}, C{sendErrors}).
         """
-        c = self.counters
+        port = self._port.counters.asDict() if self._port is not None else {}
+        refused = self.counters.refused
         return {
-            "received": c.received,
-            "replied": c.replied,
-            "refused": c.refusedTotal,
-            "refusedBy": dict(c.refused),
-            "refusedText": " ".join(f"{k}={v}" for k, v in c.refused.items() if v)
+            "received": port.get("received", 0),
+            "replied": port.get("replied", 0),
+            "refused": sum(refused.values()),
+            "refusedBy": dict(refused),
+            "refusedText": " ".join(f"{k}={v}" for k, v in refused.items() if v)
             or "none",
-            "sendErrors": c.sendErrors,
+            "sendErrors": port.get("sendErrors", 0),
         }
 
 

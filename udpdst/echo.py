@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from udpdst import logs
 from udpdst.address import Destination, PeerAddress, formatHostPort
 from udpdst.config import MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6, LimitsConfig
-from udpdst.limits import AccessList, RateLimiter, sourceKey
+from udpdst.limits import AccessList, LoopGuard, RateLimiter, sourceKey
 from udpdst.protocol import DestinationDatagramProtocol
 
 #: Why a datagram got no reply, in the order the checks run.
@@ -28,6 +28,7 @@ REFUSAL_REASONS = (
     "not-allowed",  # a source in no allowed network
     "rate",  # the source's token bucket is empty
     "too-large",  # prefix + datagram exceeds the largest UDP payload
+    "loop",  # the peer keeps sending our replies back (limits.LoopGuard)
 )
 
 _DEFAULT_LIMITS = LimitsConfig()
@@ -65,9 +66,11 @@ class EchoProtocol(DestinationDatagramProtocol):
     datagram was sent to, unless one of the checks refuses it.
 
     The checks, cheapest first: the source port (loop protection), the
-    source network, the source's rate, and the size of the reply.  Refusals
-    are counted by reason in C{counters} and logged per datagram only at
-    debug level.
+    source network, the source's rate, the size of the reply, and whether
+    the datagram is one of our replies bounced back by another service (an
+    echo loop, L{LoopGuard}).  Refusals are counted by reason in
+    C{counters} and logged per datagram only at debug level; a stopped loop
+    is logged at info level, sparsely.
 
     @ivar counters: The L{EchoCounters}.
     """
@@ -80,6 +83,7 @@ class EchoProtocol(DestinationDatagramProtocol):
         denySamePort: bool = True,
         access: AccessList | None = None,
         rateLimiter: RateLimiter | None = None,
+        loopGuard: LoopGuard | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """
@@ -90,7 +94,10 @@ class EchoProtocol(DestinationDatagramProtocol):
             bounce it back forever).
         @param access: Allowed and denied networks; L{None} allows all.
         @param rateLimiter: Per-source token buckets; L{None} for no limit.
-        @param clock: Monotonic seconds, for the rate limiter.
+        @param loopGuard: What ends echo loops; a new L{LoopGuard} if L{None}
+            (one per protocol: a loop runs through one port).
+        @param clock: Monotonic seconds, for the rate limiter and the loop
+            guard.
         """
         self.prefix = prefix
         self.counters = EchoCounters()
@@ -102,6 +109,8 @@ class EchoProtocol(DestinationDatagramProtocol):
             if rateLimiter is not None and not rateLimiter.unlimited
             else None
         )
+        self._loops = loopGuard if loopGuard is not None else LoopGuard()
+        self._loopsStopped = 0
         self._clock = clock
         self._ownPort = 0
         self._port: Any = None
@@ -169,9 +178,8 @@ class EchoProtocol(DestinationDatagramProtocol):
             reason = self._access.refusal(host)
             if reason is not None:
                 return self._refuse(reason, datagram, addr, dst)
-        if self._limiter is not None and not self._limiter.allow(
-            sourceKey(host), self._clock()
-        ):
+        now = self._clock()
+        if self._limiter is not None and not self._limiter.allow(sourceKey(host), now):
             return self._refuse("rate", datagram, addr, dst)
         if self.prefix:
             reply = self.prefix + datagram
@@ -179,6 +187,9 @@ class EchoProtocol(DestinationDatagramProtocol):
                 return self._refuse("too-large", datagram, addr, dst)
         else:
             reply = datagram
+        if not self._loops.allow(addr, datagram, reply, now):
+            self._loopStopped(addr, dst)
+            return self._refuse("loop", datagram, addr, dst)
         if logs.minimumLevel.debug:
             self._log.debug(
                 "{peer} -> {destination}, {size} bytes",
@@ -197,6 +208,21 @@ class EchoProtocol(DestinationDatagramProtocol):
                     peer=_hostPort(host, port),
                     error=str(e),
                 )
+
+    def _loopStopped(self, addr: PeerAddress, dst: Destination | None) -> None:
+        self._loopsStopped += 1
+        count = self._loopsStopped
+        # The 1st, 2nd, 4th, 8th... : loops set off by a flood of spoofed
+        # datagrams cost log2(n) lines, not n.
+        if count & (count - 1) == 0:
+            self._log.info(
+                "echo loop with {peer} stopped at {destination}: it sent our "
+                "replies back, again and again; one was not answered "
+                "({count} loops stopped so far)",
+                peer=_hostPort(addr[0], addr[1]),
+                destination=str(dst) if dst is not None else "unknown",
+                count=count,
+            )
 
     def _refuse(
         self, reason: str, datagram: bytes, addr: PeerAddress, dst: Destination | None

@@ -1,6 +1,6 @@
 """
-Who the echo service answers: source networks (allow/deny), source ports
-(loop protection) and a per-source token bucket, each with bounded memory.
+Who the echo service answers: source networks (allow/deny), a per-source
+token bucket, and the end of echo loops, each with bounded memory.
 
 These are plain objects with no I/O and no clock of their own (the caller
 passes the time), so they are cheap on the per-datagram path and easy to test.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 from collections import OrderedDict
 from collections.abc import Iterable
+from typing import Any
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -167,3 +168,96 @@ class RateLimiter:
             return False
         bucket[0] = tokens - 1.0
         return True
+
+
+class LoopGuard:
+    """
+    Ends echo loops.  A loop is another service (an echo, or anything that
+    answers every datagram) bouncing our replies back, set off by one spoofed
+    datagram; it runs until one side stops answering.
+
+    Content alone cannot tell a loop from a client that repeats itself, so a
+    datagram is a I{bounce} when a peer (address and port) sends, less than
+    L{window} seconds after our last reply to it, a datagram that ends with
+    that reply (the other side may add a prefix, as ours may).  Bounces in a
+    row are a loop once there are L{maxBounces} of them or they have gone on
+    for L{maxDuration} seconds: that datagram gets no reply, which ends the
+    loop, and the peer is forgotten, so its next datagram is answered.
+
+    So every loop whose round trip is shorter than L{window} ends within
+    C{max(maxDuration, maxBounces * round trip)}, under a second.  A client
+    that repeats the same payload from one port, each time less than
+    L{window} after our reply (at full speed, or several in flight), loses
+    one datagram in C{maxBounces + 1}, or one each L{maxDuration} seconds if
+    slower; one that repeats it at longer intervals, or whose datagrams
+    differ (a sequence number, a time stamp), is never refused.
+
+    Memory is bounded: at most L{maxPeers} peers are remembered (all
+    forgotten when full), each with its last reply if that is at most
+    L{exactUpTo} bytes long, or else its length and hash.
+    """
+
+    window = 0.5
+    maxBounces = 64
+    maxDuration = 0.5
+    maxPeers = 4096
+    exactUpTo = 256
+
+    def __init__(self) -> None:
+        # peer -> [last reply (or its hash), its length, when it was sent,
+        #          bounces in a row, when the first of them was sent]
+        self._peers: dict[tuple[str, int], list[Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+    def allow(
+        self, peer: tuple[str, int], datagram: bytes, reply: bytes, now: float
+    ) -> bool:
+        """
+        Whether to answer C{datagram} from C{peer} with C{reply}; if so, the
+        reply is remembered as sent at C{now}.
+
+        @return: L{False} if C{datagram} is the bounce that makes a loop.
+        """
+        state = self._peers.get(peer)
+        if state is None:
+            peers = self._peers
+            if len(peers) >= self.maxPeers:
+                peers.clear()
+            # A plain tuple key: a PeerAddress would keep its destination.
+            peers[(peer[0], peer[1])] = [
+                reply if len(reply) <= self.exactUpTo else hash(reply),
+                len(reply),
+                now,
+                0,
+                now,
+            ]
+            return True
+        sent = state[2]
+        if now - sent < self.window and _endsWith(datagram, state[0], state[1]):
+            if not state[3]:
+                state[4] = sent
+            state[3] += 1
+            if state[3] >= self.maxBounces or now - state[4] >= self.maxDuration:
+                del self._peers[peer]
+                return False
+        else:
+            state[3] = 0
+        state[0] = reply if len(reply) <= self.exactUpTo else hash(reply)
+        state[1] = len(reply)
+        state[2] = now
+        return True
+
+
+def _endsWith(datagram: bytes, reply: bytes | int, length: int) -> bool:
+    """
+    Whether C{datagram} ends with the reply remembered as C{reply} (the
+    bytes, or their hash) of C{length} bytes.
+    """
+    if type(reply) is bytes:
+        return datagram.endswith(reply)
+    size = len(datagram)
+    if size < length:
+        return False
+    return hash(datagram if size == length else datagram[size - length :]) == reply

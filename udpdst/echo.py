@@ -179,7 +179,7 @@ class EchoProtocol(DestinationDatagramProtocol):
             if reason is not None:
                 return self._refuse(reason, datagram, addr, dst)
         now = self._clock()
-        if self._limiter is not None and not self._limiter.allow(sourceKey(host), now):
+        if self._limiter is not None and not self._limiter.allow(host, now):
             return self._refuse("rate", datagram, addr, dst)
         if self.prefix:
             reply = self.prefix + datagram

@@ -104,12 +104,13 @@ class EchoProtocol(DestinationDatagramProtocol):
         self._denyPorts = frozenset(denySourcePorts) | {0}
         self._denySamePort = denySamePort
         self._access = access if access is not None and not access.everyone else None
-        self._limiter = (
-            rateLimiter
+        # The checks' bound methods, looked up once: they run per datagram.
+        self._allowRate = (
+            rateLimiter.allow
             if rateLimiter is not None and not rateLimiter.unlimited
             else None
         )
-        self._loops = loopGuard if loopGuard is not None else LoopGuard()
+        self._allowLoop = (loopGuard if loopGuard is not None else LoopGuard()).allow
         self._loopsStopped = 0
         self._clock = clock
         self._ownPort = 0
@@ -179,7 +180,7 @@ class EchoProtocol(DestinationDatagramProtocol):
             if reason is not None:
                 return self._refuse(reason, datagram, addr, dst)
         now = self._clock()
-        if self._limiter is not None and not self._limiter.allow(host, now):
+        if self._allowRate is not None and not self._allowRate(host, now):
             return self._refuse("rate", datagram, addr, dst)
         if self.prefix:
             reply = self.prefix + datagram
@@ -187,7 +188,7 @@ class EchoProtocol(DestinationDatagramProtocol):
                 return self._refuse("too-large", datagram, addr, dst)
         else:
             reply = datagram
-        if not self._loops.allow(addr, datagram, reply, now):
+        if not self._allowLoop(addr, datagram, reply, now):
             self._loopStopped(addr, dst)
             return self._refuse("loop", datagram, addr, dst)
         if logs.minimumLevel.debug:

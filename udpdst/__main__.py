@@ -35,15 +35,13 @@ def _seconds(text: str) -> float:
     except ValueError:
         value = 0.0
     if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(
-            f"--timeout {text!r}: use a number of seconds above 0"
-        )
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
     return value
 
 
 def _portNumber(text: str) -> int:
     if not text.isdigit() or not 0 < int(text) < 65536:
-        raise argparse.ArgumentTypeError(f"--port {text!r}: use a port 1..65535")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port 1..65535")
     return int(text)
 
 
@@ -77,7 +75,7 @@ def parser() -> argparse.ArgumentParser:
         "--port",
         type=_portNumber,
         help="probe this port on every address (default: the default "
-        "listener's, %d)" % ListenConfig().port,
+        f"listener's, {ListenConfig().port})",
     )
     check.add_argument(
         "--timeout",

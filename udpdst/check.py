@@ -99,7 +99,7 @@ def localAddresses() -> list[LocalAddress]:
     @raise CheckError: pyroute2 is not installed, or netlink fails.
     """
     try:
-        from pyroute2 import IPRoute
+        from pyroute2 import IPRoute  # type: ignore[import-untyped]
     except ImportError:
         raise CheckError(
             "listing this host's addresses needs pyroute2; install it with "
@@ -137,6 +137,13 @@ def localAddresses() -> list[LocalAddress]:
     except OSError as e:
         raise CheckError(f"cannot list this host's addresses: {e}") from None
     return found
+
+
+def _interfaceName(ifindex: int) -> str:
+    try:
+        return socket.if_indextoname(ifindex)
+    except OSError:
+        return str(ifindex)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +203,9 @@ class Probe:
                 self.connected.connect(address)
                 self.catcher.bind(self.connected.getsockname())
             else:
-                local = socket.getaddrinfo(source, sourcePort, family, socket.SOCK_DGRAM)
+                local = socket.getaddrinfo(
+                    source, sourcePort, family, socket.SOCK_DGRAM
+                )
                 self.catcher.bind(local[0][4])
                 self.connected.bind(self.catcher.getsockname())
                 self.connected.connect(address)
@@ -224,7 +233,10 @@ class Probe:
             data, source = sock.recvfrom(size)
         except (BlockingIOError, ConnectionRefusedError):
             return None
-        return Answer(data, (source[0], source[1]), sock is self.connected)
+        host = source[0]
+        if len(source) == 4 and source[3]:
+            host = f"{host}%{_interfaceName(source[3])}"
+        return Answer(data, (host, source[1]), sock is self.connected)
 
     def sockets(self) -> tuple[socket.socket, socket.socket]:
         return (self.connected, self.catcher)
@@ -379,7 +391,9 @@ def formatReport(
     ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
     lines = [
-        "  ".join([*(cell.ljust(w) for cell, w in zip(row, widths)), row[3]])
+        "  ".join(
+            [*(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)), row[3]]
+        )
         for row in [header, *rows]
     ]
     lines += [

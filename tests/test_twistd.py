@@ -21,14 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from tests._service_helpers import (
-    DEADLINE,
-    TWISTD,
-    Twistd,
-    echo,
-    freePort,
-)
+from tests._service_helpers import DEADLINE, TWISTD, Twistd, freePort
+from tests.clients import REPLY_TIMEOUT, echo
 from tests.conftest import HAVE_IPV6, requiresIPv6
+from udpdst.check import Answer, Probe, askAll
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -279,13 +275,10 @@ def test_logLevelDebugAndJson(started) -> None:  # type: ignore[no-untyped-def]
         twistdArgs=["-n", "--pidfile=", "--logger", "udpdst.logs.jsonLogObserver"],
     )
     ((_, port),) = process.listening()
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(DEADLINE / 3)
-        s.bind(("127.0.0.5", 0))
-        s.connect(("127.0.0.2", port))
-        s.send(b"x" * 42)
-        assert s.recv(100) == b"x" * 42
-        peer = f"127.0.0.5:{s.getsockname()[1]}"
+    with Probe("127.0.0.2", port, source="127.0.0.5") as probe:
+        (answer,) = askAll([probe], [b"x" * 42], REPLY_TIMEOUT, attempts=1)
+        peer = "{}:{}".format(*probe.local)
+    assert answer == Answer(b"x" * 42, ("127.0.0.2", port), fromTarget=True)
     process.stop()
     events = [json.loads(line) for line in process.out]
     (datagram,) = [e for e in events if e.get("log_namespace") == "udpdst.echo"]

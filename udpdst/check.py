@@ -253,12 +253,16 @@ class Probe:
 
 
 def askAll(
-    probes: Sequence[Probe], payloads: Sequence[bytes], timeout: float
+    probes: Sequence[Probe],
+    payloads: Sequence[bytes],
+    timeout: float,
+    attempts: int = 3,
 ) -> list[Answer | None]:
     """
     Send each probe its payload and wait, up to C{timeout} seconds in all,
     for an answer to each: the first reply that contains the payload.
-    Unanswered probes are sent again twice, in case a datagram was lost.
+    Unanswered probes are sent again, up to C{attempts} times in all, spread
+    over the timeout, in case a datagram was lost.
 
     @return: Per probe, its answer or L{None}.
     """
@@ -269,7 +273,7 @@ def askAll(
                 selector.register(s, selectors.EVENT_READ, i)
         start = time.monotonic()
         deadline = start + timeout
-        resends = [start + timeout * k / 3 for k in (0, 1, 2)]
+        resends = [start + timeout * k / attempts for k in range(attempts)]
         while None in answers:
             now = time.monotonic()
             if now >= deadline:

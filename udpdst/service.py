@@ -265,7 +265,11 @@ class EchoService(MultiService):
         MultiService.__init__(self)
         self.config = config
         self._reactor = reactor
-        self._twistd = TwistdHooks(twistdOptions) if twistdOptions is not None else None
+        self._twistd = (
+            TwistdHooks.install(twistdOptions, config.log.format)
+            if twistdOptions is not None
+            else None
+        )
         self._statsCall: LoopingCall | None = None
         self.snapshotProvider: Callable[[], Snapshot] | None = None
         self._reloader = reloader
@@ -559,6 +563,8 @@ def _changes(
             f"stats interval {old.log.stats_interval:g} s -> "
             f"{new.log.stats_interval:g} s"
         )
+    if new.log.format != old.log.format:
+        changes.append("[log] format changed, applies at the next restart")
     for name in ("service", "metrics"):
         if getattr(new, name) != getattr(old, name):
             changes.append(f"[{name}] changed, applies at the next restart")

@@ -15,8 +15,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from twisted.logger import eventFromJSON, formatEvent
 
@@ -244,3 +245,21 @@ def stopDaemon(pidfile: Path) -> None:
             os.kill(daemon, signal.SIGKILL)
             raise AssertionError(f"daemon {daemon} did not stop on SIGTERM")
         time.sleep(0.05)
+
+
+def startedTwistd(cwd: Path) -> Iterator[Callable[..., Twistd]]:
+    """
+    For a fixture: a function that starts C{twistd udpdst} (arguments as
+    L{Twistd}'s), and, when the test ends, kills by pid whatever it left
+    running.
+    """
+    processes: list[Twistd] = []
+
+    def start(*args: str, **kw: Any) -> Twistd:
+        process = Twistd(args, cwd, **kw)
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        process.kill()

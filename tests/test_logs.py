@@ -10,6 +10,7 @@ import inspect
 import json
 import re
 import socket
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -17,22 +18,13 @@ from typing import Any
 import pytest
 from twisted.logger import LogLevel, LogLevelFilterPredicate, PredicateResult
 
-from tests._service_helpers import Twistd, echo, stopDaemon
+from tests._service_helpers import Twistd, echo, startedTwistd, stopDaemon
 from udpdst import logs
 
 
 @pytest.fixture
-def started(tmp_path: Path):  # type: ignore[no-untyped-def]
-    processes: list[Twistd] = []
-
-    def start(*args: str, **kw: object) -> Twistd:
-        process = Twistd(args, tmp_path, **kw)  # type: ignore[arg-type]
-        processes.append(process)
-        return process
-
-    yield start
-    for process in processes:
-        process.kill()
+def started(tmp_path: Path) -> Iterator[Callable[..., Twistd]]:
+    yield from startedTwistd(tmp_path)
 
 
 def records(lines: list[str]) -> list[dict[str, Any]]:

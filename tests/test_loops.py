@@ -6,9 +6,6 @@ and clients that repeat themselves, which must keep their answers.
 
 from __future__ import annotations
 
-import os
-import socket
-import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -16,26 +13,12 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.logger import LogLevel, globalLogPublisher
 
+from tests._raw import requiresRawSockets, spoof
 from tests.test_echo import client, portCounters, run, send, server
 from udpdst.address import Destination, PeerAddress
 from udpdst.config import LimitsConfig
 from udpdst.echo import EchoProtocol
 from udpdst.limits import LoopGuard
-
-requiresRawSockets = pytest.mark.skipif(
-    os.geteuid() != 0, reason="spoofing a source needs a raw socket (root)"
-)
-
-
-def spoof(source: tuple[str, int], target: tuple[str, int], payload: bytes) -> None:
-    """
-    Send one IPv4 UDP datagram to C{target} that claims to come from
-    C{source} (address and port), as an attacker would.
-    """
-    header = struct.pack("!HHHH", source[1], target[1], 8 + len(payload), 0)
-    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP) as raw:
-        raw.bind((source[0], 0))
-        raw.sendto(header + payload, (target[0], 0))
 
 
 def until(reactor: Any, condition: Callable[[], bool]) -> Deferred[None]:

@@ -277,11 +277,11 @@ class Pair:
         server.ip("addr", "add", f"{self.VIP_V6}/128", "dev", "lo", "nodad")
         client.ip("route", "add", f"{self.VIP_V4}/32", "via", self.SERVER_V4)
         client.ip("-6", "route", "add", f"{self.VIP_V6}/128", "via", self.SERVER_V6)
-        self._waitUntilReady()
+        self.waitUntilReady()
         self.serverIfindex = self.ifindex(server, self.SERVER_IF)
         self.clientIfindex = self.ifindex(client, self.CLIENT_IF)
 
-    def _waitUntilReady(self, timeout: float = 5.0) -> None:
+    def waitUntilReady(self, timeout: float = 5.0) -> None:
         """
         Wait (bounded) for both veth ends to be up with no tentative address.
         """

@@ -13,6 +13,7 @@ L{tests.netns.Pair} and L{tests._netns_load}).
 from __future__ import annotations
 
 import json
+import random
 import signal
 import subprocess
 import sys
@@ -152,5 +153,81 @@ def test_spoofedSourceFlood(pair: Pair, service: Twistd) -> None:
     grown = after["VmHWM"] - before["VmHWM"]
     print(f"flood: peak memory {before['VmHWM']} -> {after['VmHWM']} (+{grown})")
     assert grown < FLOOD_MEMORY_BOUND
+    assert service.stop() == -signal.SIGTERM
+    assertCleanLog(service)
+
+
+def currentAddresses(pair: Pair) -> list[str]:
+    """
+    The server's unicast addresses on its veth, as the kernel has them now.
+    """
+    assert pair.server is not None
+    shown = json.loads(
+        pair.server.ip("-j", "addr", "show", "dev", Pair.SERVER_IF).stdout
+    )
+    return [a["local"] for a in shown[0].get("addr_info", []) if a["scope"] == "global"]
+
+
+def test_addressChurnUnderLoad(pair: Pair, service: Twistd) -> None:
+    """
+    While a client keeps asking, 200 times an address (IPv4 or IPv6) is
+    added or removed, or the link goes down and up, in a seeded random
+    order; afterwards every address the server has answers from itself, and
+    the service logged no error.
+    """
+    server = pair.server
+    assert server is not None
+    spare = [f"10.1.2.{i}" for i in range(10, 16)] + [
+        f"fd00:1:2::{i:x}" for i in range(0x10, 0x16)
+    ]
+    asked = [Pair.SERVER_V4, Pair.SERVER_V6, *spare]
+    client = startLoad(
+        pair,
+        "ask",
+        {"targets": [[a, PORT] for a in asked], "duration": 5.0, "wait": 0.01},
+    )
+    rng = random.Random(9)
+    present: set[str] = set()
+    flaps = 0
+    for _ in range(200):
+        choice = rng.random()
+        if choice < 0.08:
+            server.ip("link", "set", Pair.SERVER_IF, "down")
+            server.ip("link", "set", Pair.SERVER_IF, "up")
+            flaps += 1
+            # The kernel drops IPv6 addresses when a link goes down.
+            present = set(currentAddresses(pair)) & set(spare)
+            continue
+        address = rng.choice(spare)
+        prefix = "64" if ":" in address else "24"
+        if address in present:
+            server.ip("addr", "del", f"{address}/{prefix}", "dev", Pair.SERVER_IF)
+            present.discard(address)
+        else:
+            extra = ["nodad"] if ":" in address else []
+            server.ip(
+                "addr", "add", f"{address}/{prefix}", "dev", Pair.SERVER_IF, *extra
+            )
+            present.add(address)
+    out, err = client.communicate(timeout=60)
+    assert client.returncode == 0, err
+    during = json.loads(out)
+    assert flaps > 0
+    # The primary IPv4 address was there all along (a link going down
+    # drops IPv6 addresses, not IPv4 ones).
+    assert during[Pair.SERVER_V4]["answered"] > 0
+
+    server.ip("link", "set", Pair.SERVER_IF, "up")
+    pair.waitUntilReady()
+    addresses = currentAddresses(pair)
+    print(f"churn: {flaps} flaps; now {addresses}; during {during}")
+    assert Pair.SERVER_V4 in addresses
+    assert set(present) <= set(addresses)
+    results = pair.query(
+        *[{"host": a, "port": PORT, "timeout": 2.0} for a in addresses]
+    )
+    for address, result in zip(addresses, results, strict=True):
+        assert result["ok"], result
+        assert result["source"] == [address, PORT], result
     assert service.stop() == -signal.SIGTERM
     assertCleanLog(service)

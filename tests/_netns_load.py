@@ -20,6 +20,13 @@ the flood never outruns the server::
     {"target": ["10.1.2.2", 12345], "base": "10.200.0.0", "sources": 100000,
      "batch": 100, "wait": 2.0}
     -> {"spoofed": 100000, "asked": 1000, "answered": 1000}
+
+C{blast}: keep C{window} numbered datagrams in flight on each of C{sockets}
+connected sockets for C{duration} seconds, a new one for each answer::
+
+    {"target": ["127.0.0.2", 12345], "sockets": 4, "window": 32,
+     "duration": 180.0, "wait": 2.0}
+    -> {"sent": 5000000, "answered": 5000000, "lost": 0}
 """
 
 from __future__ import annotations
@@ -129,9 +136,71 @@ def flood(spec: dict[str, Any]) -> dict[str, Any]:
     return {"spoofed": sent, "asked": asked, "answered": answered}
 
 
+def blast(spec: dict[str, Any]) -> dict[str, Any]:
+    """
+    Keep C{window} datagrams in flight on each of C{sockets} connected
+    sockets for C{duration} seconds, each datagram numbered, a new one sent
+    for each answer; count what was sent, answered in order, and lost (not
+    answered within C{wait} seconds).
+    """
+    host, port = spec["target"]
+    socks = [_connected(host, port) for _ in range(spec["sockets"])]
+    for sock in socks:
+        sock.setblocking(False)
+    payload = b"\0" * spec.get("size", 64)
+    nextSeq = [0] * len(socks)
+    expected = [0] * len(socks)
+    sent = answered = lost = 0
+
+    def send(i: int) -> None:
+        nonlocal sent
+        socks[i].send(nextSeq[i].to_bytes(8, "big") + payload)
+        nextSeq[i] += 1
+        sent += 1
+
+    for i in range(len(socks)):
+        for _ in range(spec["window"]):
+            send(i)
+    deadline = time.monotonic() + spec["duration"]
+    last = time.monotonic()
+    while True:
+        now = time.monotonic()
+        readable = select.select(socks, [], [], 0.2)[0]
+        if not readable and now - last > spec["wait"]:
+            # Nothing came back for a while: what is in flight is lost.
+            lost += sum(n - e for n, e in zip(nextSeq, expected, strict=True))
+            if now >= deadline:
+                break
+            expected = list(nextSeq)
+            for i in range(len(socks)):
+                for _ in range(spec["window"]):
+                    send(i)
+            last = now
+            continue
+        for sock in readable:
+            i = socks.index(sock)
+            while True:
+                try:
+                    data = sock.recv(65535)
+                except BlockingIOError:
+                    break
+                end = len(data) - len(payload)  # after a prefix, if any
+                seq = int.from_bytes(data[end - 8 : end], "big")
+                if seq >= expected[i]:
+                    lost += seq - expected[i]
+                    expected[i] = seq + 1
+                    answered += 1
+                    last = now
+                    if now < deadline:
+                        send(i)
+        if now >= deadline and expected == nextSeq:
+            break
+    return {"sent": sent, "answered": answered, "lost": lost}
+
+
 def main(argv: list[str]) -> int:
     mode, spec = argv[0], json.loads(argv[1])
-    print(json.dumps({"ask": ask, "flood": flood}[mode](spec)))
+    print(json.dumps({"ask": ask, "flood": flood, "blast": blast}[mode](spec)))
     return 0
 
 

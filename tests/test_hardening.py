@@ -25,6 +25,8 @@ import pytest
 
 from tests._service_helpers import TWISTD, Twistd
 from tests.netns import REPO, Pair, unavailableReason
+from udpdst.echo import REFUSAL_REASONS
+from udpdst.port import PortCounters
 
 pytestmark = pytest.mark.netns
 
@@ -231,3 +233,76 @@ def test_addressChurnUnderLoad(pair: Pair, service: Twistd) -> None:
         assert result["source"] == [address, PORT], result
     assert service.stop() == -signal.SIGTERM
     assertCleanLog(service)
+
+
+def test_statsLineAddsUp(pair: Pair, tmp_path: Path) -> None:
+    """
+    The service's final stats line (JSON log) after a mixed load, send
+    errors included (replies to a source the server has an unreachable route
+    to): every port counter and every refusal reason is in it, and
+    received = replied + refused + send errors.
+    """
+    server, client = pair.server, pair.client
+    assert server is not None and client is not None
+    unreachable, denied = "10.1.2.99", "10.1.2.98"
+    server.sysctl("net.ipv4.conf.all.rp_filter", "0")
+    server.sysctl(f"net.ipv4.conf.{Pair.SERVER_IF}.rp_filter", "0")
+    server.ip("route", "add", "unreachable", f"{unreachable}/32")
+    for address in (unreachable, denied):
+        client.ip("addr", "add", f"{address}/24", "dev", Pair.CLIENT_IF)
+    config = tmp_path / "udpdst.toml"
+    config.write_text(
+        f'[[listen]]\naddress = "::"\nport = {PORT}\nmax_packet_size = 1000\n'
+        f'[limits]\ndeny = ["{denied}/32"]\nper_source_rate = 0.01\n'
+        "per_source_burst = 5\n"
+    )
+    process = Twistd(
+        [],
+        REPO,
+        command=server.argv(
+            TWISTD,
+            "-n",
+            "--pidfile=",
+            "--logger",
+            "udpdst.logs.jsonLogObserver",
+            "udpdst",
+            "--config",
+            str(config),
+        ),
+    )
+    try:
+        process.listening()
+
+        def ask(count: int, **options: Any) -> list[dict[str, Any]]:
+            return pair.query(
+                *[
+                    {"host": Pair.SERVER_V4, "port": PORT, "timeout": 0.3, **options}
+                    for _ in range(count)
+                ]
+            )
+
+        assert [r["ok"] for r in ask(5)] == [True] * 5
+        assert not any(r["ok"] for r in ask(4, bind=Pair.CLIENT_V4))  # rate
+        assert not any(r["ok"] for r in ask(4, bind=unreachable))
+        assert not any(r["ok"] for r in ask(2, bind=denied))
+        assert not any(r["ok"] for r in ask(1, payload="x" * 2000))
+        assert process.stop() == -signal.SIGTERM
+    finally:
+        process.kill()
+    assertCleanLog(process)
+    (final,) = [
+        json.loads(line)
+        for line in process.out
+        if line.startswith("{") and '"final": true' in line and '"received"' in line
+    ]
+    for name in PortCounters.__dataclass_fields__:
+        assert "{" + name + "}" in final["log_format"], name
+    assert set(final["refusedBy"]) == set(REFUSAL_REASONS)
+    assert final["sendErrors"] == 4
+    assert final["oversized"] == 1
+    assert final["refusedBy"]["denied"] == 2
+    assert final["refusedBy"]["rate"] == 4
+    assert final["received"] == 5 + 4 + 4 + 2
+    assert final["received"] == (
+        final["replied"] + final["refused"] + final["sendErrors"]
+    )

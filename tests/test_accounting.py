@@ -15,7 +15,8 @@ import termios
 from typing import Any
 
 from tests._raw import requiresRawSockets, spoof
-from tests.test_echo import Client, client, run, send
+from tests.clients import Client, listenClient
+from tests.test_echo import run
 from tests.test_loops import until
 from udpdst import listenUDP
 from udpdst.echo import REFUSAL_REASONS, EchoProtocol
@@ -54,7 +55,7 @@ def test_everyDatagramCountedOnce(epollReactor: Any) -> None:
     number = port.getHost().port
     expected = dict.fromkeys(REFUSAL_REASONS, 0)
     survived: list[int] = []
-    markers = client(epollReactor, "127.0.0.1", SERVER, number)
+    markers = listenClient(epollReactor, SERVER, number, "127.0.0.1")
 
     async def marker() -> None:
         """
@@ -62,12 +63,12 @@ def test_everyDatagramCountedOnce(epollReactor: Any) -> None:
         (one server socket, loopback delivers in order).
         """
         count = len(markers.received)
-        send(markers, b"marker")
+        markers.send(b"marker")
         await markers.waitFor(count + 1)
 
     async def answered(c: Client, payloads: list[bytes]) -> None:
         for payload in payloads:
-            send(c, payload)
+            c.send(payload)
         await c.waitFor(len(payloads))
         assert [d for d, _ in c.received[-len(payloads) :]] == [
             PREFIX + p for p in payloads
@@ -78,9 +79,9 @@ def test_everyDatagramCountedOnce(epollReactor: Any) -> None:
         # while the reactor does not read.
         handle = port.getHandle()
         handle.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        dropping = client(epollReactor, "127.0.0.30", SERVER, number)
+        dropping = listenClient(epollReactor, SERVER, number, "127.0.0.30")
         for i in range(200):
-            send(dropping, b"%d" % i + b"z" * 512)
+            dropping.send(b"%d" % i + b"z" * 512)
         # The marker itself would be dropped while the buffer is full.
         await until(epollReactor, lambda: queued(handle) == 0)
         await marker()
@@ -90,7 +91,7 @@ def test_everyDatagramCountedOnce(epollReactor: Any) -> None:
         # Answered.
         for i in range(10):
             await answered(
-                client(epollReactor, f"127.0.0.{40 + i}", SERVER, number),
+                listenClient(epollReactor, SERVER, number, f"127.0.0.{40 + i}"),
                 [b"good %d %d" % (i, j) for j in range(3)],
             )
 
@@ -100,29 +101,29 @@ def test_everyDatagramCountedOnce(epollReactor: Any) -> None:
             expected["source-port"] += 1
         spoof(("127.0.0.21", number), (SERVER, number), b"same port")
         expected["same-port"] += 1
-        denied = client(epollReactor, "127.0.0.9", SERVER, number)
-        notAllowed = client(epollReactor, "127.0.0.200", SERVER, number)
+        denied = listenClient(epollReactor, SERVER, number, "127.0.0.9")
+        notAllowed = listenClient(epollReactor, SERVER, number, "127.0.0.200")
         for i in range(3):
-            send(denied, b"denied %d" % i)
-            send(notAllowed, b"not allowed %d" % i)
+            denied.send(b"denied %d" % i)
+            notAllowed.send(b"not allowed %d" % i)
         expected["denied"] += 3
         expected["not-allowed"] += 3
-        flooder = client(epollReactor, "127.0.0.60", SERVER, number)
+        flooder = listenClient(epollReactor, SERVER, number, "127.0.0.60")
         for chunk in range(0, BURST + 100, 50):
             # In chunks, so that no buffer on the way overflows.
             for i in range(chunk, chunk + 50):
-                send(flooder, b"flood %d" % i)
+                flooder.send(b"flood %d" % i)
             await marker()
         expected["rate"] += 100
-        big = client(epollReactor, "127.0.0.61", SERVER, number)
-        send(big, b"t" * 65000)  # fits maxPacketSize, not with the prefix
+        big = listenClient(epollReactor, SERVER, number, "127.0.0.61")
+        big.send(b"t" * 65000)  # fits maxPacketSize, not with the prefix
         expected["too-large"] += 1
         # A peer that echoes our replies back (a loop).
-        repeater = client(epollReactor, "127.0.0.62", SERVER, number)
-        send(repeater, b"bounce")
+        repeater = listenClient(epollReactor, SERVER, number, "127.0.0.62")
+        repeater.send(b"bounce")
         for i in range(LoopGuard.maxBounces):
             await repeater.waitFor(i + 1)
-            send(repeater, repeater.received[-1][0])
+            repeater.send(repeater.received[-1][0])
         expected["loop"] += 1
         await marker()
         assert len(flooder.received) == BURST
@@ -130,13 +131,13 @@ def test_everyDatagramCountedOnce(epollReactor: Any) -> None:
         assert denied.received == notAllowed.received == big.received == []
 
         # Oversized: larger than maxPacketSize, dropped by the port.
-        send(big, b"o" * (MAX_PACKET + 100))
+        big.send(b"o" * (MAX_PACKET + 100))
         # Control data truncated: delivered with no destination, answered
         # from the kernel's choice (so to an unconnected client).
         port.ancillaryBufferSize = socket.CMSG_SPACE(4)
-        loose = client(epollReactor, "127.0.0.63", None, number)
+        loose = listenClient(epollReactor, None, number, "127.0.0.63")
         for i in range(3):
-            send(loose, b"loose %d" % i, ("127.0.0.1", number))
+            loose.send(b"loose %d" % i, ("127.0.0.1", number))
         await loose.waitFor(3)
         port.ancillaryBufferSize = type(port).ancillaryBufferSize
         await marker()

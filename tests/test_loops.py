@@ -14,7 +14,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import LogLevel, globalLogPublisher
 
 from tests._raw import requiresRawSockets, spoof
-from tests.test_echo import client, portCounters, run, send, server
+from tests.clients import listenClient
+from tests.test_echo import portCounters, run, server
 from udpdst.address import Destination, PeerAddress
 from udpdst.config import LimitsConfig
 from udpdst.echo import EchoProtocol
@@ -93,8 +94,8 @@ def test_loopBetweenTwoEchoPortsEnds(
         for _ in range(2):
             before = received()
             for port in (portA, portB):
-                c = client(epollReactor, "127.0.0.1", "127.0.0.2", port)
-                send(c, b"marker")
+                c = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.1")
+                c.send(b"marker")
                 await c.waitFor(1)
                 assert c.received[0][0].endswith(b"marker")
             assert received() == [n + 1 for n in before]
@@ -128,9 +129,9 @@ def test_clientRepeatingOnceASecondIsNeverRefused(epollReactor: Any) -> None:
     proto, port = server(epollReactor, "::", EchoProtocol(clock=clock))
 
     async def scenario() -> None:
-        c = client(epollReactor, "127.0.0.1", "127.0.0.2", port)
+        c = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.1")
         for i in range(200):
-            send(c, b"are you there?")
+            c.send(b"are you there?")
             await c.waitFor(i + 1)
             clock.now += 1.0
 
@@ -147,10 +148,10 @@ def test_loadTestWithDifferentDatagramsIsNeverRefused(epollReactor: Any) -> None
     proto, port = server(epollReactor, "::", EchoProtocol(clock=lambda: 5.0))
 
     async def scenario() -> None:
-        c = client(epollReactor, "127.0.0.1", "127.0.0.2", port)
+        c = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.1")
         for burst in range(20):
             for i in range(32):
-                send(c, b"%d %08d" % (burst, i) + b"\0" * 48)
+                c.send(b"%d %08d" % (burst, i) + b"\0" * 48)
             await c.waitFor(32 * (burst + 1))
 
     run(epollReactor, scenario)

@@ -1,20 +1,27 @@
 """
 Tests for the end of echo loops (udpdst.limits.LoopGuard in the echo): two
-echo ports and one spoofed datagram between them on real loopback sockets,
-and clients that repeat themselves, which must keep their answers.
+echo ports, and two C{twistd udpdst} services, with one spoofed datagram
+between them on real loopback sockets; a loop through a slow peer; and
+clients that repeat themselves, which must keep their answers.
 """
 
 from __future__ import annotations
 
+import json
+import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import LogLevel, globalLogPublisher
 
 from tests._raw import requiresRawSockets, spoof
+from tests._service_helpers import DEADLINE, Twistd, echo, freePort
 from tests.clients import listenClient
+from tests.netns import REPO
 from tests.test_echo import portCounters, run, server
 from udpdst.address import Destination, PeerAddress
 from udpdst.config import LimitsConfig
@@ -263,3 +270,91 @@ def test_echoRefusesTheBounce() -> None:
     # The first reply, then maxBounces - 1 more; the maxBounces-th bounce is
     # refused.
     assert len(sent) == LoopGuard.maxBounces
+
+
+class SlowEcho(DatagramProtocol):
+    """
+    Another service on a slow path: it answers every datagram with the same
+    bytes, 0.1 s later.
+    """
+
+    delay = 0.1
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.seen = 0
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.seen += 1
+        self.reactor.callLater(self.delay, self.transport.write, data, addr)  # type: ignore[union-attr]
+
+
+def test_slowLoopEndsOnRealSockets(epollReactor: Any) -> None:
+    """
+    A loop through a peer that takes 0.1 s to answer (far below the rate
+    limit, too slow for maxBounces to matter) ends once it has gone on for
+    maxDuration.
+    """
+    proto, port = server(epollReactor, "::", EchoProtocol())
+    peer = SlowEcho(epollReactor)
+    listening = epollReactor.listenUDP(0, peer, interface="127.0.0.1")
+
+    async def scenario() -> None:
+        listening.write(b"start", ("127.0.0.2", port))
+        await until(epollReactor, lambda: proto.counters.refused["loop"] > 0)
+
+    run(epollReactor, scenario)
+    # At least maxDuration / 0.1 s bounces, far fewer than maxBounces.
+    assert 4 <= peer.seen < LoopGuard.maxBounces
+    assert portCounters(proto).replied == peer.seen
+
+
+@requiresRawSockets
+def test_loopBetweenTwoServicesEnds(tmp_path: Any) -> None:
+    """
+    Two C{twistd udpdst} services with their default limits on two ports,
+    one spoofed datagram between them: the loop ends, counted once under
+    C{loop} and logged once at info level, and both still answer.
+    """
+    ports = [freePort(), freePort()]
+    services = [
+        Twistd(
+            ["--listen", f"127.0.0.1:{p}", "--stats-interval", "0"],
+            REPO,
+            twistdArgs=["-n", "--pidfile=", "--logger", "udpdst.logs.jsonLogObserver"],
+        )
+        for p in ports
+    ]
+    try:
+        for service in services:
+            service.listening()
+        spoof(("127.0.0.1", ports[0]), ("127.0.0.1", ports[1]), b"set off a loop")
+        # Whichever stops it logs it; wait for that line.
+        deadline = time.monotonic() + DEADLINE
+        while not any("echo loop" in s.output() for s in services):
+            assert time.monotonic() < deadline, [s.output() for s in services]
+            time.sleep(0.05)
+        for p in ports:
+            assert echo("127.0.0.1", p, b"still there") == b"still there"
+        for service in services:
+            assert service.stop() == -signal.SIGTERM
+    finally:
+        for service in services:
+            service.kill()
+    finals = [
+        json.loads(line)
+        for service in services
+        for line in service.out
+        if '"final": true' in line and '"refusedBy"' in line
+    ]
+    assert sum(f["refusedBy"]["loop"] for f in finals) == 1
+    stopped = [
+        json.loads(line)
+        for service in services
+        for line in service.out
+        if "echo loop" in line
+    ]
+    assert len(stopped) == 1
+    assert stopped[0]["log_level"]["name"] == "info"
+    for f in finals:
+        assert f["received"] == f["replied"] + f["refused"] + f["sendErrors"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
@@ -239,10 +240,24 @@ def test_notABounceWhenSlowOrDifferent() -> None:
 
 
 def test_memoryBounded() -> None:
+    """
+    At most maxPeers peers, and the README's 3.5 MB at worst: IPv6 peers
+    with a destination each, replies of exactUpTo bytes kept whole.
+    """
     guard = LoopGuard()
-    for i in range(3 * LoopGuard.maxPeers):
-        guard.allow((f"10.0.{i >> 8 & 255}.{i & 255}", 9), b"x", b"x", 0.0)
-        assert len(guard) <= LoopGuard.maxPeers
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(3 * LoopGuard.maxPeers):
+            host = f"2001:db8:1234:5678:9abc:def0:{i >> 16:x}:{i & 0xFFFF:x}"
+            dst = Destination("2001:db8::1", 12345, 2, "2001:db8::1")
+            reply = bytes(bytearray(LoopGuard.exactUpTo))
+            guard.allow(PeerAddress(host, 40000, dst), b"x", reply, 0.0)
+            assert len(guard) <= LoopGuard.maxPeers
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert peak < 3.5e6
 
 
 def test_echoRefusesTheBounce() -> None:

@@ -18,8 +18,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -112,6 +115,21 @@ def unavailableReason() -> str | None:
             _ip("netns", "del", name, check=False)
     _probed.append(reason)
     return reason
+
+
+def builtPair() -> Iterator[Pair]:
+    """
+    For fixtures: a new L{Pair}, deleted when the test is done; the test
+    skips, saying why, where namespaces cannot be built.
+    """
+    reason = unavailableReason()
+    if reason is not None:
+        pytest.skip(reason)
+    built = Pair.create()
+    try:
+        yield built
+    finally:
+        built.delete()
 
 
 class Namespace:

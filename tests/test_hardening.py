@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests._service_helpers import TWISTD, Twistd
-from tests.netns import REPO, Pair, unavailableReason
+from tests.netns import REPO, Pair, builtPair
 from udpdst.echo import REFUSAL_REASONS
 from udpdst.port import PortCounters
 
@@ -40,14 +40,7 @@ FLOOD_MEMORY_BOUND = 15 * 2**20
 
 @pytest.fixture
 def pair() -> Iterator[Pair]:
-    reason = unavailableReason()
-    if reason is not None:
-        pytest.skip(reason)
-    built = Pair.create()
-    try:
-        yield built
-    finally:
-        built.delete()
+    yield from builtPair()
 
 
 @pytest.fixture

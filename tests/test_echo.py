@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import ensureDeferred
-from twisted.internet.error import MessageLengthError
+from twisted.internet.error import InvalidAddressError, MessageLengthError
 from twisted.logger import LogLevel, globalLogPublisher
 
 from tests.clients import Client, listenClient
@@ -393,6 +393,7 @@ class FakeTransport:
         OSError(errno.ENOBUFS, "No buffer space available"),
         BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable"),
         MessageLengthError("message too long"),
+        InvalidAddressError("fe80::5%gone0", "no such interface"),
     ],
 )
 def test_sendErrorsDoNotStopTheEcho(error: BaseException) -> None:

@@ -9,17 +9,16 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
-import socket
 import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.error import MessageLengthError
-from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.error import InvalidAddressError, MessageLengthError
 from twisted.logger import LogLevel, globalLogPublisher
 
+from tests.clients import Client, listenClient
 from tests.conftest import requiresIPv6
 from tests.reactors import runUntil
 from udpdst import listenUDP, logs
@@ -33,66 +32,8 @@ EVERYONE = (net("0.0.0.0/0"), net("::/0"))
 requiresRoot = pytest.mark.skipif(os.geteuid() != 0, reason="binding port 7 needs root")
 
 
-class Client(DatagramProtocol):
-    """
-    A test client: collects what it receives; L{waitFor} fires once it has
-    C{n} datagrams.
-    """
-
-    def __init__(self) -> None:
-        self.received: list[tuple[bytes, tuple[str, int]]] = []
-        self._waiting: list[tuple[int, Deferred[None]]] = []
-
-    def datagramReceived(self, data: bytes, addr: Any) -> None:
-        self.received.append((data, addr))
-        for pair in list(self._waiting):
-            if len(self.received) >= pair[0]:
-                self._waiting.remove(pair)
-                pair[1].callback(None)
-
-    def waitFor(self, n: int) -> Deferred[None]:
-        if len(self.received) >= n:
-            return Deferred.fromCoroutine(_done())
-        d: Deferred[None] = Deferred()
-        self._waiting.append((n, d))
-        return d
-
-    def pending(self) -> bool:
-        """
-        Whether a datagram is queued on the socket that was not read yet.
-        """
-        try:
-            self.transport.socket.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)  # type: ignore[union-attr]
-        except BlockingIOError:
-            return False
-        return True
-
-
-async def _done() -> None:
-    return None
-
-
 def run(reactor: Any, scenario: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
     return runUntil(reactor, lambda: ensureDeferred(scenario()), timeout=20)
-
-
-def client(
-    reactor: Any, source: str, target: str | None, port: int, sourcePort: int = 0
-) -> Client:
-    """
-    A client bound to C{source}:C{sourcePort}, connected to C{target}:C{port}
-    (so the kernel drops replies from any other address) unless C{target}
-    is L{None}.
-    """
-    c = Client()
-    p = reactor.listenUDP(sourcePort, c, interface=source, maxPacketSize=70000)
-    if target is not None:
-        p.connect(target, port)
-    return c
-
-
-def send(c: Client, data: bytes, addr: tuple[str, int] | None = None) -> None:
-    c.transport.write(data, addr)  # type: ignore[union-attr]
 
 
 # The port each server() protocol listened on, for its counters once stopped.
@@ -128,12 +69,12 @@ def test_replyFromTheAddressAsked(epollReactor: Any, interface: str) -> None:
     proto, port = server(epollReactor, interface)
 
     async def scenario() -> None:
-        c2 = client(epollReactor, "127.0.0.1", "127.0.0.2", port)
-        c3 = client(epollReactor, "127.0.0.1", "127.0.0.3", port)
-        free = client(epollReactor, "127.0.0.1", None, port)
-        send(c2, b"to two")
-        send(c3, b"to three")
-        send(free, b"unconnected", ("127.0.0.3", port))
+        c2 = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.1")
+        c3 = listenClient(epollReactor, "127.0.0.3", port, "127.0.0.1")
+        free = listenClient(epollReactor, None, port, "127.0.0.1")
+        c2.send(b"to two")
+        c3.send(b"to three")
+        free.send(b"unconnected", ("127.0.0.3", port))
         await c2.waitFor(1)
         await c3.waitFor(1)
         await free.waitFor(1)
@@ -151,8 +92,8 @@ def test_replyOverIPv6(epollReactor: Any) -> None:
     proto, port = server(epollReactor, "::")
 
     async def scenario() -> None:
-        c = client(epollReactor, "::1", "::1", port)
-        send(c, b"six")
+        c = listenClient(epollReactor, "::1", port, "::1")
+        c.send(b"six")
         await c.waitFor(1)
         assert c.received == [(b"six", ("::1", port))]
 
@@ -163,8 +104,8 @@ def test_prefix(epollReactor: Any) -> None:
     proto, port = server(epollReactor, "::", EchoProtocol("héllo> ".encode()))
 
     async def scenario() -> None:
-        c = client(epollReactor, "127.0.0.1", "127.0.0.2", port)
-        send(c, b"abc")
+        c = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.1")
+        c.send(b"abc")
         await c.waitFor(1)
         assert c.received[0][0] == "héllo> ".encode() + b"abc"
 
@@ -181,9 +122,9 @@ def test_wholeDatagramsUpToTheUdpMaximum(epollReactor: Any) -> None:
     big = os.urandom(65507)
 
     async def scenario() -> None:
-        c = client(epollReactor, "127.0.0.1", "127.0.0.2", port)
-        send(c, big)
-        send(c, b"")
+        c = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.1")
+        c.send(big)
+        c.send(b"")
         await c.waitFor(2)
         assert [len(d) for d, _ in c.received] == [65507, 0]
         assert c.received[0][0] == big
@@ -197,8 +138,8 @@ def test_wholeDatagramsUpToTheIPv6Maximum(epollReactor: Any) -> None:
     big = os.urandom(65527)
 
     async def scenario() -> None:
-        c = client(epollReactor, "::1", "::1", port)
-        send(c, big)
+        c = listenClient(epollReactor, "::1", port, "::1")
+        c.send(big)
         await c.waitFor(1)
         assert c.received[0][0] == big
 
@@ -215,9 +156,9 @@ async def refusedThenMarker(
     refused: Client, marker: Client, count: int = 1, data: bytes = b"refuse me"
 ) -> None:
     for _ in range(count):
-        send(refused, data)
+        refused.send(data)
     expected = len(marker.received) + 1
-    send(marker, b"marker")
+    marker.send(b"marker")
     await marker.waitFor(expected)
     assert marker.received[-1][0].endswith(b"marker")
     assert refused.received == []
@@ -234,8 +175,8 @@ def test_loopProtectionSourcePorts(epollReactor: Any, sourcePort: int) -> None:
     proto, port = server(epollReactor, "0.0.0.0")
 
     async def scenario() -> None:
-        refused = client(epollReactor, "127.0.0.5", "127.0.0.2", port, sourcePort)
-        marker = client(epollReactor, "127.0.0.6", "127.0.0.2", port)
+        refused = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.5", sourcePort)
+        marker = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.6")
         await refusedThenMarker(refused, marker)
 
     run(epollReactor, scenario)
@@ -248,8 +189,8 @@ def test_loopProtectionIsConfigurable(epollReactor: Any) -> None:
     proto, port = server(epollReactor, "0.0.0.0", EchoProtocol(denySourcePorts=[]))
 
     async def scenario() -> None:
-        c = client(epollReactor, "127.0.0.5", "127.0.0.2", port, 7)
-        send(c, b"from seven")
+        c = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.5", 7)
+        c.send(b"from seven")
         await c.waitFor(1)
 
     run(epollReactor, scenario)
@@ -265,8 +206,8 @@ def test_loopProtectionSamePort(epollReactor: Any) -> None:
     port = listenUDP(0, proto, "127.0.0.1", 65535, epollReactor).getHost().port
 
     async def scenario() -> None:
-        refused = client(epollReactor, "127.0.0.5", "127.0.0.1", port, port)
-        marker = client(epollReactor, "127.0.0.6", "127.0.0.1", port)
+        refused = listenClient(epollReactor, "127.0.0.1", port, "127.0.0.5", port)
+        marker = listenClient(epollReactor, "127.0.0.1", port, "127.0.0.6")
         await refusedThenMarker(refused, marker)
 
     run(epollReactor, scenario)
@@ -297,8 +238,8 @@ def test_denyNetwork(epollReactor: Any, interface: str) -> None:
     proto, port = server(epollReactor, interface, EchoProtocol(access=access))
 
     async def scenario() -> None:
-        refused = client(epollReactor, "127.0.0.5", "127.0.0.2", port)
-        marker = client(epollReactor, "127.0.0.6", "127.0.0.2", port)
+        refused = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.5")
+        marker = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.6")
         await refusedThenMarker(refused, marker)
 
     run(epollReactor, scenario)
@@ -315,8 +256,8 @@ def test_allowNetwork(epollReactor: Any, interface: str) -> None:
     proto, port = server(epollReactor, interface, EchoProtocol(access=access))
 
     async def scenario() -> None:
-        refused = client(epollReactor, "127.0.0.5", "127.0.0.2", port)
-        marker = client(epollReactor, "127.0.0.6", "127.0.0.2", port)
+        refused = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.5")
+        marker = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.6")
         await refusedThenMarker(refused, marker)
 
     run(epollReactor, scenario)
@@ -335,11 +276,11 @@ def test_rateLimit(epollReactor: Any) -> None:
     )
 
     async def scenario() -> None:
-        flooder = client(epollReactor, "127.0.0.5", "127.0.0.2", port)
-        marker = client(epollReactor, "127.0.0.6", "127.0.0.2", port)
+        flooder = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.5")
+        marker = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.6")
         for i in range(10):
-            send(flooder, b"%d" % i)
-        send(marker, b"marker")
+            flooder.send(b"%d" % i)
+        marker.send(b"marker")
         await marker.waitFor(1)
         await flooder.waitFor(3)
         assert [d for d, _ in flooder.received] == [b"0", b"1", b"2"]
@@ -375,8 +316,8 @@ def test_rateLimitMemoryBoundedUnderManySources(epollReactor: Any) -> None:
 
     async def scenario() -> None:
         for source in sources:
-            c = client(epollReactor, source, "127.0.0.2", port)
-            send(c, b"hi")
+            c = listenClient(epollReactor, "127.0.0.2", port, source)
+            c.send(b"hi")
             await c.waitFor(1)
             assert len(limiter) <= 16
 
@@ -394,10 +335,10 @@ def test_amplificationBound(epollReactor: Any) -> None:
     proto, port = server(epollReactor, "::", EchoProtocol(b"ab"))
 
     async def scenario() -> None:
-        refused = client(epollReactor, "127.0.0.5", "127.0.0.2", port)
-        marker = client(epollReactor, "127.0.0.6", "127.0.0.2", port)
+        refused = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.5")
+        marker = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.6")
         await refusedThenMarker(refused, marker, data=b"x" * 65506)
-        send(marker, b"y" * 65505)
+        marker.send(b"y" * 65505)
         await marker.waitFor(2)
         assert marker.received[1][0] == b"ab" + b"y" * 65505
 
@@ -452,6 +393,7 @@ class FakeTransport:
         OSError(errno.ENOBUFS, "No buffer space available"),
         BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable"),
         MessageLengthError("message too long"),
+        InvalidAddressError("fe80::5%gone0", "no such interface"),
     ],
 )
 def test_sendErrorsDoNotStopTheEcho(error: BaseException) -> None:
@@ -498,12 +440,12 @@ def test_debugLogsEachDatagram(epollReactor: Any, events: list[dict[str, Any]]) 
     ports: list[int] = []
 
     async def scenario() -> None:
-        refused = client(epollReactor, "127.0.0.5", "127.0.0.2", port)
-        marker = client(epollReactor, "127.0.0.6", "127.0.0.2", port)
+        refused = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.5")
+        marker = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.6")
         ports.extend(
             [refused.transport.getHost().port, marker.transport.getHost().port]
         )  # type: ignore[union-attr]
-        send(marker, b"x" * 42)
+        marker.send(b"x" * 42)
         await marker.waitFor(1)
         await refusedThenMarker(refused, marker)
 
@@ -535,13 +477,13 @@ def test_infoLogsNothingPerDatagram(
     )
 
     async def scenario() -> None:
-        refused = client(epollReactor, "127.0.0.5", "127.0.0.2", port)
-        marker = client(epollReactor, "127.0.0.6", "127.0.0.2", port)
-        send(refused, b"first")
+        refused = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.5")
+        marker = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.6")
+        refused.send(b"first")
         await refused.waitFor(1)
         for _ in range(50):
-            send(refused, b"again")
-        send(marker, b"marker")
+            refused.send(b"again")
+        marker.send(b"marker")
         await marker.waitFor(1)
 
     run(epollReactor, scenario)

@@ -98,6 +98,16 @@ def oneCriticalLine(process: Twistd) -> str:
     return critical[0].split("] ", 1)[1].rstrip("\n")
 
 
+def nobodyUser() -> pwd.struct_passwd:
+    """
+    The unprivileged user C{nobody}; skip the test on a host without one.
+    """
+    try:
+        return pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("this host has no user 'nobody' to run as")
+
+
 # --help
 
 
@@ -320,7 +330,7 @@ def test_privilegedPortThenDropPrivileges(started) -> None:  # type: ignore[no-u
     Port 7 is bound before twistd drops to --uid/--gid: the process runs as
     nobody and still echoes.
     """
-    nobody = pwd.getpwnam("nobody")
+    nobody = nobodyUser()
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
             probe.bind(("127.0.0.7", 7))
@@ -458,7 +468,7 @@ def test_permissionDenied(started, readableByAnyone: Path) -> None:  # type: ign
         setpriv = shutil.which("setpriv")
         if setpriv is None:
             pytest.skip("running as root and no setpriv to run as nobody")
-        nobody = pwd.getpwnam("nobody")
+        nobody = nobodyUser()
         asNobody = [
             setpriv,
             f"--reuid={nobody.pw_uid}",

@@ -22,6 +22,7 @@ import pytest
 
 from tests._service_helpers import DEADLINE, TWISTD, Twistd
 from tests.netns import Pair, unavailableReason
+from tests.test_twistd import BAD_CONFIGS
 from udpdst.check import Answer, Probe, askAll
 
 UDPDST = str(Path(sys.executable).parent / "udpdst")
@@ -316,12 +317,7 @@ def test_checkConfigValid(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "text, cause",
-    [
-        ("[limits]\nper_source_rat = 5\n", "unknown key 'per_source_rat'"),
-        ("[echo]\nprefix = 'x'\n\n[limits\n", "invalid TOML: "),
-        (None, "cannot read config file"),
-    ],
+    "text, cause", [*BAD_CONFIGS, (None, r"cannot read config file")]
 )
 def test_checkConfigInvalid(tmp_path: Path, text: str | None, cause: str) -> None:
     """
@@ -334,7 +330,7 @@ def test_checkConfigInvalid(tmp_path: Path, text: str | None, cause: str) -> Non
     assert result.returncode == 1
     assert result.stdout == ""
     (line,) = result.stderr.splitlines()
-    assert line.startswith("udpdst check-config: ") and cause in line, line
+    assert line.startswith("udpdst check-config: ") and re.search(cause, line), line
     assert str(config) in line
 
 

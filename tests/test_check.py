@@ -222,6 +222,36 @@ port = 0
     assert "not probed: 127.0.0.1:0 (any free port)" in result.stdout
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "[[listen]]\nport = 'x'\n",
+            "udpdst check: {config}: [[listen]] #1 port must be an integer",
+        ),
+        (
+            "[[listen]]\nsystemd = true\n",
+            "udpdst check: not probed: systemd (systemd's sockets); name the port "
+            "with --port",
+        ),
+    ],
+    ids=["bad config", "nothing to probe"],
+)
+def test_configNotProbed(pair: Pair, tmp_path: Path, text: str, message: str) -> None:
+    """
+    A bad config, or one whose listeners have no port to probe: one line,
+    exit 1, nothing probed.  (In the namespace all the same: were the test
+    wrong, the check would probe.)
+    """
+    config = tmp_path / "udpdst.toml"
+    config.write_text(text)
+    result = udpdst("check", "--config", str(config), cwd=tmp_path, ns=pair)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(message.format(config=config)), line
+
+
 def test_noAnswer(pair: Pair, tmp_path: Path) -> None:
     """
     Nothing listening: every address is named as not answering, exit 1.

@@ -21,11 +21,24 @@ from typing import Any
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import DatagramProtocol
 
-from udpdst.check import Probe, askAll
+from udpdst.check import Answer, Probe, askAll
 
 #: How long a blocking client waits for a reply: a bound on a hung test, not
 #: a timing assertion (a test that expects no reply waits this long).
 REPLY_TIMEOUT = 10.0
+
+
+def _exchange(
+    target: str,
+    port: int,
+    data: bytes,
+    source: str | None,
+    sourcePort: int,
+    timeout: float,
+) -> Answer | None:
+    with Probe(target, port, source, sourcePort) as probe:
+        (answer,) = askAll([probe], [data], timeout, attempts=1)
+    return answer
 
 
 def echo(
@@ -44,14 +57,25 @@ def echo(
     @raise TimeoutError: No reply within C{timeout} seconds.
     @raise AssertionError: The reply came from another source.
     """
-    with Probe(target, port, source, sourcePort) as probe:
-        (answer,) = askAll([probe], [data], timeout, attempts=1)
+    answer = _exchange(target, port, data, source, sourcePort, timeout)
     if answer is None:
         raise TimeoutError(f"no reply from {target}:{port} in {timeout} s")
     assert answer.fromTarget, (
         f"reply to {target}:{port} came from {answer.source[0]}:{answer.source[1]}"
     )
     return answer.data
+
+
+def reply(
+    target: str, port: int, data: bytes, timeout: float = REPLY_TIMEOUT
+) -> bytes | None:
+    """
+    Like L{echo}, but L{None} when no reply came from C{target}:C{port}
+    within C{timeout} seconds, as a connected client sees it: for polling a
+    server that may not be up yet.
+    """
+    answer = _exchange(target, port, data, None, 0, timeout)
+    return answer.data if answer is not None and answer.fromTarget else None
 
 
 class Client(DatagramProtocol):

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests._service_helpers import DEADLINE, TWISTD, Twistd
-from tests.netns import Pair, unavailableReason
+from tests.netns import Namespace, Pair, unavailableReason
 from tests.test_twistd import BAD_CONFIGS
 from udpdst.check import Answer, Probe, askAll
 
@@ -266,6 +266,46 @@ def test_noAnswer(pair: Pair, tmp_path: Path) -> None:
         ("-", "no answer")
     }
     assert f"0 of {len(table)} addresses answered" in result.stdout
+
+
+def test_hostWithoutIPv6Loopback(tmp_path: Path) -> None:
+    """
+    Where lo has no C{::1} the IPv6 probes come from the kernel's choice of
+    source: the check still runs to its table.
+    """
+    reason = unavailableReason()
+    if reason is not None:
+        pytest.skip(reason)
+    ns = Namespace.create()
+    try:
+        ns.ip("link", "set", "lo", "up")
+        ns.ip("addr", "del", "::1/128", "dev", "lo")
+        ns.ip("link", "add", "v0", "type", "veth", "peer", "name", "v1")
+        ns.ip("link", "set", "v0", "up")
+        ns.ip("addr", "add", "fd00:5::1/64", "dev", "v0", "nodad")
+        result = subprocess.run(
+            ns.argv(
+                sys.executable,
+                "-m",
+                "udpdst",
+                "check",
+                "--port",
+                "7009",
+                "--timeout",
+                "0.3",
+            ),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE,
+        )
+    finally:
+        ns.delete()
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == ""
+    table = rows(result.stdout)
+    assert table["[fd00:5::1]:7009"] == ("v0", "-", "no answer"), result.stdout
+    assert "[::1]:7009" not in table
 
 
 def test_withoutPyroute2(pair: Pair, tmp_path: Path) -> None:

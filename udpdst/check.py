@@ -352,6 +352,25 @@ def sourceFor(address: LocalAddress) -> str:
     return "::1" if address.family == socket.AF_INET6 else "127.0.0.1"
 
 
+def _openProbe(address: LocalAddress, port: int) -> Probe:
+    """
+    A probe of C{address} from L{sourceFor}, or from the kernel's choice of
+    source where that one is missing (a host without C{::1}).
+
+    @raise CheckError: Neither can be opened.
+    """
+    try:
+        return Probe(address.scoped, port, source=sourceFor(address))
+    except OSError:
+        pass
+    try:
+        return Probe(address.scoped, port)
+    except OSError as e:
+        raise CheckError(
+            f"cannot probe {address.describe(port)}: {e.strerror or e}"
+        ) from None
+
+
 def check(
     targets: Iterable[Target], addresses: Sequence[LocalAddress], timeout: float
 ) -> list[Result]:
@@ -368,7 +387,7 @@ def check(
     probes: list[Probe] = []
     try:
         for port, address in pairs:
-            probes.append(Probe(address.scoped, port, source=sourceFor(address)))
+            probes.append(_openProbe(address, port))
         nonce = os.urandom(8).hex()
         payloads = [f"udpdst check {nonce} {i}".encode() for i in range(len(probes))]
         answers = askAll(probes, payloads, timeout)

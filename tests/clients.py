@@ -9,7 +9,7 @@ Two forms of the same client:
     namespace): built on the deployment check's L{udpdst.check.Probe}, whose
     catcher socket lets a wrong-source reply fail the test with its source
     named, instead of as a bare timeout;
-  - L{Client} / L{listenClient} / L{ask}, in a reactor, for servers in the
+  - L{Client} / L{client} / L{send} / L{ask}, in a reactor, for servers in the
     test's own reactor.
 """
 
@@ -103,9 +103,6 @@ class Client(DatagramProtocol):
         timeout says so.
         """
 
-    def send(self, data: bytes, addr: tuple[str, int] | None = None) -> None:
-        self.transport.write(data, addr)  # type: ignore[union-attr]
-
     def waitFor(self, n: int, timeout: float | None = None) -> Deferred[None]:
         """
         Fire once C{n} datagrams have come in all, or, with C{timeout}, when
@@ -140,27 +137,30 @@ class Client(DatagramProtocol):
         return True
 
 
-def listenClient(
+def client(
     reactor: Any,
+    source: str,
     target: str | None,
     port: int,
-    source: str | None = None,
     sourcePort: int = 0,
 ) -> Client:
     """
-    A L{Client} on a stock Twisted port bound to C{source}:C{sourcePort} (by
-    default any address of C{target}'s family) and connected to
-    C{target}:C{port}, unless C{target} is L{None}.
+    A L{Client} on a stock Twisted port bound to C{source}:C{sourcePort}
+    (C{""} or C{"::"} for any address) and connected to C{target}:C{port},
+    unless C{target} is L{None}.
     """
-    if source is None:
-        source = "::" if target is not None and ":" in target else ""
-    client = Client(reactor)
-    listening = reactor.listenUDP(
-        sourcePort, client, interface=source, maxPacketSize=70000
-    )
+    c = Client(reactor)
+    listening = reactor.listenUDP(sourcePort, c, interface=source, maxPacketSize=70000)
     if target is not None:
         listening.connect(target, port)
-    return client
+    return c
+
+
+def send(c: Client, data: bytes, addr: tuple[str, int] | None = None) -> None:
+    """
+    Send C{data} from C{c}: to where it is connected, or to C{addr}.
+    """
+    c.transport.write(data, addr)  # type: ignore[union-attr]
 
 
 def ask(
@@ -171,13 +171,13 @@ def ask(
     L{None} if none came within C{wait} seconds.  The client's port is closed
     before the result is given.
     """
-    client = listenClient(reactor, target, port)
-    client.send(payload)
+    c = client(reactor, "::" if ":" in target else "", target, port)
+    send(c, payload)
 
     def done(_: None) -> Deferred[bytes | None]:
-        reply = client.received[0][0] if client.received else None
+        data = c.received[0][0] if c.received else None
         return maybeDeferred(
-            client.transport.stopListening  # type: ignore[union-attr]
-        ).addCallback(lambda _: reply)
+            c.transport.stopListening  # type: ignore[union-attr]
+        ).addCallback(lambda _: data)
 
-    return client.waitFor(1, wait).addCallback(done)
+    return c.waitFor(1, wait).addCallback(done)

@@ -37,7 +37,7 @@ def _exchange(
     timeout: float,
 ) -> Answer | None:
     with Probe(target, port, source, sourcePort) as probe:
-        (answer,) = askAll([probe], [data], timeout, attempts=1)
+        (answer,) = askAll([probe], [data], timeout, attempts=1, echoed=False)
     return answer
 
 

@@ -257,12 +257,14 @@ def askAll(
     payloads: Sequence[bytes],
     timeout: float,
     attempts: int = 3,
+    echoed: bool = True,
 ) -> list[Answer | None]:
     """
     Send each probe its payload and wait, up to C{timeout} seconds in all,
-    for an answer to each: the first reply that contains the payload.
-    Unanswered probes are sent again, up to C{attempts} times in all, spread
-    over the timeout, in case a datagram was lost.
+    for an answer to each: the first reply that contains the payload (any
+    reply, unless C{echoed}).  Unanswered probes are sent again, up to
+    C{attempts} times in all, spread over the timeout, in case a datagram
+    was lost.
 
     @return: Per probe, its answer or L{None}.
     """
@@ -293,7 +295,7 @@ def askAll(
                 i = key.data
                 answer = probes[i].receive(key.fileobj)  # type: ignore[arg-type]
                 if answer is not None and answers[i] is None:
-                    if payloads[i] in answer.data:
+                    if not echoed or payloads[i] in answer.data:
                         answers[i] = answer
     return answers
 

@@ -66,7 +66,7 @@ def echo(
     return answer.data
 
 
-def reply(
+def replyOrNone(
     target: str, port: int, data: bytes, timeout: float = REPLY_TIMEOUT
 ) -> bytes | None:
     """

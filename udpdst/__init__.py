@@ -13,6 +13,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    __version__: str
     from udpdst.address import Destination, PeerAddress
     from udpdst.application import UDPServer
     from udpdst.interfaces import IDestinationDatagramProtocol, IDestinationTransport
@@ -35,6 +36,7 @@ _HOMES = {
 }
 
 __all__ = [
+    "__version__",
     "Destination",
     "DestinationDatagramProtocol",
     "DestinationPort",
@@ -47,10 +49,26 @@ __all__ = [
     "listenUDP",
     "patchReactor",
 ]
-assert sorted(__all__) == sorted(_HOMES)
+assert sorted(__all__) == sorted([*_HOMES, "__version__"])
+
+
+def _version() -> str:
+    """
+    The installed distribution's version: pyproject.toml says it, once.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("udpdst")
+    except PackageNotFoundError:
+        # Imported from a checkout that was never installed.
+        return "0+unknown"
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        globals()[name] = value = _version()
+        return value
     home = _HOMES.get(name)
     if home is None:
         raise AttributeError(f"module 'udpdst' has no attribute {name!r}")
@@ -60,4 +78,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_HOMES))
+    return sorted(set(globals()) | set(__all__))

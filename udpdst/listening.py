@@ -17,14 +17,14 @@ from typing import Any, cast
 
 from twisted.internet import error
 from twisted.internet.interfaces import IReactorFDSet
-from twisted.internet.protocol import AbstractDatagramProtocol
 
 from udpdst.port import DestinationPort
+from udpdst.protocol import AnyDatagramProtocol, asTwistedProtocol
 
 
 def listenUDP(
     port: int,
-    protocol: AbstractDatagramProtocol,
+    protocol: AnyDatagramProtocol,
     interface: str = "",
     maxPacketSize: int = 8192,
     reactor: IReactorFDSet | None = None,
@@ -61,7 +61,9 @@ def listenUDP(
             reactor=reactor,
             **options,
         )
-    p = DestinationPort(port, protocol, interface, maxPacketSize, reactor, **options)
+    p = DestinationPort(
+        port, asTwistedProtocol(protocol), interface, maxPacketSize, reactor, **options
+    )
     p.startListening()
     return p
 
@@ -69,7 +71,7 @@ def listenUDP(
 def adoptDatagramPort(
     fileDescriptor: int | socket.socket,
     addressFamily: int,
-    protocol: AbstractDatagramProtocol,
+    protocol: AnyDatagramProtocol,
     maxPacketSize: int = 8192,
     reactor: IReactorFDSet | None = None,
 ) -> DestinationPort:
@@ -110,11 +112,15 @@ def adoptDatagramPort(
     if reactor is None:
         from twisted.internet import reactor as globalReactor
 
-        reactor = globalReactor  # type: ignore[assignment]
+        reactor = globalReactor
     p = cast(
         DestinationPort,
         DestinationPort._fromListeningDescriptor(
-            reactor, fileDescriptor, addressFamily, protocol, maxPacketSize
+            reactor,
+            fileDescriptor,
+            addressFamily,
+            asTwistedProtocol(protocol),
+            maxPacketSize,
         ),
     )
     # systemd hands over blocking sockets; the reactor needs non-blocking.
@@ -140,7 +146,7 @@ _PATCHED: dict[str, Callable[..., DestinationPort]] = {
 }
 
 
-def patchReactor(reactor: Any) -> Callable[[], None]:
+def patchReactor(reactor: IReactorFDSet) -> Callable[[], None]:
     """
     Make C{reactor.listenUDP} and C{reactor.adoptDatagramPort} build
     L{DestinationPort}s, for code that calls the reactor directly.

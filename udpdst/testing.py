@@ -20,12 +20,12 @@ from typing import Any
 from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IListeningPort, IReactorFDSet
-from twisted.internet.protocol import AbstractDatagramProtocol
 from zope.interface import implementer
 
 from udpdst.address import Destination, PeerAddress
 from udpdst.interfaces import IDestinationDatagramProtocol, IDestinationTransport
 from udpdst.port import DestinationPort
+from udpdst.protocol import AnyDatagramProtocol, asTwistedProtocol
 
 _LIMITED_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
@@ -123,7 +123,7 @@ class FakeDestinationTransport(DestinationPort):
 
     def __init__(
         self,
-        protocol: AbstractDatagramProtocol | None = None,
+        protocol: AnyDatagramProtocol | None = None,
         *,
         port: int = 12345,
         interface: str = "",
@@ -149,7 +149,7 @@ class FakeDestinationTransport(DestinationPort):
         DestinationPort.__init__(
             self,
             port,
-            protocol,  # type: ignore[arg-type]
+            asTwistedProtocol(protocol),  # type: ignore[arg-type]
             interface,
             maxPacketSize,
             reactor,
@@ -190,7 +190,7 @@ class FakeDestinationTransport(DestinationPort):
         else:
             self.protocol.datagramReceived(data, addr)
 
-    def write(  # type: ignore[override]
+    def write(
         self,
         datagram: bytes,
         addr: tuple[str, int] | None = None,
@@ -211,7 +211,7 @@ class FakeDestinationTransport(DestinationPort):
         self.written.append((bytes(datagram), addr, dst))
         self.counters.replied += 1
 
-    def writeSequence(  # type: ignore[override]
+    def writeSequence(
         self,
         seq: Iterable[bytes],
         addr: tuple[str, int] | None = None,

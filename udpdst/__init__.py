@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from udpdst.application import UDPServer
     from udpdst.interfaces import IDestinationDatagramProtocol, IDestinationTransport
     from udpdst.listening import adoptDatagramPort, listenUDP, patchReactor
+    from udpdst.multicast import DestinationMulticastPort, listenMulticast
     from udpdst.port import DestinationPort, PortCounters
     from udpdst.protocol import DestinationDatagramProtocol
 
@@ -32,6 +33,8 @@ _HOMES = {
     "adoptDatagramPort": "udpdst.listening",
     "listenUDP": "udpdst.listening",
     "patchReactor": "udpdst.listening",
+    "DestinationMulticastPort": "udpdst.multicast",
+    "listenMulticast": "udpdst.multicast",
     "DestinationDatagramProtocol": "udpdst.protocol",
 }
 
@@ -39,6 +42,7 @@ __all__ = [
     "__version__",
     "Destination",
     "DestinationDatagramProtocol",
+    "DestinationMulticastPort",
     "DestinationPort",
     "IDestinationDatagramProtocol",
     "IDestinationTransport",
@@ -46,6 +50,7 @@ __all__ = [
     "PortCounters",
     "UDPServer",
     "adoptDatagramPort",
+    "listenMulticast",
     "listenUDP",
     "patchReactor",
 ]

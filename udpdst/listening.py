@@ -18,6 +18,7 @@ from typing import Any, cast
 from twisted.internet import error
 from twisted.internet.interfaces import IReactorFDSet
 
+from udpdst.multicast import listenMulticast
 from udpdst.port import DestinationPort
 from udpdst.protocol import AnyDatagramProtocol, asTwistedProtocol
 
@@ -143,13 +144,16 @@ def _isMemoryReactor(reactor: object) -> bool:
 _PATCHED: dict[str, Callable[..., DestinationPort]] = {
     "listenUDP": listenUDP,
     "adoptDatagramPort": adoptDatagramPort,
+    "listenMulticast": listenMulticast,
 }
 
 
 def patchReactor(reactor: IReactorFDSet) -> Callable[[], None]:
     """
-    Make C{reactor.listenUDP} and C{reactor.adoptDatagramPort} build
-    L{DestinationPort}s, for code that calls the reactor directly.
+    Make C{reactor.listenUDP}, C{reactor.adoptDatagramPort} and
+    C{reactor.listenMulticast} build destination-aware ports (the last a
+    L{udpdst.multicast.DestinationMulticastPort}), for code that calls the
+    reactor directly.
 
     Opt-in and per reactor instance.  The patched methods take the
     reactor's own arguments (and the port's keyword options) unchanged.

@@ -37,7 +37,7 @@ class Echo(DatagramProtocol):
 
 
 application = service.Application("echo")
-internet.UDPServer({port}, Echo(), interface={interface!r}).setServiceParent(
+internet.{server}({port}, Echo(), interface={interface!r}).setServiceParent(
     application
 )
 """
@@ -167,28 +167,30 @@ def test_digThroughSecondaryAddresses(
 
 
 @pytest.mark.parametrize(
-    "reactor, interface, target",
+    "server, reactor, interface, target",
     [
-        ("udpdst", "", "127.0.0.2"),
-        ("udpdst-asyncio", "", "127.0.0.3"),
-        pytest.param("udpdst", "::", "127.0.0.2", marks=requiresIPv6),
+        ("UDPServer", "udpdst", "", "127.0.0.2"),
+        ("UDPServer", "udpdst-asyncio", "", "127.0.0.3"),
+        pytest.param("UDPServer", "udpdst", "::", "127.0.0.2", marks=requiresIPv6),
+        ("MulticastServer", "udpdst", "", "127.0.0.3"),
     ],
 )
-def test_stockTacWithUDPServer(
-    tmp_path: Path, reactor: str, interface: str, target: str
+def test_stockTac(
+    tmp_path: Path, server: str, reactor: str, interface: str, target: str
 ) -> None:
     """
-    An unchanged C{.tac} with C{internet.UDPServer} and a plain
-    C{DatagramProtocol}, under C{twistd -ny app.tac --reactor udpdst},
-    answers a client connected to a secondary address.
+    An unchanged C{.tac} with C{internet.UDPServer} (or C{MulticastServer},
+    which calls C{reactor.listenMulticast}) and a plain C{DatagramProtocol},
+    under C{twistd -ny app.tac --reactor udpdst}, answers a client connected
+    to a secondary address.
     """
     port = freePort()
     tac = tmp_path / "app.tac"
-    tac.write_text(ECHO_TAC.format(port=port, interface=interface))
+    tac.write_text(ECHO_TAC.format(server=server, port=port, interface=interface))
     primary = "::1" if interface == "::" else "127.0.0.1"
-    with twistd(tmp_path, "--reactor", reactor, "-y", str(tac)) as server:
-        server.waitAnswering(
+    with twistd(tmp_path, "--reactor", reactor, "-y", str(tac)) as process:
+        process.waitAnswering(
             lambda: askConnected(primary, port, b"up?", 0.5) == b"tac up?"
         )
         reply = askConnected(target, port, b"hello", 10.0)
-        assert reply == b"tac hello", server.output()
+        assert reply == b"tac hello", process.output()

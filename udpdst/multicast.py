@@ -12,7 +12,11 @@ from typing import Any
 
 from twisted.internet import defer, error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.interfaces import IMulticastTransport, IReactorFDSet
+from twisted.internet.interfaces import (
+    IMulticastTransport,
+    IReactorCore,
+    IReactorFDSet,
+)
 from zope.interface import implementer
 
 from udpdst import _linux as L
@@ -254,7 +258,7 @@ class DestinationMulticastPort(DestinationPort):
             raise error.MulticastJoinError(*about, *e.args) from e
 
 
-async def _maybeResolve(reactor: Any, host: str) -> str:
+async def _maybeResolve(reactor: object, host: str) -> str:
     """
     C{host} as an IP address: as given, or resolved (IPv4) like Twisted's
     multicast port resolves names.
@@ -262,7 +266,7 @@ async def _maybeResolve(reactor: Any, host: str) -> str:
     if isIPAddress(host) or isIPv6Address(host):
         return host
     try:
-        resolved: str = await reactor.resolve(host)
+        resolved: str = await IReactorCore(reactor).resolve(host)
     except Exception as e:
         raise error.MulticastJoinError(host, f"cannot resolve: {e}") from e
     return resolved

@@ -37,13 +37,16 @@ def pair() -> Iterator[Pair]:
 @pytest.fixture
 def server(pair: Pair) -> Iterator[Any]:
     """
-    Start the multicast echo server in the server namespace; stop it (by
-    its PID) when the test ends.
+    C{server(interface, protocol, via, group)} starts the multicast echo
+    server in the server namespace, joined to C{group} on its veth; it is
+    stopped (by its PID) when the test ends.
     """
     started: list[ServerProcess] = []
 
-    def start(*args: str) -> ServerProcess:
+    def start(interface: str, protocol: str, via: str, group: str) -> ServerProcess:
         assert pair.server is not None
+        args = ["--interface", interface, "--protocol", protocol, "--via", via]
+        args += ["--join", f"{group}%{P.SERVER_IF}"]
         process = ServerProcess(pair.server.argv(sys.executable, str(SCRIPT), *args))
         started.append(process)
         process.waitReady(15.0)
@@ -99,16 +102,7 @@ def test_ipv4Group(
     interface's primary address (C{spec_dst}); C{dst} names the group.
     """
     group = "239.1.2.3"
-    process = server(
-        "--interface",
-        interface,
-        "--protocol",
-        protocol,
-        "--via",
-        via,
-        "--join",
-        f"{group}%{P.SERVER_IF}",
-    )
+    process = server(interface, protocol, via, group)
     result = ask(pair, group, process.port)
     assert result["source"] == [P.SERVER_V4, process.port], result
     assert result["reply"]["dst"] == {
@@ -137,16 +131,7 @@ def test_ipv6Group(
     leaves from a unicast address of the server on that link, never from
     the group; C{dst} names the group, with C{replyFrom} C{::}.
     """
-    process = server(
-        "--interface",
-        "::",
-        "--protocol",
-        protocol,
-        "--via",
-        via,
-        "--join",
-        f"{group}%{P.SERVER_IF}",
-    )
+    process = server("::", protocol, via, group)
     result = ask(pair, group, process.port)
     unicast = {P.SERVER_V6, P.SERVER_V6_SECONDARY, P.SERVER_LL}
     assert result["source"][0] in unicast, result

@@ -7,6 +7,7 @@ loopback addresses by connected clients and by dig.
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 from twisted.names import dns
 
-from tests._twistd_process import REPO, TWISTD, askConnected, freePort, twistd
+from tests._twistd_process import REPO, TWISTD, answer, freePort, twistd
 from tests.conftest import requiresIPv6
 
 ZONE = """
@@ -51,11 +52,19 @@ def dnsQuery(ident: int) -> bytes:
 
 def askDNS(host: str, port: int, timeout: float = 10.0) -> list[str] | None:
     """
-    The A records a connected client gets for www.example.test, or L{None}.
+    The A records for www.example.test that a client connected to C{host}
+    gets (the kernel drops a reply from any other address), or L{None}.
+    (L{tests.clients.echo} waits for its payload echoed, which DNS does not.)
     """
-    reply = askConnected(host, port, dnsQuery(42), timeout)
-    if reply is None:
-        return None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect((host, port))
+        s.settimeout(timeout)
+        s.send(dnsQuery(42))
+        try:
+            reply = s.recv(65535)
+        except (TimeoutError, ConnectionRefusedError):
+            return None
     message = dns.Message()
     message.fromStr(reply)
     assert message.id == 42
@@ -189,8 +198,6 @@ def test_stockTac(
     tac.write_text(ECHO_TAC.format(server=server, port=port, interface=interface))
     primary = "::1" if interface == "::" else "127.0.0.1"
     with twistd(tmp_path, "--reactor", reactor, "-y", str(tac)) as process:
-        process.waitAnswering(
-            lambda: askConnected(primary, port, b"up?", 0.5) == b"tac up?"
-        )
-        reply = askConnected(target, port, b"hello", 10.0)
+        process.waitAnswering(lambda: answer(primary, port, b"up?", 0.5) == b"tac up?")
+        reply = answer(target, port, b"hello", 10.0)
         assert reply == b"tac hello", process.output()

@@ -135,6 +135,7 @@ def test_writeRefusesWhatARealPortRefuses(
     with pytest.raises(error.InvalidAddressError):
         transport.write(b"x", addr)
     assert transport.written == []
+    assert transport.counters.sendErrors == 1
 
 
 def test_connectedWrite() -> None:

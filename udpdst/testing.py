@@ -118,7 +118,8 @@ class FakeDestinationTransport(DestinationPort):
     @ivar stopCalls: The names of the stopping methods called
         (C{"stopListening"}, C{"loseConnection"}), in order.
     @ivar counters: The L{udpdst.port.PortCounters}: C{received} counts
-        delivered datagrams, C{replied} written ones.
+        delivered datagrams, C{replied} written ones, C{sendErrors} writes
+        that raised.
     """
 
     def __init__(
@@ -202,10 +203,14 @@ class FakeDestinationTransport(DestinationPort):
         """
         if addr is None:
             addr = self._connectedAddr
-        if addr is None:
-            raise error.InvalidAddressError(None, "write() needs an address")
-        if type(addr) is not PeerAddress:
-            self._checkAddress(addr)
+        try:
+            if addr is None:
+                raise error.InvalidAddressError(None, "write() needs an address")
+            if type(addr) is not PeerAddress:
+                self._checkAddress(addr)
+        except error.InvalidAddressError:
+            self.counters.sendErrors += 1
+            raise
         if dst is None:
             dst = getattr(addr, "destination", None)
         self.written.append((bytes(datagram), addr, dst))

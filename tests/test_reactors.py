@@ -44,6 +44,31 @@ internet.{server}({port}, Echo(), interface={interface!r}).setServiceParent(
 """
 
 
+ADOPT_TAC = """
+import socket
+
+from twisted.application import service
+from twisted.internet import reactor
+from twisted.internet.protocol import DatagramProtocol
+
+
+class Echo(DatagramProtocol):
+    def datagramReceived(self, data, addr):
+        self.transport.write(b"tac " + data, addr)
+
+
+class Adopt(service.Service):
+    def privilegedStartService(self):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("", {port}))
+            self.port = reactor.adoptDatagramPort(s.fileno(), socket.AF_INET, Echo())
+
+
+application = service.Application("echo")
+Adopt().setServiceParent(application)
+"""
+
+
 def dnsQuery(ident: int) -> bytes:
     message = dns.Message(id=ident, recDes=True)
     message.addQuery(b"www.example.test", dns.A)
@@ -200,4 +225,20 @@ def test_stockTac(
     with twistd(tmp_path, "--reactor", reactor, "-y", str(tac)) as process:
         process.waitAnswering(lambda: answer(primary, port, b"up?", 0.5) == b"tac up?")
         reply = answer(target, port, b"hello", 10.0)
+        assert reply == b"tac hello", process.output()
+
+
+def test_stockTacAdoptingASocket(tmp_path: Path) -> None:
+    """
+    A C{.tac} that hands a bound socket to C{reactor.adoptDatagramPort}, under
+    C{--reactor udpdst}, answers through 127.0.0.3.
+    """
+    port = freePort()
+    tac = tmp_path / "app.tac"
+    tac.write_text(ADOPT_TAC.format(port=port))
+    with twistd(tmp_path, "--reactor", "udpdst", "-y", str(tac)) as process:
+        process.waitAnswering(
+            lambda: answer("127.0.0.1", port, b"up?", 0.5) == b"tac up?"
+        )
+        reply = answer("127.0.0.3", port, b"hello", 10.0)
         assert reply == b"tac hello", process.output()

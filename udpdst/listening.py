@@ -1,7 +1,7 @@
 """
 How destination-aware ports are built and started: the counterparts of
 C{reactor.listenUDP} and C{reactor.adoptDatagramPort}, and the patch that
-makes a reactor's own methods build them.
+makes a reactor's own methods (those two and C{listenMulticast}) build them.
 
 A port's options are named once, by L{DestinationPort.__init__}; everything
 here passes them through.
@@ -10,7 +10,6 @@ here passes them through.
 from __future__ import annotations
 
 import socket
-import sys
 from collections.abc import Callable
 from functools import partial
 from typing import Any, cast
@@ -21,6 +20,7 @@ from twisted.internet.interfaces import IReactorFDSet
 from udpdst.multicast import listenMulticast
 from udpdst.port import DestinationPort
 from udpdst.protocol import AnyDatagramProtocol, asTwistedProtocol
+from udpdst.testing import FakeDestinationTransport, isMemoryReactor
 
 
 def listenUDP(
@@ -48,9 +48,7 @@ def listenUDP(
         L{udpdst.testing.FakeDestinationTransport} with the protocol
         connected.
     """
-    if _isMemoryReactor(reactor):
-        from udpdst.testing import FakeDestinationTransport
-
+    if isMemoryReactor(reactor):
         reactor.__dict__.setdefault("udpServers", []).append(
             (port, protocol, interface, maxPacketSize)
         )
@@ -95,9 +93,7 @@ def adoptDatagramPort(
     """
     if addressFamily not in (socket.AF_INET, socket.AF_INET6):
         raise error.UnsupportedAddressFamily(addressFamily)
-    if _isMemoryReactor(reactor):
-        from udpdst.testing import FakeDestinationTransport
-
+    if isMemoryReactor(reactor):
         reactor.adoptedPorts.append(  # type: ignore[union-attr]
             (fileDescriptor, addressFamily, protocol, maxPacketSize)
         )
@@ -128,16 +124,6 @@ def adoptDatagramPort(
     cast(socket.socket, p._preexistingSocket).setblocking(False)
     p.startListening()
     return p
-
-
-def _isMemoryReactor(reactor: object) -> bool:
-    """
-    Whether C{reactor} is one of Twisted's memory reactors, which have no
-    sockets.
-    """
-    testing = sys.modules.get("twisted.internet.testing")
-    # Without that module loaded, no memory reactor exists.
-    return testing is not None and isinstance(reactor, testing.MemoryReactor)
 
 
 #: The reactor methods that L{patchReactor} replaces, and what builds the port.

@@ -22,6 +22,7 @@ from zope.interface import implementer
 from udpdst import _linux as L
 from udpdst.port import DestinationPort
 from udpdst.protocol import AnyDatagramProtocol, asTwistedProtocol
+from udpdst.testing import isMemoryReactor
 
 _IP_MREQN = struct.Struct("=4s4si")  # group, local address, ifindex
 _IPV6_MREQ = struct.Struct("=16sI")  # group, ifindex
@@ -289,9 +290,18 @@ def listenMulticast(
         C{""} for IPv4, C{"::"} for IPv6 and IPv4 groups.
     @param options: The port's keyword options; see
         L{DestinationPort.__init__}.
-    @raise twisted.internet.error.CannotListenError: the bind failed.
+    @raise twisted.internet.error.CannotListenError: the bind failed; or
+        C{reactor} is one of Twisted's memory reactors, which have no
+        sockets (and no C{listenMulticast} of their own).
     @return: The listening port.
     """
+    if isMemoryReactor(reactor):
+        raise error.CannotListenError(
+            interface,
+            port,
+            "a memory reactor has no sockets; test the protocol with "
+            "udpdst.testing.FakeDestinationTransport",
+        )
     p = DestinationMulticastPort(
         port, protocol, interface, maxPacketSize, reactor, listenMultiple, **options
     )

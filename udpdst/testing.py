@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -277,3 +278,13 @@ class FakeDestinationTransport(DestinationPort):
 
     def doRead(self) -> None:
         pass
+
+
+def isMemoryReactor(reactor: object) -> bool:
+    """
+    Whether C{reactor} is one of Twisted's memory reactors
+    (C{MemoryReactor}, C{MemoryReactorClock}), which have no sockets.
+    """
+    testing = sys.modules.get("twisted.internet.testing")
+    # Without that module loaded, no memory reactor exists.
+    return testing is not None and isinstance(reactor, testing.MemoryReactor)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import pwd
 import re
 import signal
 import socket
@@ -307,3 +308,75 @@ def test_socketActivationWithWorkers(started) -> None:  # type: ignore[no-untype
     assert process.stop() == -signal.SIGTERM
     (final,) = process.waitFor(FINAL)
     assert final.group(2, 3) == ("2", "2")
+
+
+def test_workersEndWithTheirParent(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """
+    A parent killed outright (no SIGTERM for its workers) leaves no worker
+    behind: each sees its standard input end and stops.
+    """
+    process = started("--config", _config(tmp_path), "--workers", "2")
+    process.listening()
+    first, second = _workers(process)
+    process.kill()
+    assert _gone(first) and _gone(second)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="binding port 7 needs root")
+def test_restartedWorkerServesPrivilegedPort(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """
+    Port 7 is bound once, before twistd drops to nobody: workers run as
+    nobody, and one restarted after a kill still serves port 7 (it never
+    binds anything itself).
+    """
+    nobody = pwd.getpwnam("nobody")
+    try:
+        # Workers are started after the drop: nobody must be able to run
+        # this Python and import udpdst.
+        subprocess.run(
+            [sys.executable, "-c", "import udpdst.workers"],
+            user=nobody.pw_uid,
+            group=nobody.pw_gid,
+            extra_groups=[],
+            check=True,
+            capture_output=True,
+            timeout=DEADLINE,
+        )
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"nobody cannot run {sys.executable} with udpdst ({e})")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind(("127.0.0.7", 7))
+    except OSError as e:
+        pytest.skip(f"127.0.0.7:7 is taken ({e.strerror})")
+    process = started(
+        "--listen",
+        "127.0.0.7:7",
+        "--workers",
+        "2",
+        twistdArgs=[
+            "-n",
+            "--pidfile=",
+            "--uid",
+            str(nobody.pw_uid),
+            "--gid",
+            str(nobody.pw_gid),
+        ],
+    )
+    assert process.listening() == [("127.0.0.7", 7)]
+    first, second = _workers(process)
+    os.kill(first, signal.SIGKILL)
+    (restarted,) = process.waitFor(r"worker 1 restarted \(pid (\d+)\)")
+    third = int(restarted.group(1))
+    for pid in (second, third):
+        status = Path(f"/proc/{pid}/status").read_text()
+        uids = re.search(r"^Uid:\s+(.*)$", status, re.M)
+        assert uids is not None and set(uids.group(1).split()) == {str(nobody.pw_uid)}
+    os.kill(second, signal.SIGSTOP)
+    try:
+        assert echo("127.0.0.7", 7, b"seven") == b"seven"
+    finally:
+        os.kill(second, signal.SIGCONT)
+    assert process.stop() == -signal.SIGTERM
+    (final,) = process.waitFor(FINAL)
+    assert final.group(2, 3) == ("1", "1")

@@ -313,12 +313,18 @@ class WorkerPool(Service):
                 childFDs=childFDs,
             )
         except OSError as e:
-            # fork failed (out of memory or processes): try again later.
+            # fork or exec failed: out of memory or processes, or the user
+            # twistd switched to (--uid) may not run this Python.
             self.workers[slot] = None
+            delay = self._scheduleRestart(slot, 0.0)
             self._log.error(
-                "cannot start worker {worker}: {error}", worker=slot + 1, error=e
+                "cannot start worker {worker} ({command}): {error}; retrying in "
+                "{delay:g} s",
+                worker=slot + 1,
+                command=self._command[0],
+                error=e.strerror or e,
+                delay=delay,
             )
-            self._scheduleRestart(slot, 0.0)
             return
         self._log.debug(
             "worker {worker} started (pid {pid})", worker=slot + 1, pid=worker.pid

@@ -98,14 +98,19 @@ class Server:
     def cpu(self) -> float:
         return treeCpu(self.proc.pid)
 
-    def stop(self) -> None:
+    def stop(self) -> list[str]:
+        """
+        Stop it (SIGTERM); its final stats lines.
+        """
         if self.proc.poll() is None:
             self.proc.terminate()
         try:
-            self.proc.wait(30)
+            rest, _ = self.proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            self.proc.wait()
+            rest, _ = self.proc.communicate()
+        self.lines += rest.splitlines(keepends=True)
+        return [line.split("] ", 1)[-1] for line in self.lines if "final stats" in line]
 
 
 def runClient(client: Path, port: int, args: argparse.Namespace) -> dict:
@@ -195,9 +200,10 @@ def main(argv: list[str] | None = None) -> int:
                     result["server_cpu_s"] = sum(s.cpu() for s in servers) - before
                     results[name].append(result)
         finally:
-            for servers in variants.values():
-                for server in servers:
-                    server.stop()
+            finals = {
+                name: [line for server in servers for line in server.stop()]
+                for name, servers in variants.items()
+            }
     base = None
     print(
         f"{os.cpu_count()} CPUs, client unpinned and sharing them; "
@@ -206,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"{'variant':36} {'replies/s':>10} {'x 1 proc':>8} {'CPU us/reply':>12} "
-        f"{'client CPU':>10} {'lost':>6}"
+        f"{'client CPU':>10} {'lost':>6} {'of which client rcvbuf drops':>28}"
     )
     for name, rs in results.items():
         rate = median([r["rate"] for r in rs])
@@ -214,10 +220,16 @@ def main(argv: list[str] | None = None) -> int:
         clientCpu = median([r["cpu_s"] / r["elapsed"] for r in rs if r["elapsed"]])
         base = base or rate
         lost = sum(r["lost"] for r in rs)
+        drops = sum(r["rcvbuf_drops"] for r in rs)
         print(
             f"{name:36} {rate:10.0f} {rate / base:8.2f} {cpu:12.2f} "
-            f"{100 * clientCpu:9.0f}% {lost:6d}"
+            f"{100 * clientCpu:9.0f}% {lost:6d} {drops:28d}"
         )
+    print("\nThe servers' own final stats (the SO_REUSEPORT ones, one per process):")
+    for name, lines in finals.items():
+        print(f"{name}:")
+        for line in lines:
+            print(f"    {line.rstrip()}")
     return 0
 
 

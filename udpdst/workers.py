@@ -47,6 +47,8 @@ from twisted.internet.error import ConnectionDone, ProcessDone, ProcessExitedAlr
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import (
+    ILogFilterPredicate,
+    ILogObserver,
     Logger,
     LogLevel,
     PredicateResult,
@@ -567,16 +569,19 @@ class _ParentWatch:
 _REPEATED = ("log_legacy", "twisted.", "udpdst.service.", "udpdst.workers.")
 
 
-def _forwarded(event: Mapping[str, Any]) -> Any:
+@implementer(ILogFilterPredicate)
+class _Forwarded:
     """
     Which of a worker's log events go to the parent: all but the info lines
     that every worker would repeat.
     """
-    if event.get("log_level") == LogLevel.info and str(
-        event.get("log_namespace", "")
-    ).startswith(_REPEATED):
-        return PredicateResult.no
-    return PredicateResult.maybe
+
+    def __call__(self, event: dict[str, Any]) -> PredicateResult:
+        if event.get("log_level") == LogLevel.info and str(
+            event.get("log_namespace", "")
+        ).startswith(_REPEATED):
+            return PredicateResult.no
+        return PredicateResult.maybe
 
 
 class _WorkerEchoService(EchoService):
@@ -593,6 +598,7 @@ class _WorkerEchoService(EchoService):
         self._channel.send({"stats": self.localSnapshot().asDict(), "final": final})
 
 
+@implementer(ILogObserver)
 class _Channel:
     """
     The worker's end of the line protocol: one JSON object per line on the
@@ -610,7 +616,7 @@ class _Channel:
             # The parent is gone; its end of standard input says so too.
             pass
 
-    def __call__(self, event: Mapping[str, Any]) -> None:
+    def __call__(self, event: dict[str, Any]) -> None:
         self.send({"log": eventAsJSON(event)})
 
 
@@ -665,7 +671,7 @@ def runWorker(stdin: int = 0, stdout: int = 1) -> int:
     config = workerConfig(setup["config"])
     logs.setLogLevel(config.log.level)
     globalLogBeginner.beginLoggingTo(
-        [FilteringLogObserver(channel, [logs.minimumLevel, _forwarded])],
+        [FilteringLogObserver(channel, [logs.minimumLevel, _Forwarded()])],
         redirectStandardIO=False,
     )
 

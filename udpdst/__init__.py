@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from udpdst.address import Destination, PeerAddress
+    from udpdst.application import UDPServer
     from udpdst.interfaces import IDestinationDatagramProtocol, IDestinationTransport
     from udpdst.listening import adoptDatagramPort, listenUDP, patchReactor
     from udpdst.port import DestinationPort, PortCounters
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 _HOMES = {
     "Destination": "udpdst.address",
     "PeerAddress": "udpdst.address",
+    "UDPServer": "udpdst.application",
     "IDestinationDatagramProtocol": "udpdst.interfaces",
     "IDestinationTransport": "udpdst.interfaces",
     "DestinationPort": "udpdst.port",
@@ -40,6 +42,7 @@ __all__ = [
     "IDestinationTransport",
     "PeerAddress",
     "PortCounters",
+    "UDPServer",
     "adoptDatagramPort",
     "listenUDP",
     "patchReactor",

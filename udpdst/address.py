@@ -54,6 +54,9 @@ class PeerAddress(tuple):  # type: ignore[type-arg]
     """
 
     destination: Destination | None
+    # Set by the port that made it: (port, target, control, max length), what
+    # a reply needs, so that writing to this address costs no lookups.
+    _reply: tuple[object, object, object, int] | None = None
 
     def __new__(
         cls, host: str, port: int, destination: Destination | None = None
@@ -64,6 +67,13 @@ class PeerAddress(tuple):  # type: ignore[type-arg]
 
     def __getnewargs__(self) -> tuple[str, int, Destination | None]:  # type: ignore[override]
         return (self[0], self[1], self.destination)
+
+    def __reduce__(
+        self,
+    ) -> tuple[type[PeerAddress], tuple[str, int, Destination | None]]:  # type: ignore[override]
+        # Copies and pickles carry the destination, never the port's reply
+        # state (a port cannot be pickled, and a copy may outlive it).
+        return (PeerAddress, (self[0], self[1], self.destination))
 
     @property
     def host(self) -> str:

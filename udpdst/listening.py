@@ -10,6 +10,7 @@ here passes them through.
 from __future__ import annotations
 
 import socket
+import sys
 from collections.abc import Callable
 from functools import partial
 from typing import Any, cast
@@ -38,8 +39,28 @@ def listenUDP(
         in use, no permission, address not local).
     @raise twisted.internet.error.InvalidAddressError: C{interface} is not
         an IP address.
-    @return: The listening port.
+    @return: The listening port.  With one of Twisted's memory reactors
+        (C{MemoryReactor}, C{MemoryReactorClock}) no socket is opened: the
+        call is recorded in the reactor's C{udpServers} list as
+        C{(port, protocol, interface, maxPacketSize)}, as those reactors
+        record C{listenTCP} in C{tcpServers}, and the port returned is a
+        L{udpdst.testing.FakeDestinationTransport} with the protocol
+        connected.
     """
+    if _isMemoryReactor(reactor):
+        from udpdst.testing import FakeDestinationTransport
+
+        reactor.__dict__.setdefault("udpServers", []).append(
+            (port, protocol, interface, maxPacketSize)
+        )
+        return FakeDestinationTransport(
+            protocol,
+            port=port,
+            interface=interface,
+            maxPacketSize=maxPacketSize,
+            reactor=reactor,
+            **options,
+        )
     p = DestinationPort(port, protocol, interface, maxPacketSize, reactor, **options)
     p.startListening()
     return p
@@ -61,10 +82,29 @@ def adoptDatagramPort(
     arrive with an unknown destination and are answered from the kernel's
     choice.
 
+    With one of Twisted's memory reactors nothing is touched: the call is
+    recorded in the reactor's C{adoptedPorts}, as those reactors do, and the
+    port returned is a L{udpdst.testing.FakeDestinationTransport} (on
+    C{0.0.0.0} or C{::}, port 1234, as Twisted's fake) with the protocol
+    connected.
+
     @raise twisted.internet.error.UnsupportedAddressFamily: not IPv4 or IPv6.
     """
     if addressFamily not in (socket.AF_INET, socket.AF_INET6):
         raise error.UnsupportedAddressFamily(addressFamily)
+    if _isMemoryReactor(reactor):
+        from udpdst.testing import FakeDestinationTransport
+
+        reactor.adoptedPorts.append(  # type: ignore[union-attr]
+            (fileDescriptor, addressFamily, protocol, maxPacketSize)
+        )
+        return FakeDestinationTransport(
+            protocol,
+            port=1234,
+            interface="::" if addressFamily == socket.AF_INET6 else "0.0.0.0",
+            maxPacketSize=maxPacketSize,
+            reactor=reactor,
+        )
     if isinstance(fileDescriptor, socket.socket):
         fileDescriptor = fileDescriptor.fileno()
     if reactor is None:
@@ -81,6 +121,16 @@ def adoptDatagramPort(
     cast(socket.socket, p._preexistingSocket).setblocking(False)
     p.startListening()
     return p
+
+
+def _isMemoryReactor(reactor: object) -> bool:
+    """
+    Whether C{reactor} is one of Twisted's memory reactors, which have no
+    sockets.
+    """
+    testing = sys.modules.get("twisted.internet.testing")
+    # Without that module loaded, no memory reactor exists.
+    return testing is not None and isinstance(reactor, testing.MemoryReactor)
 
 
 #: The reactor methods that L{patchReactor} replaces, and what builds the port.

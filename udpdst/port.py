@@ -19,14 +19,14 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from udpdst import _linux as L
+from udpdst import io
 from udpdst.address import Destination, PeerAddress
-from udpdst.cmsg import (
-    enable_destination_options,
-    is_link_local_v6,
-    parse_destination,
-    reply_control,
-)
+from udpdst.cmsg import enable_destination_options, parse_destination, reply_control
 from udpdst.interfaces import IDestinationDatagramProtocol, IDestinationTransport
+
+#: The I/O path this process runs: C{"recvmmsg"} (the C extension) or
+#: C{"recvmsg"} (pure Python, also when C{UDPDST_IO=python}).
+IO_PATH = io.IO_PATH
 
 _WILDCARDS = frozenset({"", "0.0.0.0", "::"})
 
@@ -37,17 +37,32 @@ _SOURCE_VANISHED = frozenset({errno.EINVAL, errno.EADDRNOTAVAIL, errno.ENETUNREA
 _READ_IGNORE = frozenset(udp._sockErrReadIgnore)
 _READ_REFUSE = frozenset(udp._sockErrReadRefuse)
 
+# The largest UDP payload: IPv4 (also IPv4-mapped peers), and IPv6.
+_MAX_V4 = 65507
+_MAX_V6 = 65527
+
+_TRUNCATED = L.MSG_TRUNC
+_CONTROL_TRUNCATED = L.MSG_CTRUNC
+
 
 @dataclass(slots=True)
 class PortCounters:
     """
     What a L{DestinationPort} has seen, for the service layer's stats.
 
-    @ivar received: Datagrams read from the socket (truncated ones included).
-    @ivar replied: Datagrams sent through C{write}.
+    Every field is an C{int}; consumers read them all through L{asDict}.
+
+    @ivar received: Whole datagrams delivered to the protocol.
+    @ivar oversized: Datagrams larger than C{maxPacketSize}, dropped (not in
+        C{received}).
+    @ivar replied: Datagrams the kernel accepted from C{write}.
+    @ivar sendErrors: Writes that failed: raised at C{write} time
+        (C{MessageLengthError}, C{InvalidAddressError}) or failed when sent
+        (e.g. C{EAGAIN}, C{ENOBUFS}).
     @ivar sendFallbacks: Sends retried without control data because the
         source address could not be used (it vanished, or is tentative).
-    @ivar truncated: Datagrams larger than C{maxPacketSize}, dropped.
+    @ivar unreadable: Datagrams dropped because their peer address could not
+        be read (not in C{received}).
     @ivar controlTruncated: Datagrams whose control data did not fit; they
         were delivered with an unknown destination.
     @ivar kernelDrops: Datagrams the kernel dropped on this socket (receive
@@ -57,14 +72,23 @@ class PortCounters:
     """
 
     received: int = 0
+    oversized: int = 0
     replied: int = 0
+    sendErrors: int = 0
     sendFallbacks: int = 0
-    truncated: int = 0
     controlTruncated: int = 0
     kernelDrops: int = 0
+    unreadable: int = 0
 
     def asDict(self) -> dict[str, int]:
         return asdict(self)
+
+    @property
+    def truncated(self) -> int:
+        """
+        The old name of L{oversized}, kept while callers move over.
+        """
+        return self.oversized
 
 
 def _sparse(count: int) -> bool:
@@ -76,50 +100,31 @@ def _sparse(count: int) -> bool:
     return count & (count - 1) == 0
 
 
-# Interface names and indexes, both ways; renamed interfaces are rare enough
-# that these small caches are not invalidated.
-_scopeNames: dict[int, str] = {}
-_scopeIndexes: dict[str, int] = {}
+def _interfaceName(index: int) -> str:
+    """
+    The name of interface C{index}, or the number as text if it has none
+    (any more).  Asked of the kernel each time, never cached: an index can
+    be re-created under another name, or reused by another interface.
+    """
+    try:
+        return socket.if_indextoname(index)
+    except OSError:
+        return str(index)
 
 
-def _scopedHost(host: str, scope: int) -> str:
+def _scopeOf(zone: str, host: str) -> int:
     """
-    C{host} with its zone (C{"fe80::5%eth0"}), which C{sendmsg} accepts and
-    Twisted's address checks allow.
-    """
-    name = _scopeNames.get(scope)
-    if name is None:
-        try:
-            name = socket.if_indextoname(scope)
-        except OSError:
-            name = str(scope)
-        if len(_scopeNames) < 1024:
-            _scopeNames[scope] = name
-    return f"{host}%{name}"
+    The interface index that C{"fe80::5%zone"} names, asked of the kernel
+    each time (see L{_interfaceName}).
 
-
-def _sockaddr(addr: tuple[str, int]) -> Any:
+    @raise error.InvalidAddressError: no interface has that name.
     """
-    The address to give C{sendto}/C{sendmsg}: a scoped IPv6 host
-    (C{"fe80::5%eth0"}) becomes C{(host, port, 0, ifindex)}, because Python
-    takes the scope only from a 4-tuple and ignores the zone in the text.
-    """
-    host = addr[0]
-    if "%" not in host or len(addr) != 2:
-        return addr
-    bare, zone = host.split("%", 1)
-    scope = _scopeIndexes.get(zone)
-    if scope is None:
-        if zone.isdigit():
-            scope = int(zone)
-        else:
-            try:
-                scope = socket.if_nametoindex(zone)
-            except OSError:
-                raise error.InvalidAddressError(host, "no such interface") from None
-            if len(_scopeIndexes) < 1024:
-                _scopeIndexes[zone] = scope
-    return (bare, addr[1], 0, scope)
+    if zone.isdigit():
+        return int(zone)
+    try:
+        return socket.if_nametoindex(zone)
+    except OSError:
+        raise error.InvalidAddressError(host, "no such interface") from None
 
 
 @implementer(IDestinationTransport)
@@ -134,17 +139,28 @@ class DestinationPort(udp.Port):
     others get C{datagramReceived(data, addr)} with an C{addr} that carries
     the destination, so their C{transport.write(data, addr)} replies from it.
 
+    A read pass receives a batch (L{udpdst.io}), classifies each datagram by
+    its key (peer and control data: a cache hit gives the ready peer address
+    and destination) and dispatches it.  Replies written during a pass are
+    queued and sent together when the batch is done, in order; a write
+    outside a pass is sent at once.  Errors known at C{write} time raise;
+    errors of the send itself are counted in C{counters.sendErrors} and
+    logged sparsely.
+
     @ivar counters: The L{PortCounters}.
     @ivar maxDatagramsPerRead: The most datagrams one C{doRead} handles before
         it yields to the reactor (also bounded by C{maxThroughput} bytes).
     @ivar peerMapSize: How many peers' last destinations are remembered for
         plain protocols that reply later to an address they rebuilt.
+    @ivar peerCacheSize: How many distinct (peer, destination) keys keep
+        their ready peer address; the cache is emptied when full.
     @ivar ancillaryBufferSize: Room for control data per datagram; sized for
         every message that can arrive together.
     """
 
     maxDatagramsPerRead = 256
     peerMapSize = 8192
+    peerCacheSize = 4096
     ancillaryBufferSize = L.ANCILLARY_BUFFER_SIZE
     _log = Logger()
 
@@ -167,7 +183,7 @@ class DestinationPort(udp.Port):
             IPv4 addresses, C{"::"} for all IPv6 and (unless C{v6Only}) IPv4
             addresses, or one address.
         @param maxPacketSize: The largest datagram delivered; larger ones are
-            counted in C{counters.truncated} and dropped.
+            counted in C{counters.oversized} and dropped.
         @param reactor: The reactor; the global one if L{None}.
         @param reusePort: Set C{SO_REUSEPORT}, so several processes can share
             the port.
@@ -182,17 +198,16 @@ class DestinationPort(udp.Port):
         self._wildcard = False
         self._fixedDestination: Destination | None = None
         self._reading = False
-        self._destinations: dict[
-            tuple[Any, ...], tuple[Destination | None, int | None]
-        ] = {}
-        self._replyControls: dict[
-            tuple[Destination, bool], list[tuple[int, int, bytes]]
-        ] = {}
+        # key -> (peer, destination); see _classify.
+        self._peers: dict[Any, tuple[PeerAddress, Destination | None]] = {}
         self._peerDestinations: dict[tuple[str, int], Destination] = {}
-        self._dispatchPeer: tuple[str, int] | None = None
-        self._dispatchDestination: Destination | None = None
         self._destinationAware = False
         self._family6 = False
+        # Replies queued during a read pass, and whether one is running.
+        self._queue: list[tuple[bytes, Any, Any]] = []
+        self._inPass = False
+        # What is left of a batch when the protocol stopped reading in it.
+        self._pending: io.Batch = []
 
     def __repr__(self) -> str:
         if self._realPortNumber is not None:
@@ -243,87 +258,109 @@ class DestinationPort(udp.Port):
     def startReading(self) -> None:
         self._reading = True
         udp.Port.startReading(self)
+        if self._pending:
+            # Datagrams already read when the protocol paused: deliver them
+            # now, as the kernel may have nothing more to wake the reactor.
+            self.reactor.callLater(0, self._resume)  # type: ignore[attr-defined]
 
     def stopReading(self) -> None:
         self._reading = False
         udp.Port.stopReading(self)
 
-    # Reading
+    # Reading: receive -> classify -> dispatch
 
     def doRead(self) -> None:
         """
         Read what is queued, up to C{maxDatagramsPerRead} datagrams or
         C{maxThroughput} bytes, and stop at once when the protocol stops
-        reading or stops the port.
+        reading or stops the port; then send the replies written meanwhile.
         """
-        recvmsg = self.socket.recvmsg
-        size = self.maxPacketSize
+        self._inPass = True
+        try:
+            if self._pending and not self._dispatch(self._takePending()):
+                return
+            remaining = self.maxDatagramsPerRead
+            budget = self.maxThroughput
+            size = self.maxPacketSize
+            ancSize = self.ancillaryBufferSize if self._wildcard else 0
+            while remaining > 0 and budget > 0 and self._reading:
+                want = min(io.BATCH, remaining)
+                received = self._receive(want, size, ancSize)
+                if received is None:
+                    return
+                batch, drops, nbytes = received
+                if drops >= 0:
+                    self.counters.kernelDrops = drops
+                if not self._dispatch(batch) or len(batch) < want:
+                    return
+                remaining -= want
+                budget -= nbytes + 64 * want
+        finally:
+            self._inPass = False
+            if self._queue:
+                self._flush()
+
+    def _resume(self) -> None:
+        if self._pending and self._reading:
+            self.doRead()
+
+    def _takePending(self) -> io.Batch:
+        batch, self._pending = self._pending, []
+        return batch
+
+    def _receive(self, count: int, size: int, ancSize: int) -> Any:
+        """
+        One batch from the socket, or L{None} when there is none (nothing
+        queued, or an error that ends the pass).
+        """
+        try:
+            received = io.receive(self.socket, count, size, ancSize)
+        except OSError as se:
+            no = se.args[0]
+            if no in _READ_IGNORE:
+                return None
+            if no in _READ_REFUSE:
+                if self._connectedAddr:
+                    self.protocol.connectionRefused()
+                return None
+            raise
+        return received if received[0] else None
+
+    def _dispatch(self, batch: io.Batch) -> bool:
+        """
+        Deliver a batch to the protocol.
+
+        @return: Whether the protocol is still reading; if not, the rest of
+            the batch waits in C{_pending} until it reads again.
+        """
+        peers = self._peers
+        classify = self._classify
         counters = self.counters
-        family6 = self._family6
-        wildcard = self._wildcard
-        fixed = self._fixedDestination
-        cache = self._destinations
-        boundPort = self._realPortNumber or 0
-        deliver = (
-            self.protocol.datagramReceived
-            if self._destinationAware
-            else self._deliverPlain
-        )
-        ancSize = self.ancillaryBufferSize if wildcard else 0
-        budget = self.maxThroughput
-        remaining = self.maxDatagramsPerRead
-        while remaining > 0 and budget > 0 and self._reading:
-            remaining -= 1
-            try:
-                data, ancdata, flags, addr = recvmsg(size, ancSize)
-            except OSError as se:
-                no = se.args[0]
-                if no in _READ_IGNORE:
-                    return
-                if no in _READ_REFUSE:
-                    if self._connectedAddr:
-                        self.protocol.connectionRefused()
-                    return
-                raise
-            budget -= len(data) + 64
+        aware = self._destinationAware
+        deliver = self.protocol.datagramReceived
+        peerMap = self._peerDestinations
+        done = 0
+        for data, key, flags in batch:
+            done += 1
+            if flags:
+                entry = self._classifyFlagged(data, key, flags)
+                if entry is None:
+                    continue
+            else:
+                entry = peers.get(key)
+                if entry is None:
+                    entry = classify(key, True)
+                    if entry is None:
+                        continue
+            peer, dst = entry
             counters.received += 1
-            if flags & L.MSG_TRUNC:
-                counters.truncated += 1
-                if _sparse(counters.truncated):
-                    self._log.debug(
-                        "{port}: dropped a datagram from {peer} larger than "
-                        "maxPacketSize={size} ({count} so far)",
-                        port=self,
-                        peer=addr,
-                        size=size,
-                        count=counters.truncated,
-                    )
-                continue
-            if not wildcard:
-                dst = fixed
-            elif flags & L.MSG_CTRUNC:
-                counters.controlTruncated += 1
-                dst = None
-            else:
-                key = tuple(ancdata)
-                parsed = cache.get(key)
-                if parsed is None:
-                    parsed = parse_destination(ancdata, boundPort)
-                    if len(cache) >= 4096:
-                        cache.clear()
-                    cache[key] = parsed
-                dst, drops = parsed
-                if drops is not None:
-                    counters.kernelDrops = drops
-            if family6:
-                host, peerPort, _flow, scope = addr
-                if scope:
-                    host = _scopedHost(host, scope)
-                peer = PeerAddress(host, peerPort, dst)
-            else:
-                peer = PeerAddress(addr[0], addr[1], dst)
             try:
-                deliver(data, peer, dst)
+                if aware:
+                    deliver(data, peer, dst)
+                else:
+                    if dst is not None and peerMap.get(peer) is not dst:
+                        self._rememberPeer(peer, dst)
+                    deliver(data, peer)
             except BaseException:
                 self._log.failure(
                     "{port}: {protocol} failed on a datagram from {peer}",
@@ -331,25 +368,93 @@ class DestinationPort(udp.Port):
                     protocol=self.protocol,
                     peer=peer,
                 )
+            if not self._reading:
+                if self.connected:
+                    self._pending = batch[done:]
+                return False
+        return True
 
-    def _deliverPlain(
-        self, data: bytes, peer: PeerAddress, dst: Destination | None
-    ) -> None:
-        if dst is not None and self._wildcard:
-            peers = self._peerDestinations
-            if len(peers) >= self.peerMapSize and peer not in peers:
-                # Evict the oldest entry: memory stays bounded under a flood
-                # of sources, and active peers are re-added on their next
-                # datagram.
-                del peers[next(iter(peers))]
-            peers[peer] = dst
-        self._dispatchPeer = peer
-        self._dispatchDestination = dst
+    def _classify(
+        self, key: Any, useCache: bool
+    ) -> tuple[PeerAddress, Destination | None] | None:
+        """
+        The peer address and destination a key stands for, built once per
+        key and cached (peers on a link-local scope excepted: their address
+        names the interface, and names are never cached).  L{None} if the
+        peer address cannot be read; the datagram is then counted and dropped.
+        """
         try:
-            self.protocol.datagramReceived(data, peer)
-        finally:
-            self._dispatchPeer = None
-            self._dispatchDestination = None
+            addr, ancdata, target = io.decodeKey(key)
+        except (ValueError, OSError):
+            self.counters.unreadable += 1
+            return None
+        if not self._wildcard:
+            dst = self._fixedDestination
+        elif useCache:
+            dst = parse_destination(ancdata, self._realPortNumber or 0)[0]
+        else:
+            dst = None
+        host = addr[0]
+        scoped = self._family6 and addr[3] != 0
+        if scoped:
+            host = f"{host}%{_interfaceName(addr[3])}"
+        peer = PeerAddress(host, addr[1], dst)
+        control = (
+            io.packControl(reply_control(self.addressFamily, dst, host))
+            if self._wildcard
+            else io.packControl(())
+        )
+        peer._reply = (self, target, control, self._maxLength(host))
+        entry = (peer, dst)
+        if useCache and not scoped:
+            peers = self._peers
+            if len(peers) >= self.peerCacheSize:
+                peers.clear()
+            peers[key] = entry
+        return entry
+
+    def _classifyFlagged(
+        self, data: bytes, key: Any, flags: int
+    ) -> tuple[PeerAddress, Destination | None] | None:
+        """
+        L{_classify} for a datagram the kernel flagged: oversized ones are
+        counted and dropped; those whose control data was cut are delivered
+        with an unknown destination (never guessed from what is left).
+        """
+        if flags & _TRUNCATED:
+            counters = self.counters
+            counters.oversized += 1
+            if _sparse(counters.oversized):
+                try:
+                    peer: Any = io.decodeKey(key)[0]
+                except (ValueError, OSError):
+                    peer = "?"
+                self._log.debug(
+                    "{port}: dropped a datagram from {peer} larger than "
+                    "maxPacketSize={size} ({count} so far)",
+                    port=self,
+                    peer=peer,
+                    size=self.maxPacketSize,
+                    count=counters.oversized,
+                )
+            return None
+        if flags & _CONTROL_TRUNCATED:
+            self.counters.controlTruncated += 1
+            return self._classify(key, False)
+        return self._peers.get(key) or self._classify(key, True)
+
+    def _rememberPeer(self, peer: PeerAddress, dst: Destination) -> None:
+        peers = self._peerDestinations
+        if len(peers) >= self.peerMapSize and peer not in peers:
+            # Evict the oldest entry: memory stays bounded under a flood of
+            # sources, and active peers are re-added on their next datagram.
+            del peers[next(iter(peers))]
+        peers[peer] = dst
+
+    def _maxLength(self, host: str) -> int:
+        if not self._family6 or (host.startswith("::ffff:") and "." in host):
+            return _MAX_V4
+        return _MAX_V6
 
     # Writing
 
@@ -361,40 +466,95 @@ class DestinationPort(udp.Port):
     ) -> None:
         """
         Send a datagram; see L{IDestinationTransport.write}.
+
+        During a read pass the datagram is queued and sent with the others
+        when the pass ends; otherwise it is sent at once.
+        """
+        if type(addr) is PeerAddress:
+            reply = addr._reply
+            if (
+                reply is not None
+                and reply[0] is self
+                and (dst is None or dst is addr.destination)
+            ):
+                if len(datagram) > reply[3]:
+                    self._tooLong()
+                if type(datagram) is not bytes:
+                    datagram = bytes(datagram)
+                self._enqueue((datagram, reply[1], reply[2]))
+                return
+        self._writeSlow(datagram, addr, dst)
+
+    def _writeSlow(
+        self,
+        datagram: bytes,
+        addr: tuple[str, int] | None,
+        dst: Destination | None,
+    ) -> None:
+        """
+        L{write} to an address this port did not make (rebuilt, or from
+        another port), or with another destination than it carries.
         """
         if self._connectedAddr:
-            return udp.Port.write(self, datagram, addr)  # type: ignore[no-any-return]
+            try:
+                udp.Port.write(self, datagram, addr)
+            except (error.MessageLengthError, OSError):
+                self.counters.sendErrors += 1
+                raise
+            self.counters.replied += 1
+            return
         if addr is None:
+            self.counters.sendErrors += 1
             raise error.InvalidAddressError(None, "write() needs an address")
-        if type(addr) is not PeerAddress:
+        host = addr[0]
+        try:
             self._checkAddress(addr)
-        control: list[tuple[int, int, bytes]] = []
+            target = self._target(addr)
+        except error.InvalidAddressError:
+            self.counters.sendErrors += 1
+            raise
+        if len(datagram) > self._maxLength(host):
+            self._tooLong()
+        control: Any = ()
         if self._wildcard:
             if dst is None:
                 dst = self._destinationFor(addr)
-            if dst is not None:
-                host = addr[0]
-                key = (dst, self._family6 and is_link_local_v6(host))
-                cached = self._replyControls.get(key)
-                if cached is None:
-                    cached = reply_control(self.addressFamily, dst, host)
-                    if len(self._replyControls) >= 4096:
-                        self._replyControls.clear()
-                    self._replyControls[key] = cached
-                control = cached
-        self._send(datagram, addr, control)
+            control = reply_control(self.addressFamily, dst, host)
+        if type(datagram) is not bytes:
+            datagram = bytes(datagram)
+        self._enqueue((datagram, target, io.packControl(control)))
+
+    def _tooLong(self) -> None:
+        self.counters.sendErrors += 1
+        raise error.MessageLengthError("message too long")
+
+    def _target(self, addr: tuple[str, int]) -> Any:
+        """
+        C{addr} as L{io.send} takes it; a scoped IPv6 host (C{"fe80::5%eth0"})
+        is sent with its interface index (Python would ignore the zone in
+        the text), looked up now, so a re-created interface is found.
+        """
+        host = addr[0]
+        if self._family6:
+            bare, _, zone = host.partition("%")
+            scope = _scopeOf(zone, host) if zone else 0
+            sockaddr: Any = (bare, addr[1], 0, scope)
+        else:
+            sockaddr = (host, addr[1])
+        try:
+            return io.packTarget(sockaddr)
+        except (OSError, ValueError):
+            raise error.InvalidAddressError(host, "not an IP address") from None
 
     def _destinationFor(self, addr: tuple[str, int]) -> Destination | None:
         """
         The destination a reply to C{addr} should leave from, when the caller
-        named none: the one C{addr} carries, the one of the datagram being
-        dispatched from that peer, or the last one that peer sent to.
+        named none: the one C{addr} carries, or the last one that peer sent
+        to (also the datagram being dispatched: the map is updated first).
         """
         carried = getattr(addr, "destination", None)
         if carried is not None:
             return carried  # type: ignore[no-any-return]
-        if self._dispatchPeer is not None and addr == self._dispatchPeer:
-            return self._dispatchDestination
         return self._peerDestinations.get(addr)  # type: ignore[call-overload,no-any-return]
 
     def _checkAddress(self, addr: tuple[str, int]) -> None:
@@ -413,46 +573,65 @@ class DestinationPort(udp.Port):
                 host, "IPv4 port write() called with IPv6 address"
             )
 
-    def _send(
-        self,
-        datagram: bytes,
-        addr: tuple[str, int],
-        control: list[tuple[int, int, bytes]],
-    ) -> None:
-        target = _sockaddr(addr)
-        while True:
-            try:
-                if control:
-                    self.socket.sendmsg((datagram,), control, 0, target)
-                else:
-                    self.socket.sendto(datagram, target)
-            except OSError as se:
-                no = se.args[0]
-                if no == errno.EINTR:
-                    continue
-                if no == errno.EMSGSIZE:
-                    raise error.MessageLengthError("message too long") from se
-                if no == errno.ECONNREFUSED:
-                    # An ICMP error from an earlier datagram; not this one's.
-                    return
-                if control and no in _SOURCE_VANISHED:
-                    self.counters.sendFallbacks += 1
-                    if _sparse(self.counters.sendFallbacks):
-                        self._log.debug(
-                            "{port}: could not send from {control!r} to {peer} "
-                            "({error}); sent from the kernel's choice "
-                            "({count} so far)",
-                            port=self,
-                            control=control,
-                            peer=addr,
-                            error=errno.errorcode.get(no, no),
-                            count=self.counters.sendFallbacks,
-                        )
-                    control = []
-                    continue
-                raise
-            self.counters.replied += 1
-            return
+    def _enqueue(self, item: tuple[bytes, Any, Any]) -> None:
+        queue = self._queue
+        queue.append(item)
+        if not self._inPass or len(queue) >= io.BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        """
+        Send the queued replies, in order, as few system calls as the kernel
+        allows; a reply that fails is retried without control data if its
+        source vanished, otherwise counted (and logged sparsely).
+        """
+        queue, self._queue = self._queue, []
+        counters = self.counters
+        start = 0
+        total = len(queue)
+        while start < total:
+            sent, no = io.send(self.socket, queue, start)
+            counters.replied += sent
+            start += sent
+            if no:
+                self._sendFailed(queue[start], no)
+                start += 1
+
+    def _sendFailed(self, item: tuple[bytes, Any, Any], no: int) -> None:
+        """
+        One reply failed with C{errno} C{no}: retry it once without control
+        data if its source address vanished (or is tentative), or once more
+        if the error belonged to an earlier datagram (C{ECONNREFUSED});
+        otherwise count it.
+        """
+        data, target, control = item
+        counters = self.counters
+        if no == errno.ECONNREFUSED or (control and no in _SOURCE_VANISHED):
+            retry = (data, target, io.packControl(()))
+            if control and no != errno.ECONNREFUSED:
+                counters.sendFallbacks += 1
+                if _sparse(counters.sendFallbacks):
+                    self._log.debug(
+                        "{port}: could not send from the requested source "
+                        "({error}); sent from the kernel's choice ({count} so far)",
+                        port=self,
+                        error=errno.errorcode.get(no, no),
+                        count=counters.sendFallbacks,
+                    )
+            else:
+                retry = item
+            sent, no = io.send(self.socket, [retry], 0)
+            if sent:
+                counters.replied += 1
+                return
+        counters.sendErrors += 1
+        if _sparse(counters.sendErrors):
+            self._log.info(
+                "{port}: a reply could not be sent ({error}; {count} so far)",
+                port=self,
+                error=errno.errorcode.get(no, no),
+                count=counters.sendErrors,
+            )
 
     def writeSequence(  # type: ignore[override]
         self,
@@ -464,7 +643,9 @@ class DestinationPort(udp.Port):
 
     def connectionLost(self, reason: Any = None) -> None:
         self._reading = False
-        self._destinations.clear()
-        self._replyControls.clear()
+        if self._queue:
+            self._flush()
+        self._pending = []
+        self._peers.clear()
         self._peerDestinations.clear()
         udp.Port.connectionLost(self, reason)

@@ -1,0 +1,228 @@
+"""
+The system calls a L{udpdst.port.DestinationPort} reads and replies with: the
+C extension's batched C{recvmmsg}/C{sendmmsg} where it is built, otherwise a
+pure-Python twin (C{recvmsg}/C{sendmsg}), behind one interface.
+
+The interface, the same for both paths:
+
+  - L{receive}C{(sock, count, size, ancsize)} returns
+    C{(batch, drops, nbytes)}: up to C{count} C{(data, key, flags)}, the last
+    C{SO_RXQ_OVFL} count seen (C{-1} if none) and the bytes read.  C{key} stands for the peer and the control data
+    (without C{SO_RXQ_OVFL}, so the drop count never changes it): equal keys
+    mean the same peer sending to the same destination, so a port caches
+    what it derives from a key.  An empty batch means nothing was queued.
+  - L{decodeKey}C{(key)} returns C{(addr, ancdata, target)}: the peer as
+    C{recvmsg} gives it, the control messages as C{(level, type, data)}, and
+    the peer in the form L{send} takes.
+  - L{send}C{(sock, items, start)} sends C{items[start:]}, each
+    C{(data, target, control)} with C{control} from L{packControl} and
+    C{target} from L{decodeKey} or L{packTarget}; it returns C{(sent, errno)}
+    and stops at the first failure, whose C{errno} is that of
+    C{items[start + sent]}.
+
+Setting the environment variable C{UDPDST_IO=python} forces the twin.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+from udpdst import _linux as L
+
+Ancillary = tuple[int, int, bytes]
+Batch = list[tuple[bytes, Any, int]]
+
+#: Datagrams asked for per system call (and replies queued before a flush).
+BATCH = 64
+
+_FAMILY = struct.Struct("=H")
+_PORT = struct.Struct("!H")
+_SCOPE = struct.Struct("=I")
+_CMSGHDR = struct.Struct("@Nii")  # size_t cmsg_len, int level, int type
+_V6_ADDR_LEN = 28
+_V4_ADDR_LEN = 16
+
+# The C extension handles the kernel's layout; the pure-Python decoder below
+# must read the same layout.
+_CMSG_HEADER = socket.CMSG_LEN(0)
+
+
+def _cmsgAlign(length: int) -> int:
+    return socket.CMSG_SPACE(length - _CMSG_HEADER) if length >= _CMSG_HEADER else 0
+
+
+try:
+    if os.environ.get("UDPDST_IO") == "python":
+        raise ImportError("UDPDST_IO=python")
+    from udpdst import _mmsg  # type: ignore[attr-defined]
+except ImportError:
+    _mmsg = None
+
+
+# The batched path: keys are raw bytes (sockaddr, then control messages).
+
+
+def _decodeRawKey(key: bytes) -> tuple[Any, list[Ancillary], bytes]:
+    """
+    Split a key of the C path into the peer, the control messages and the
+    raw C{sockaddr} to reply to.
+
+    @raise ValueError: the key holds no IPv4 or IPv6 socket address.
+    """
+    if len(key) < 2:
+        raise ValueError("no socket address")
+    family = _FAMILY.unpack_from(key)[0]
+    if family == socket.AF_INET and len(key) >= _V4_ADDR_LEN:
+        size = _V4_ADDR_LEN
+        addr: Any = (socket.inet_ntoa(key[4:8]), _PORT.unpack_from(key, 2)[0])
+        target = key[:size]
+    elif family == socket.AF_INET6 and len(key) >= _V6_ADDR_LEN:
+        size = _V6_ADDR_LEN
+        scope = _SCOPE.unpack_from(key, 24)[0]
+        addr = (
+            socket.inet_ntop(socket.AF_INET6, key[8:24]),
+            _PORT.unpack_from(key, 2)[0],
+            _SCOPE.unpack_from(key, 4)[0],
+            scope,
+        )
+        # The flow label is the peer's; a reply sets its own.
+        target = key[:4] + b"\0\0\0\0" + key[8:size]
+    else:
+        raise ValueError("no IPv4 or IPv6 socket address")
+    ancdata: list[Ancillary] = []
+    offset = size
+    while offset + _CMSG_HEADER <= len(key):
+        length, level, kind = _CMSGHDR.unpack_from(key, offset)
+        if length < _CMSG_HEADER or offset + length > len(key):
+            break
+        ancdata.append((level, kind, key[offset + _CMSG_HEADER : offset + length]))
+        offset += _cmsgAlign(length)
+    return addr, ancdata, target
+
+
+def _packRawControl(ancdata: Sequence[Ancillary]) -> bytes:
+    parts = []
+    for level, kind, data in ancdata:
+        length = socket.CMSG_LEN(len(data))
+        parts.append(_CMSGHDR.pack(length, level, kind) + data)
+        parts.append(b"\0" * (socket.CMSG_SPACE(len(data)) - length))
+    return b"".join(parts)
+
+
+def _packRawTarget(addr: Sequence[Any]) -> bytes:
+    """
+    C{(host, port)} or C{(host, port, flowinfo, scope)} as a raw C{sockaddr};
+    C{host} is an IP literal without a zone.
+
+    @raise OSError: C{host} is not an IP literal.
+    """
+    host, port = addr[0], addr[1]
+    if len(addr) == 4 or ":" in host:
+        scope = addr[3] if len(addr) == 4 else 0
+        return (
+            _FAMILY.pack(socket.AF_INET6)
+            + _PORT.pack(port)
+            + b"\0\0\0\0"
+            + socket.inet_pton(socket.AF_INET6, host)
+            + _SCOPE.pack(scope)
+        )
+    return (
+        _FAMILY.pack(socket.AF_INET)
+        + _PORT.pack(port)
+        + socket.inet_aton(host)
+        + b"\0" * 8
+    )
+
+
+# The pure-Python twin: keys are (addr, control messages) tuples.
+
+
+def _receiveEach(
+    sock: socket.socket, count: int, size: int, ancsize: int
+) -> tuple[Batch, int, int]:
+    recvmsg = sock.recvmsg
+    batch: Batch = []
+    drops = -1
+    nbytes = 0
+    for _ in range(count):
+        try:
+            data, ancdata, flags, addr = recvmsg(size, ancsize)
+        except OSError as e:
+            if e.errno == errno.EINTR:
+                continue
+            if batch or e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                # As recvmmsg does: what was read is returned; a lasting
+                # error shows again on the next call.
+                break
+            raise
+        nbytes += len(data)
+        if ancdata:
+            kept = []
+            for item in ancdata:
+                if item[0] == L.SOL_SOCKET and item[1] == L.SO_RXQ_OVFL:
+                    if len(item[2]) >= 4:
+                        drops = _SCOPE.unpack_from(item[2])[0]
+                else:
+                    kept.append(item)
+            key: Hashable = (addr, tuple(kept))
+        else:
+            key = (addr, ())
+        batch.append((data, key, int(flags)))
+    return batch, drops, nbytes
+
+
+def _decodeTupleKey(key: Any) -> tuple[Any, list[Ancillary], Any]:
+    addr, ancdata = key
+    if len(addr) == 4:
+        target: Any = (addr[0], addr[1], 0, addr[3])
+    else:
+        target = addr
+    return addr, list(ancdata), target
+
+
+def _sendEach(
+    sock: socket.socket, items: list[tuple[bytes, Any, Any]], start: int
+) -> tuple[int, int]:
+    sendmsg = sock.sendmsg
+    sendto = sock.sendto
+    sent = 0
+    for index in range(start, len(items)):
+        data, target, control = items[index]
+        while True:
+            try:
+                if control:
+                    sendmsg((data,), control, 0, target)
+                else:
+                    sendto(data, target)
+            except OSError as e:
+                if e.errno == errno.EINTR:
+                    continue
+                return sent, e.errno or errno.EIO
+            break
+        sent += 1
+    return sent, 0
+
+
+def _tupleTarget(addr: Any) -> Any:
+    return tuple(addr)
+
+
+if _mmsg is not None:
+    IO_PATH = "recvmmsg"
+    receive: Any = _mmsg.recv
+    send: Any = _mmsg.send
+    decodeKey = _decodeRawKey
+    packControl: Any = _packRawControl
+    packTarget: Any = _packRawTarget
+else:
+    IO_PATH = "recvmsg"
+    receive = _receiveEach
+    send = _sendEach
+    decodeKey = _decodeTupleKey
+    packControl = list
+    packTarget = _tupleTarget

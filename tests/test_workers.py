@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._service_helpers import DEADLINE, TWISTD, Twistd, echo
+from tests._service_helpers import DEADLINE, TWISTD, Twistd, echo, freePort
 from udpdst.config import Config, EchoConfig, LimitsConfig, ListenConfig, parseConfig
 from udpdst.workers import Backoff, configDocument, cpuCount, workerCount
 
@@ -71,13 +71,20 @@ def _killIfOurs(pid: int, parent: int) -> None:
             pass
 
 
+def _running(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}") and _state(pid) not in (None, "Z")
+
+
 def _gone(pid: int) -> bool:
+    """
+    Wait until C{pid} has ended; whether it did within the deadline.
+    """
     deadline = time.monotonic() + DEADLINE
-    while time.monotonic() < deadline:
-        if not os.path.exists(f"/proc/{pid}") or _state(pid) == "Z":
-            return True
+    while _running(pid):
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.05)
-    return False
+    return True
 
 
 def _state(pid: int) -> str | None:
@@ -380,3 +387,63 @@ def test_restartedWorkerServesPrivilegedPort(started, tmp_path: Path) -> None:  
     assert process.stop() == -signal.SIGTERM
     (final,) = process.waitFor(FINAL)
     assert final.group(2, 3) == ("1", "1")
+
+
+def test_reloadReplacesWorkersWithoutLoss(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """
+    SIGHUP: the parent applies the new configuration and replaces each
+    worker by one that runs it, the old one stopping once the new one is
+    ready; a client sending through the reload gets every answer.
+    """
+    kept, removed, added = freePort(), freePort(), freePort()
+
+    def write(prefix: str, *ports: int) -> None:
+        config.write_text(
+            "".join(f'[[listen]]\naddress = "127.0.0.1"\nport = {p}\n' for p in ports)
+            + f'[echo]\nprefix = "{prefix}"\n'
+            + "[limits]\nper_source_rate = 0\n[log]\nstats_interval = 0\n"
+        )
+
+    config = tmp_path / "udpdst.toml"
+    write("old: ", kept, removed)
+    process = started("--config", str(config), "--workers", "2")
+    process.listening(2)
+    old = _workers(process)
+    assert echo("127.0.0.1", removed, b"x") == b"old: x"
+    write("new: ", kept, added)
+    sent = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(DEADLINE / 3)
+        client.connect(("127.0.0.1", kept))
+        while sent < 20 or any(map(_running, old)):
+            data = b"%d" % sent
+            client.send(data)
+            assert client.recv(100) in (b"old: " + data, b"new: " + data)
+            sent += 1
+            if sent == 20:
+                process.proc.send_signal(signal.SIGHUP)
+        new = [
+            int(m.group(1))
+            for m in process.waitFor(r"worker \d reloaded \(pid (\d+), was \d+\)", 2)
+        ]
+        assert set(new).isdisjoint(old)
+        for stopped in new:
+            os.kill(stopped, signal.SIGSTOP)
+            try:
+                client.send(b"after")
+                assert client.recv(100) == b"new: after"
+                sent += 1
+            finally:
+                os.kill(stopped, signal.SIGCONT)
+    assert echo("127.0.0.1", added, b"y") == b"new: y"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as gone:
+        gone.settimeout(DEADLINE / 3)
+        gone.connect(("127.0.0.1", removed))
+        gone.send(b"anyone?")
+        with pytest.raises(ConnectionRefusedError):
+            gone.recv(100)
+    assert process.stop() == -signal.SIGTERM
+    output = process.output()
+    assert f"final stats 127.0.0.1:{kept}: received {sent}, replied {sent}," in output
+    assert f"final stats 127.0.0.1:{added}: received 1, replied 1," in output
+    assert "Traceback" not in output

@@ -264,6 +264,9 @@ class EchoService(MultiService):
         self._twistd = TwistdHooks(twistdOptions) if twistdOptions is not None else None
         self._statsCall: LoopingCall | None = None
         self.snapshotProvider: Callable[[], Snapshot] | None = None
+        #: Called with no arguments once a reload is applied (the worker
+        #: processes restart with the new configuration).
+        self.afterReload: list[Callable[[], object]] = []
         self._reloader = reloader
         self._reloading: Deferred[None] | None = None
         self._previousHangup: Any = None
@@ -431,6 +434,8 @@ class EchoService(MultiService):
                 "reloaded configuration: {changes}",
                 changes="; ".join(changes) or "nothing changed",
             )
+            for hook in self.afterReload:
+                hook()
 
         d.addCallback(bind)
         return d

@@ -43,7 +43,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.error import ConnectionDone, ProcessDone, ProcessExitedAlready
+from twisted.internet.error import ConnectionDone, ProcessExitedAlready
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import (
@@ -185,6 +185,9 @@ class _WorkerProtocol(ProcessProtocol):
         self.started = 0.0
         self.ready = False
         self.ended: Deferred[None] = Deferred()
+        #: The worker of an older configuration it takes over from (a
+        #: reload), stopped once this one is ready.
+        self.replaces: _WorkerProtocol | None = None
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid  # type: ignore[union-attr]
@@ -215,7 +218,8 @@ class _WorkerProtocol(ProcessProtocol):
 class WorkerPool(Service):
     """
     Run C{count} worker processes serving the same sockets; restart each
-    one that ends while the pool runs; stop them all when it stops.
+    one that ends while the pool runs; replace them all, one by one, on
+    L{reload}; stop them all when it stops.
 
     @ivar workers: The current worker of each slot (L{None} while a slot
         waits for its restart), numbered from 1 in log lines.
@@ -238,8 +242,8 @@ class WorkerPool(Service):
         @param count: How many workers.
         @param document: The configuration for the workers
             (L{configDocument}).
-        @param sockets: Called once at start: the sockets to serve (they are
-            bound by then).
+        @param sockets: Called at start and at each L{reload}: the sockets
+            to serve (they are bound by then).
         @param reactor: Spawns the processes and keeps time; the global
             reactor if L{None}.
         @param backoff: Makes each slot's restart policy.
@@ -258,8 +262,9 @@ class WorkerPool(Service):
         self.workers: list[_WorkerProtocol | None] = [None] * count
         self._restarts: list[Any] = [None] * count
         self._fds: list[WorkerSocket] = []
-        self._latest: dict[int, Any] = {}
-        self._retired: list[Any] = []
+        self._retiring: list[_WorkerProtocol] = []
+        self._latest: dict[_WorkerProtocol, Snapshot] = {}
+        self._retired = Snapshot()
         self._announced = False
         self._stopping = False
 
@@ -301,11 +306,11 @@ class WorkerPool(Service):
 
     def _spawn(self, slot: int) -> None:
         self._restarts[slot] = None
+        previous = self.workers[slot]
         worker = _WorkerProtocol(self, slot + 1, self._setup(slot + 1))
         childFDs: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
         for i, s in enumerate(self._fds):
             childFDs[3 + i] = s.fd
-        self.workers[slot] = worker
         try:
             self.clock.spawnProcess(
                 worker,
@@ -317,7 +322,6 @@ class WorkerPool(Service):
         except OSError as e:
             # fork or exec failed: out of memory or processes, or the user
             # twistd switched to (--uid) may not run this Python.
-            self.workers[slot] = None
             delay = self._scheduleRestart(slot, 0.0)
             self._log.error(
                 "cannot start worker {worker} ({command}): {error}; retrying in "
@@ -328,6 +332,15 @@ class WorkerPool(Service):
                 delay=delay,
             )
             return
+        self.workers[slot] = worker
+        if previous is not None:
+            # A reload: the worker of the older configuration serves until
+            # this one is ready.  One that was itself still starting goes.
+            if previous.replaces is not None:
+                worker.replaces, previous.replaces = previous.replaces, None
+                self._retire(previous)
+            else:
+                worker.replaces = previous
         self._log.debug(
             "worker {worker} started (pid {pid})", worker=slot + 1, pid=worker.pid
         )
@@ -337,23 +350,37 @@ class WorkerPool(Service):
         self._restarts[slot] = self.clock.callLater(delay, self._spawn, slot)
         return delay
 
+    def _retire(self, worker: _WorkerProtocol) -> None:
+        self._retiring.append(worker)
+        self._signal(worker, "TERM")
+
     def _ended(self, worker: _WorkerProtocol, reason: Failure) -> None:
-        slot = worker.number - 1
-        if self.workers[slot] is worker:
-            self.workers[slot] = None
         # What it reported last stays in the totals.
-        last = self._latest.pop(worker.number, None)
+        last = self._latest.pop(worker, None)
         if last is not None:
-            self._retired.append(last)
+            self._retired = self._retired + last
+        if worker in self._retiring:
+            # Replaced by a reload, or stopped.
+            self._retiring.remove(worker)
+            return
+        slot = worker.number - 1
+        newest = self.workers[slot]
         how = _describeEnd(reason)
+        if newest is not None and newest.replaces is worker:
+            # The older worker ended while its successor starts.
+            newest.replaces = None
+        elif newest is worker:
+            # An older worker, if any, serves on until the restart is ready.
+            self.workers[slot], worker.replaces = worker.replaces, None
         if self._stopping:
-            if not reason.check(ProcessDone):
-                self._log.warn(
-                    "worker {worker} (pid {pid}) {how} while stopping",
-                    worker=worker.number,
-                    pid=worker.pid,
-                    how=how,
-                )
+            return
+        if newest is not worker:
+            self._log.error(
+                "worker {worker} (pid {pid}) {how}; its successor is starting",
+                worker=worker.number,
+                pid=worker.pid,
+                how=how,
+            )
             return
         ranFor = self.clock.seconds() - worker.started
         delay = self._scheduleRestart(slot, ranFor)
@@ -368,6 +395,21 @@ class WorkerPool(Service):
             delay=delay,
         )
 
+    def reload(self, document: Mapping[str, Any]) -> None:
+        """
+        Serve a new configuration: take the sockets again and replace each
+        worker by one started with C{document}; each old worker stops once
+        its successor is ready, so that the sockets are served throughout.
+        """
+        self.document = dict(document)
+        if not self.running or self._stopping:
+            return
+        self._fds = list(self._sockets())
+        for slot in range(self.count):
+            # A slot waiting for its restart gets the new setup then.
+            if self._restarts[slot] is None:
+                self._spawn(slot)
+
     # Messages from workers
 
     def _message(self, worker: _WorkerProtocol, line: bytes) -> None:
@@ -381,7 +423,10 @@ class WorkerPool(Service):
         if "log" in message:
             self._publish(worker, message["log"])
         elif "stats" in message:
-            self._latest[worker.number] = message["stats"]
+            try:
+                self._latest[worker] = Snapshot.fromDict(message["stats"])
+            except (KeyError, TypeError, ValueError, AttributeError):
+                self._stderr(worker, line)
         elif message.get("ready"):
             self._ready(worker)
 
@@ -408,6 +453,16 @@ class WorkerPool(Service):
 
     def _ready(self, worker: _WorkerProtocol) -> None:
         worker.ready = True
+        old, worker.replaces = worker.replaces, None
+        if old is not None:
+            self._retire(old)
+            self._log.info(
+                "worker {worker} reloaded (pid {pid}, was {old})",
+                worker=worker.number,
+                pid=worker.pid,
+                old=old.pid,
+            )
+            return
         if self._announced:
             self._log.info(
                 "worker {worker} restarted (pid {pid})",
@@ -426,21 +481,17 @@ class WorkerPool(Service):
 
     # Stats
 
-    def reports(self) -> list[Any]:
+    def total(self) -> Snapshot:
         """
-        What the workers reported: the last report of every worker that
-        ended, then the latest of each running worker.  Summed, they cover
+        The sum of what the workers reported: the last report of every
+        worker that ended, and the latest of each running one.  It covers
         everything the workers counted, except what a worker killed
         outright counted in its last L{REPORT_INTERVAL}.
         """
-        return [*self._retired, *self._latest.values()]
-
-    @property
-    def pids(self) -> list[int]:
-        """
-        The process ids of the running workers.
-        """
-        return [w.pid for w in self.workers if w is not None and w.pid is not None]
+        total = self._retired
+        for snapshot in self._latest.values():
+            total = total + snapshot
+        return total
 
     # Stopping
 
@@ -451,9 +502,11 @@ class WorkerPool(Service):
             if call is not None and call.active():
                 call.cancel()
             self._restarts[slot] = None
-        live = [w for w in self.workers if w is not None]
-        for worker in live:
-            self._signal(worker, "TERM")
+        newest = [w for w in self.workers if w is not None]
+        older = [w.replaces for w in newest if w.replaces is not None]
+        for worker in newest + older:
+            self._retire(worker)
+        live = list(self._retiring)
         if not live:
             return succeed(None)
         timeout = self.clock.callLater(self._stopTimeout, self._killAll, live)
@@ -505,15 +558,13 @@ def serveWithWorkers(service: Any, count: int, reactor: Any = None) -> WorkerPoo
 
     pool = WorkerPool(count, configDocument(service.config), sockets, reactor)
 
-    def total() -> Any:
+    def total() -> Snapshot:
         # The parent's own (all zero) first, so that every listener and the
         # limiter show even before the first report.
-        snapshot = service.localSnapshot()
-        for report in pool.reports():
-            snapshot = snapshot + Snapshot.fromDict(report)
-        return snapshot
+        return service.localSnapshot() + pool.total()
 
     service.snapshotProvider = total
+    service.afterReload.append(lambda: pool.reload(configDocument(service.config)))
     service.addService(pool)
     return pool
 
@@ -694,6 +745,8 @@ def runWorker(stdin: int = 0, stdout: int = 1) -> int:
         # The parent stops its workers with SIGTERM; an interrupt from the
         # terminal reaches the parent too, which then does so.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # The parent reloads on SIGHUP and replaces its workers.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         reactor.addReader(_ParentWatch(stdin, _parentGone))
         channel.send({"ready": True})
 

@@ -680,14 +680,12 @@ def workerConfig(document: Mapping[str, Any]) -> Any:
     from udpdst.config import parseConfig
 
     config = parseConfig(document, "the parent's configuration")
-    changes: dict[str, Any] = {
-        "log": replace(config.log, stats_interval=REPORT_INTERVAL),
-    }
-    if hasattr(config, "service"):
-        changes["service"] = replace(config.service, workers=1)
-    if hasattr(config, "metrics"):
-        changes["metrics"] = replace(config.metrics, listen="")
-    return replace(config, **changes)
+    return replace(
+        config,
+        log=replace(config.log, stats_interval=REPORT_INTERVAL),
+        service=replace(config.service, workers=1),
+        metrics=replace(config.metrics, listen=""),
+    )
 
 
 def runWorker(stdin: int = 0, stdout: int = 1) -> int:

@@ -15,6 +15,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -93,6 +95,23 @@ def _state(pid: int) -> str | None:
             return f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return None
+
+
+@contextmanager
+def paused(pid: int) -> Iterator[None]:
+    """
+    Stop C{pid} (SIGSTOP) until the block ends; wait until it is stopped,
+    so that it cannot take a datagram sent in the block.
+    """
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + DEADLINE
+        while _state(pid) not in ("T", "t"):
+            assert time.monotonic() < deadline, f"{pid} did not stop"
+            time.sleep(0.01)
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 def _workers(process: Twistd, count: int = 2) -> list[int]:
@@ -227,16 +246,10 @@ def test_workersServeTheSameSocket(started, tmp_path: Path) -> None:  # type: ig
     process = started("--config", _config(tmp_path), "--workers", "2")
     ((_, port),) = process.listening()
     first, second = _workers(process)
-    os.kill(first, signal.SIGSTOP)
-    try:
+    with paused(first):
         _echoMany(port, 10, b"to second")
-    finally:
-        os.kill(first, signal.SIGCONT)
-    os.kill(second, signal.SIGSTOP)
-    try:
+    with paused(second):
         _echoMany(port, 7, b"to first")
-    finally:
-        os.kill(second, signal.SIGCONT)
     assert process.stop() == -signal.SIGTERM
     (final,) = process.waitFor(FINAL)
     assert final.group(2, 3) == ("17", "17")
@@ -266,11 +279,8 @@ def test_killedWorkerIsRestarted(started, tmp_path: Path) -> None:  # type: igno
         r"it in 0.5 s",
         process.output(),
     )
-    os.kill(second, signal.SIGSTOP)
-    try:
+    with paused(second):
         _echoMany(port, 5, b"to the new one")
-    finally:
-        os.kill(second, signal.SIGCONT)
     assert process.stop() == -signal.SIGTERM
     (final,) = process.waitFor(FINAL)
     assert final.group(2, 3) == ("17", "17")
@@ -307,11 +317,8 @@ def test_socketActivationWithWorkers(started) -> None:  # type: ignore[no-untype
     assert found[1] == port
     first, second = _workers(process)
     for stopped, target in ((first, "127.0.0.2"), (second, "127.0.0.3")):
-        os.kill(stopped, signal.SIGSTOP)
-        try:
+        with paused(stopped):
             assert echo(target, port, b"activated") == b"activated"
-        finally:
-            os.kill(stopped, signal.SIGCONT)
     assert process.stop() == -signal.SIGTERM
     (final,) = process.waitFor(FINAL)
     assert final.group(2, 3) == ("2", "2")
@@ -379,11 +386,8 @@ def test_restartedWorkerServesPrivilegedPort(started, tmp_path: Path) -> None:  
         status = Path(f"/proc/{pid}/status").read_text()
         uids = re.search(r"^Uid:\s+(.*)$", status, re.M)
         assert uids is not None and set(uids.group(1).split()) == {str(nobody.pw_uid)}
-    os.kill(second, signal.SIGSTOP)
-    try:
+    with paused(second):
         assert echo("127.0.0.7", 7, b"seven") == b"seven"
-    finally:
-        os.kill(second, signal.SIGCONT)
     assert process.stop() == -signal.SIGTERM
     (final,) = process.waitFor(FINAL)
     assert final.group(2, 3) == ("1", "1")
@@ -428,13 +432,10 @@ def test_reloadReplacesWorkersWithoutLoss(started, tmp_path: Path) -> None:  # t
         ]
         assert set(new).isdisjoint(old)
         for stopped in new:
-            os.kill(stopped, signal.SIGSTOP)
-            try:
+            with paused(stopped):
                 client.send(b"after")
                 assert client.recv(100) == b"new: after"
                 sent += 1
-            finally:
-                os.kill(stopped, signal.SIGCONT)
     assert echo("127.0.0.1", added, b"y") == b"new: y"
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as gone:
         gone.settimeout(DEADLINE / 3)

@@ -190,6 +190,28 @@ def test_backoff() -> None:
 
 # Real processes
 
+
+def test_workerStartedByHand() -> None:
+    """
+    A worker run without its parent's setup says so in one line.
+    """
+    from udpdst.workers import workerCommand
+
+    result = subprocess.run(
+        workerCommand(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == (
+        "udpdst.workers: no setup on standard input; workers are started by "
+        "twistd udpdst with workers >= 2, not by hand\n"
+    )
+
+
 _NEVER_STARTS = """
 import sys, time
 from twisted.internet import reactor

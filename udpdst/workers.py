@@ -2,7 +2,8 @@
 Worker processes for the udpdst service: with C{workers = N} (N >= 2) the
 twistd process binds the listeners (or takes systemd's sockets), then runs N
 worker processes that all serve those same sockets, restarts a worker that
-dies, stops them all when it stops, and sums the stats they report.
+dies, replaces them all when SIGHUP reloads the configuration, stops them
+all when it stops, and sums the stats they report.
 
 Why one shared socket rather than one C{SO_REUSEPORT} socket per worker (the
 figures are in the README): the parent binds once, before twistd drops
@@ -59,8 +60,11 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from udpdst.config import Config, ConfigError, ListenConfig, parseConfig
 from udpdst.service import EchoService
 from udpdst.stats import Snapshot
+
+_log = Logger(namespace="udpdst.workers")
 
 #: Seconds between a worker's stats reports to the parent: what a worker
 #: that is killed outright can take with it uncounted.
@@ -153,7 +157,7 @@ class WorkerSocket:
     made for, its descriptor in the parent, and its address for log lines.
     """
 
-    listener: Any
+    listener: ListenConfig
     fd: int
     name: str
 
@@ -538,7 +542,9 @@ class WorkerPool(Service):
             pass
 
 
-def serveWithWorkers(service: Any, count: int, reactor: Any = None) -> WorkerPool:
+def serveWithWorkers(
+    service: EchoService, count: int, reactor: Any = None
+) -> WorkerPool:
     """
     Make an L{udpdst.service.EchoService} serve its sockets with C{count}
     worker processes: it still binds them (or takes systemd's), but stops
@@ -551,6 +557,7 @@ def serveWithWorkers(service: Any, count: int, reactor: Any = None) -> WorkerPoo
         found = []
         for child in service.listeners:
             port = child.port
+            assert port is not None, "serving starts after binding"
             # The parent only holds the sockets; the workers read them.
             port.stopReading()
             found.append(WorkerSocket(child.listener, port.fileno(), child.address))
@@ -671,14 +678,12 @@ class _Channel:
         self.send({"log": eventAsJSON(event)})
 
 
-def workerConfig(document: Mapping[str, Any]) -> Any:
+def workerConfig(document: Mapping[str, Any]) -> Config:
     """
     The configuration a worker runs from its parent's document: the same,
     except that it runs no workers of its own, serves no metrics (the
     parent does, for all) and reports its stats every L{REPORT_INTERVAL}.
     """
-    from udpdst.config import parseConfig
-
     config = parseConfig(document, "the parent's configuration")
     return replace(
         config,
@@ -699,11 +704,16 @@ def runWorker(stdin: int = 0, stdout: int = 1) -> int:
         line = setupFile.readline()
     try:
         setup = json.loads(line)["setup"]
+        config = workerConfig(setup["config"])
     except (ValueError, KeyError, TypeError):
         sys.stderr.write(
             "udpdst.workers: no setup on standard input; workers are started "
             "by twistd udpdst with workers >= 2, not by hand\n"
         )
+        return 2
+    except ConfigError as e:
+        # The parent checked this configuration: a different udpdst?
+        sys.stderr.write(f"udpdst.workers: {e}\n")
         return 2
     out = os.fdopen(os.dup(stdout), "wb")
     # Stray prints must not corrupt the line protocol: they go to standard
@@ -717,7 +727,6 @@ def runWorker(stdin: int = 0, stdout: int = 1) -> int:
     from udpdst import logs
     from udpdst.systemd import InheritedSocket
 
-    config = workerConfig(setup["config"])
     logs.setLogLevel(config.log.level)
     globalLogBeginner.beginLoggingTo(
         [FilteringLogObserver(channel, [logs.minimumLevel, _Forwarded()])],
@@ -736,7 +745,13 @@ def runWorker(stdin: int = 0, stdout: int = 1) -> int:
             service.privilegedStartService()
             service.startService()
         except SystemExit as e:
+            # A listener could not start: its one critical line is logged.
             status[0] = e.code if isinstance(e.code, int) else 1
+            reactor.stop()
+            return
+        except Exception:
+            _log.failure("worker could not start")
+            status[0] = 1
             reactor.stop()
             return
         reactor.addSystemEventTrigger("before", "shutdown", service.stopService)

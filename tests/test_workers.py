@@ -23,11 +23,16 @@ import pytest
 
 from tests._service_helpers import DEADLINE, TWISTD, Twistd, echo, freePort
 from udpdst.config import Config, EchoConfig, LimitsConfig, ListenConfig, parseConfig
-from udpdst.workers import Backoff, configDocument, cpuCount, workerCount
+from udpdst.workers import (
+    Backoff,
+    configDocument,
+    cpuCount,
+    workerCommand,
+    workerCount,
+)
 
 RUNNING = re.compile(r"udpdst workers: (\d+) running \(pids ([\d, ]+)\)")
 FINAL = re.compile(r"final stats (\S+): received (\d+), replied (\d+)")
-STATS = re.compile(r"(?<!final )stats (\S+): received (\d+), replied (\d+)")
 
 
 @pytest.fixture
@@ -124,6 +129,18 @@ def _workers(process: Twistd, count: int = 2) -> list[int]:
     return pids
 
 
+def _stoppedWithTotal(process: Twistd, count: int, workers: list[int]) -> None:
+    """
+    SIGTERM stops the parent and every worker; the final stats count
+    C{count} datagrams received and replied, summed over the workers.
+    """
+    assert process.stop() == -signal.SIGTERM
+    (final,) = process.waitFor(FINAL)
+    assert final.group(2, 3) == (str(count), str(count))
+    for pid in workers:
+        assert _gone(pid), pid
+
+
 def _config(tmp_path: Path, statsInterval: float = 0) -> str:
     """
     A config without a rate limit (the tests send many datagrams from one
@@ -195,8 +212,6 @@ def test_workerStartedByHand() -> None:
     """
     A worker run without its parent's setup says so in one line.
     """
-    from udpdst.workers import workerCommand
-
     result = subprocess.run(
         workerCommand(),
         stdin=subprocess.DEVNULL,
@@ -272,10 +287,7 @@ def test_workersServeTheSameSocket(started, tmp_path: Path) -> None:  # type: ig
         _echoMany(port, 10, b"to second")
     with paused(second):
         _echoMany(port, 7, b"to first")
-    assert process.stop() == -signal.SIGTERM
-    (final,) = process.waitFor(FINAL)
-    assert final.group(2, 3) == ("17", "17")
-    assert _gone(first) and _gone(second)
+    _stoppedWithTotal(process, 17, [first, second])
 
 
 def test_killedWorkerIsRestarted(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -287,11 +299,8 @@ def test_killedWorkerIsRestarted(started, tmp_path: Path) -> None:  # type: igno
     ((_, port),) = process.listening()
     first, second = _workers(process)
     _echoMany(port, 12, b"before")
-    # Wait until the periodic stats show all 12: both workers reported.
-    deadline = time.monotonic() + DEADLINE
-    while not any(m.group(2) == "12" for m in STATS.finditer(process.output())):
-        assert time.monotonic() < deadline, process.output()
-        time.sleep(0.05)
+    # Until the periodic stats show all 12: both workers reported them.
+    process.waitFor(r"(?<!final )stats \S+: received 12,")
     os.kill(first, signal.SIGKILL)
     (restarted,) = process.waitFor(r"worker 1 restarted \(pid (\d+)\)")
     third = int(restarted.group(1))
@@ -303,10 +312,7 @@ def test_killedWorkerIsRestarted(started, tmp_path: Path) -> None:  # type: igno
     )
     with paused(second):
         _echoMany(port, 5, b"to the new one")
-    assert process.stop() == -signal.SIGTERM
-    (final,) = process.waitFor(FINAL)
-    assert final.group(2, 3) == ("17", "17")
-    assert _gone(second) and _gone(third)
+    _stoppedWithTotal(process, 17, [second, third])
 
 
 def test_socketActivationWithWorkers(started) -> None:  # type: ignore[no-untyped-def]
@@ -341,9 +347,7 @@ def test_socketActivationWithWorkers(started) -> None:  # type: ignore[no-untype
     for stopped, target in ((first, "127.0.0.2"), (second, "127.0.0.3")):
         with paused(stopped):
             assert echo(target, port, b"activated") == b"activated"
-    assert process.stop() == -signal.SIGTERM
-    (final,) = process.waitFor(FINAL)
-    assert final.group(2, 3) == ("2", "2")
+    _stoppedWithTotal(process, 2, [first, second])
 
 
 def test_workersEndWithTheirParent(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -410,9 +414,7 @@ def test_restartedWorkerServesPrivilegedPort(started, tmp_path: Path) -> None:  
         assert uids is not None and set(uids.group(1).split()) == {str(nobody.pw_uid)}
     with paused(second):
         assert echo("127.0.0.7", 7, b"seven") == b"seven"
-    assert process.stop() == -signal.SIGTERM
-    (final,) = process.waitFor(FINAL)
-    assert final.group(2, 3) == ("1", "1")
+    _stoppedWithTotal(process, 1, [second, third])
 
 
 def test_reloadReplacesWorkersWithoutLoss(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from twisted.internet.error import MessageLengthError
 from twisted.logger import Logger
@@ -114,7 +113,6 @@ class EchoProtocol(DestinationDatagramProtocol):
         self._loopsStopped = 0
         self._clock = clock
         self._ownPort = 0
-        self._port: Any = None
         self._log = Logger(namespace="udpdst.echo", source=self)
 
     @classmethod
@@ -160,8 +158,6 @@ class EchoProtocol(DestinationDatagramProtocol):
         return len(self.prefix)
 
     def startProtocol(self) -> None:
-        # Kept past stopProtocol (which clears transport) for the final stats.
-        self._port = self.transport
         host = self.transport.getHost()  # type: ignore[union-attr]
         self._ownPort = getattr(host, "port", 0)
 
@@ -237,23 +233,6 @@ class EchoProtocol(DestinationDatagramProtocol):
                 size=len(datagram),
                 reason=reason,
             )
-
-    def stats(self) -> dict[str, Any]:
-        """
-        The counters as structured log fields: the refusals counted here,
-        with what the port counted (C{received}, C{replied}, C{sendErrors}).
-        """
-        port = self._port.counters.asDict() if self._port is not None else {}
-        refused = self.counters.refused
-        return {
-            "received": port.get("received", 0),
-            "replied": port.get("replied", 0),
-            "refused": sum(refused.values()),
-            "refusedBy": dict(refused),
-            "refusedText": " ".join(f"{k}={v}" for k, v in refused.items() if v)
-            or "none",
-            "sendErrors": port.get("sendErrors", 0),
-        }
 
 
 def _maxPayload(host: str) -> int:

@@ -119,26 +119,12 @@ class Snapshot:
         )
 
 
-def portFigures(port: Any, echo: Any) -> dict[str, int]:
+def portFigures(port: PortCounters | None) -> dict[str, int]:
     """
-    A listener's per-datagram counters, as the counters contract names them.
-
-    The one adapter between the counters of the port and the echo and the
-    snapshot: the port's C{asDict()} (all zeros before it listens), with
-    the older names of a port that still says C{truncated} and of an echo
-    that still counts C{received}, C{replied} and C{sendErrors} itself.
-
-    @param port: The L{PortCounters}, or L{None} before listening.
-    @param echo: The echo protocol's counters.
+    A listener's per-datagram counters: every field of the port's
+    L{PortCounters} (all zeros before it listens).
     """
-    figures = (port if port is not None else PortCounters()).asDict()
-    if "truncated" in figures:
-        figures["oversized"] = figures.pop("truncated")
-    for name in ("received", "replied", "sendErrors"):
-        value = getattr(echo, name, None)
-        if isinstance(value, int):
-            figures[name] = value
-    return figures
+    return (port if port is not None else PortCounters()).asDict()
 
 
 def takeSnapshot(
@@ -155,7 +141,7 @@ def takeSnapshot(
     """
     snapshot = Snapshot()
     for address, port, echo in listeners:
-        stats = ListenerStats(portFigures(port, echo), echo.refused)
+        stats = ListenerStats(portFigures(port), echo.refused)
         snapshot = snapshot + Snapshot({address: stats})
     if limiter is not None:
         snapshot = snapshot + Snapshot({}, len(limiter), limiter.evictions)

@@ -10,6 +10,7 @@ import ipaddress
 import os
 import pwd
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -472,3 +473,41 @@ def test_reloadReplacesWorkersWithoutLoss(started, tmp_path: Path) -> None:  # t
     assert f"final stats 127.0.0.1:{kept}: received {sent}, replied {sent}," in output
     assert f"final stats 127.0.0.1:{added}: received 1, replied 1," in output
     assert "Traceback" not in output
+
+
+def test_socketActivateToolWithWorkers(started) -> None:  # type: ignore[no-untyped-def]
+    """
+    With systemd-socket-activate, which execs twistd on the first datagram:
+    the workers answer that queued datagram and the ones after it.
+    """
+    tool = shutil.which("systemd-socket-activate")
+    if tool is None:
+        pytest.skip("systemd-socket-activate is not installed")
+    port = freePort("0.0.0.0")
+    process = started(
+        command=[
+            tool,
+            "--datagram",
+            f"--listen=0.0.0.0:{port}",
+            "--fdname=echo",
+            TWISTD,
+            "-n",
+            "--pidfile=",
+            "udpdst",
+            "--listen",
+            "systemd",
+            "--workers",
+            "2",
+        ]
+    )
+    process.waitFor(r"Listening on", stderr=True)
+    # Queued before udpdst enabled its options: answered from the kernel's
+    # choice of source, so ask the primary address.
+    assert echo("127.0.0.1", port, b"first") == b"first"
+    process.listening()
+    first, second = _workers(process)
+    with paused(first):
+        assert echo("127.0.0.2", port, b"second") == b"second"
+    with paused(second):
+        assert echo("127.0.0.3", port, b"third") == b"third"
+    _stoppedWithTotal(process, 3, [first, second])

@@ -272,6 +272,9 @@ class EchoService(MultiService):
         )
         self._statsCall: LoopingCall | None = None
         self.snapshotProvider: Callable[[], Snapshot] | None = None
+        #: Called with no arguments once a reload is applied (the worker
+        #: processes restart with the new configuration).
+        self.afterReload: list[Callable[[], object]] = []
         self._reloader = reloader
         self._notifier = notifier if notifier is not None else Notifier({})
         self._reloading: Deferred[None] | None = None
@@ -451,6 +454,8 @@ class EchoService(MultiService):
                 "reloaded configuration: {changes}",
                 changes="; ".join(changes) or "nothing changed",
             )
+            for hook in self.afterReload:
+                hook()
 
         d.addCallback(bind)
         return d

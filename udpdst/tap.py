@@ -151,4 +151,9 @@ def makeService(options: Options, reactor: Any = None) -> Any:
         MetricsService(config.metrics, service.snapshot, reactor).setServiceParent(
             service
         )
+    from udpdst.workers import serveWithWorkers, workerCount
+
+    count = workerCount(config.service.workers)
+    if count > 1:
+        serveWithWorkers(service, count, reactor)
     return service

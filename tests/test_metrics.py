@@ -24,6 +24,8 @@ prometheus_client = pytest.importorskip(
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from udpdst.echo import REFUSAL_REASONS  # noqa: E402
+from udpdst.metrics import metricName  # noqa: E402
+from udpdst.port import IO_PATH, PortCounters  # noqa: E402
 
 METRICS_LINE = re.compile(r"udpdst metrics on http://(\S+)/metrics")
 
@@ -88,7 +90,10 @@ def test_scrapeAfterKnownTraffic(started) -> None:  # type: ignore[no-untyped-de
     ((key, value),) = [(k, v) for k, v in samples.items() if k[0] == "udpdst_info"]
     labels = dict(key[1])
     assert value == 1
-    assert labels["io_path"] in ("recvmmsg", "recvmsg")
+    assert labels["io_path"] == IO_PATH
+    # Every counter the port keeps is exported, by its name.
+    for name in PortCounters().asDict():
+        assert (metricName(name) + "_total", listener) in samples, name
     assert re.fullmatch(r"\d+\.\d+\.\d+.*", labels["version"])
 
     # Only /metrics is served.

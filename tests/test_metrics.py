@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -152,3 +153,44 @@ def test_missingExtraIsOneLine(started, tmp_path: Path) -> None:  # type: ignore
     without = started("--listen", "127.0.0.1:0", env=env)
     without.listening()
     without.stop()
+
+
+def test_scrapeCoversEveryWorker(started) -> None:  # type: ignore[no-untyped-def]
+    """
+    With two worker processes, /metrics sums what both counted: the figures
+    reach exactly what was sent (workers report every second; wait for it).
+    """
+    process = started(
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--stats-interval",
+        "0",
+    )
+    ((_, port),) = process.listening()
+    (match,) = process.waitFor(METRICS_LINE)
+    url = f"http://{match.group(1)}/metrics"
+    # Many client sockets, so that both workers are likely to see some; the
+    # sum is what is checked, not the share.
+    sent = 40
+    for i in range(sent):
+        assert echo("127.0.0.1", port, b"%d" % i) == b"%d" % i
+    listener = (("listener", f"127.0.0.1:{port}"),)
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        samples = scrape(url)
+        figures = (
+            samples.get(("udpdst_received_total", listener)),
+            samples.get(("udpdst_replied_total", listener)),
+        )
+        if figures == (sent, sent) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert figures == (sent, sent), samples
+    process.stop()
+    assert f"final stats 127.0.0.1:{port}: received {sent}, replied {sent}," in (
+        process.output()
+    )

@@ -145,12 +145,6 @@ def makeService(options: Options, reactor: Any = None) -> Any:
         reloader=options.readConfig,
         notifier=Notifier(options.environ, reactor),
     )
-    if config.metrics.listen:
-        from udpdst.metrics import MetricsService
-
-        MetricsService(config.metrics, service.snapshot, reactor).setServiceParent(
-            service
-        )
     from udpdst.workers import serveWithWorkers, workerCount
 
     count = workerCount(config.service.workers)

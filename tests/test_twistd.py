@@ -619,10 +619,12 @@ def test_daemonModePortInUse(started, tmp_path: Path) -> None:  # type: ignore[n
         )
         assert process.finish() == 1
     assert "Traceback" not in process.output()
-    assert process.err[0] == (
-        f"An error has occurred: b'cannot listen on 127.0.0.1:{port}: address "
-        "already in use'\n"
-    )
+    # The whole sentence, as in the foreground (not twistd's cut bytes repr).
+    assert process.err == [
+        f"cannot listen on 127.0.0.1:{port}: address already in use; stop the "
+        "other service on that port or choose another port, or set reuse_port "
+        "= true in every process that shares it\n"
+    ]
     log = (tmp_path / "d.log").read_text()
     assert "Traceback" not in log
     assert (

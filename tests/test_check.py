@@ -249,6 +249,19 @@ def test_configNotProbed(pair: Pair, tmp_path: Path, text: str, message: str) ->
     assert line.startswith(message.format(config=config)), line
 
 
+def test_listenerOnNoLocalAddress(pair: Pair, tmp_path: Path) -> None:
+    """
+    A listener on an address this host does not have: nothing to probe,
+    said so, exit 1.
+    """
+    config = tmp_path / "udpdst.toml"
+    config.write_text('[[listen]]\naddress = "192.0.2.99"\nport = 7\n')
+    result = udpdst("check", "--config", str(config), cwd=tmp_path, ns=pair)
+    assert result.returncode == 1, result.stderr
+    assert "no address of this host is served by 192.0.2.99:7" in result.stdout
+    assert "0 of 0 addresses answered" in result.stdout
+
+
 def test_noAnswer(pair: Pair, tmp_path: Path) -> None:
     """
     Nothing listening: every address is named as not answering, exit 1.

@@ -86,6 +86,9 @@ class Client(DatagramProtocol):
 
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
+        # The listening port, kept: an ICMP error makes the reactor drop the
+        # port (and the transport with it) on some reactors (epoll).
+        self.port: Any = None
         self.received: list[tuple[bytes, Any]] = []
         self._waiting: list[tuple[int, Deferred[None]]] = []
 
@@ -150,9 +153,9 @@ def client(
     unless C{target} is L{None}.
     """
     c = Client(reactor)
-    listening = reactor.listenUDP(sourcePort, c, interface=source, maxPacketSize=70000)
+    c.port = reactor.listenUDP(sourcePort, c, interface=source, maxPacketSize=70000)
     if target is not None:
-        listening.connect(target, port)
+        c.port.connect(target, port)
     return c
 
 
@@ -176,8 +179,6 @@ def ask(
 
     def done(_: None) -> Deferred[bytes | None]:
         data = c.received[0][0] if c.received else None
-        return maybeDeferred(
-            c.transport.stopListening  # type: ignore[union-attr]
-        ).addCallback(lambda _: data)
+        return maybeDeferred(c.port.stopListening).addCallback(lambda _: data)
 
     return c.waitFor(1, wait).addCallback(done)

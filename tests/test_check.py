@@ -23,7 +23,10 @@ import pytest
 from tests._service_helpers import DEADLINE, TWISTD, Twistd
 from tests.netns import Namespace, Pair, unavailableReason
 from tests.test_twistd import BAD_CONFIGS
+from udpdst.address import formatHostPort
 from udpdst.check import Answer, Probe, askAll
+
+P = Pair  # the addresses
 
 UDPDST = str(Path(sys.executable).parent / "udpdst")
 
@@ -94,13 +97,6 @@ def pair() -> Iterator[Pair]:
         built.delete()
 
 
-P = Pair
-
-
-def hostPort(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def probedAddresses() -> list[str]:
     """
     The addresses the check must probe in the pair's server namespace.
@@ -139,11 +135,11 @@ def test_passesAgainstTwistdUdpdst(pair: Pair, tmp_path: Path) -> None:
         process.kill()
     assert result.returncode == 0, result.stdout + result.stderr
     table = rows(result.stdout)
-    expected = {hostPort(host, port) for host in probedAddresses()}
+    expected = {formatHostPort(host, port) for host in probedAddresses()}
     assert set(table) == expected, result.stdout
     for address, (_, answeredFrom, verdict) in table.items():
         assert (answeredFrom, verdict) == (address, "ok"), result.stdout
-    assert f"{hostPort(P.SERVER_V4_SECONDARY, port)} (secondary)" in result.stdout
+    assert f"{formatHostPort(P.SERVER_V4_SECONDARY, port)} (secondary)" in result.stdout
     assert (
         f"skipped {TENTATIVE} on {DARK_IF}: tentative (duplicate address "
         "detection not done)"
@@ -167,12 +163,12 @@ def test_failsAgainstStockTwisted(pair: Pair, tmp_path: Path) -> None:
         pair.stopServers()
     assert result.returncode == 1, result.stdout + result.stderr
     table = rows(result.stdout)
-    assert table[hostPort(P.SERVER_V4_SECONDARY, port)] == (
+    assert table[formatHostPort(P.SERVER_V4_SECONDARY, port)] == (
         P.SERVER_IF,
         f"127.0.0.1:{port}",
         "wrong source",
     ), result.stdout
-    assert table[hostPort(P.SERVER_V6_SECONDARY, port)] == (
+    assert table[formatHostPort(P.SERVER_V6_SECONDARY, port)] == (
         P.SERVER_IF,
         f"[::1]:{port}",
         "wrong source",
@@ -216,7 +212,8 @@ port = 0
         process.kill()
     assert result.returncode == 0, result.stdout + result.stderr
     expected = {
-        hostPort(host, 7002 if ":" in host else 7001) for host in probedAddresses()
+        formatHostPort(host, 7002 if ":" in host else 7001)
+        for host in probedAddresses()
     }
     assert set(rows(result.stdout)) == expected, result.stdout
     assert "not probed: 127.0.0.1:0 (any free port)" in result.stdout
@@ -250,6 +247,19 @@ def test_configNotProbed(pair: Pair, tmp_path: Path, text: str, message: str) ->
     assert result.stdout == ""
     (line,) = result.stderr.splitlines()
     assert line.startswith(message.format(config=config)), line
+
+
+def test_listenerOnNoLocalAddress(pair: Pair, tmp_path: Path) -> None:
+    """
+    A listener on an address this host does not have: nothing to probe,
+    said so, exit 1.
+    """
+    config = tmp_path / "udpdst.toml"
+    config.write_text('[[listen]]\naddress = "192.0.2.99"\nport = 7\n')
+    result = udpdst("check", "--config", str(config), cwd=tmp_path, ns=pair)
+    assert result.returncode == 1, result.stderr
+    assert "no address of this host is served by 192.0.2.99:7" in result.stdout
+    assert "0 of 0 addresses answered" in result.stdout
 
 
 def test_noAnswer(pair: Pair, tmp_path: Path) -> None:

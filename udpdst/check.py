@@ -464,6 +464,9 @@ def run(targets: Sequence[Target], notes: Sequence[str], timeout: float) -> int:
     served = [a for a in addresses if any(t.serves(a) for t in targets)]
     results = check(targets, served, timeout)
     skipped = [a for a in served if a.unusable is not None]
+    if not results:
+        listeners = ", ".join(formatHostPort(t.address, t.port) for t in targets)
+        notes = [*notes, f"no address of this host is served by {listeners}"]
     for line in formatReport(results, skipped, notes):
         print(line)
     return 0 if results and all(r.verdict == OK for r in results) else 1

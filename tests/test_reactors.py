@@ -133,7 +133,9 @@ def test_helpReactorsListsThem() -> None:
     assert "asyncio reactor" in listed["udpdst-asyncio"]
 
 
-@pytest.mark.parametrize("reactor", ["udpdst", "udpdst-asyncio"])
+@pytest.mark.parametrize(
+    "reactor", ["udpdst", "udpdst-asyncio", "udpdst-poll", "udpdst-select"]
+)
 def test_twistdDNSThroughSecondaryAddresses(tmp_path: Path, reactor: str) -> None:
     """
     C{twistd dns} on 0.0.0.0 under a udpdst reactor answers clients connected

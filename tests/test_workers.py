@@ -511,3 +511,34 @@ def test_socketActivateToolWithWorkers(started) -> None:  # type: ignore[no-unty
     with paused(second):
         assert echo("127.0.0.3", port, b"third") == b"third"
     _stoppedWithTotal(process, 3, [first, second])
+
+
+def test_sigtermToTheWholeGroup(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """
+    SIGTERM to the parent and its workers at once (what systemd's default
+    KillMode does): all stop, and the final stats still count every
+    datagram, whether the workers had reported them yet or not.
+    """
+    setsid = shutil.which("setsid")
+    if setsid is None:
+        pytest.skip("no setsid to give twistd a process group of its own")
+    process = started(
+        command=[
+            setsid,
+            TWISTD,
+            "-n",
+            "--pidfile=",
+            "udpdst",
+            "--config",
+            _config(tmp_path),
+            "--workers",
+            "2",
+        ]
+    )
+    ((_, port),) = process.listening()
+    workers = _workers(process)
+    assert os.getpgid(process.proc.pid) == process.proc.pid
+    _echoMany(port, 5, b"group")
+    os.killpg(process.proc.pid, signal.SIGTERM)
+    assert process.finish() == -signal.SIGTERM
+    _stoppedWithTotal(process, 5, workers)

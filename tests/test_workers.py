@@ -228,29 +228,32 @@ def test_workerStartedByHand() -> None:
     )
 
 
-# A pool whose worker writes the time it started to a file and exits 3 at
-# once; the pool runs until it has started the worker six times.
-_NEVER_STARTS = """
+# A pool of one worker that writes the time it started to a file and then
+# exits with status 3 ("exit") or hangs ("hang"); the pool runs until it
+# has started the worker N times, then stops.
+_POOL = """
 import sys
 from pathlib import Path
 from twisted.internet import reactor, task
 from twisted.logger import globalLogBeginner, textFileLogObserver
 from udpdst.workers import Backoff, WorkerPool
 
-starts = Path(sys.argv[1])
+starts, how, count = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 starts.touch()
 globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
+then = "sys.exit(3)" if how == "exit" else "time.sleep(60)"
 pool = WorkerPool(
     1,
     {},
     lambda: [],
     reactor,
     backoff=lambda: Backoff(initial=0.05, maximum=0.4, steady=10.0),
+    readyTimeout=0.3,
     command=[
         sys.executable,
         "-c",
         "import sys, time; "
-        "open(sys.argv[1], 'a').write(repr(time.time()) + chr(10)); sys.exit(3)",
+        "open(sys.argv[1], 'a').write(repr(time.time()) + chr(10)); " + then,
         str(starts),
     ],
 )
@@ -258,13 +261,31 @@ pool.startService()
 
 
 def check():
-    if len(starts.read_text().split()) >= 6:
-        reactor.stop()
+    if len(starts.read_text().split()) >= count:
+        loop.stop()
+        pool.stopService().addCallback(lambda _: reactor.stop())
 
 
-task.LoopingCall(check).start(0.02)
+loop = task.LoopingCall(check)
+loop.start(0.02)
 reactor.run()
 """
+
+
+def _runPool(tmp_path: Path, how: str, count: int) -> tuple[str, list[float]]:
+    """
+    Run L{_POOL}; its log and the times its worker started.
+    """
+    starts = tmp_path / "starts"
+    result = subprocess.run(
+        [sys.executable, "-c", _POOL, str(starts), how, str(count)],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout, [float(t) for t in starts.read_text().split()]
 
 
 def test_workerThatCannotStartBacksOff(tmp_path: Path) -> None:
@@ -272,26 +293,37 @@ def test_workerThatCannotStartBacksOff(tmp_path: Path) -> None:
     A worker that exits at once is restarted after 0.05, 0.1, 0.2, 0.4, 0.4
     seconds: never in a tight loop, however fast it fails.
     """
-    starts = tmp_path / "starts"
-    result = subprocess.run(
-        [sys.executable, "-c", _NEVER_STARTS, str(starts)],
-        capture_output=True,
-        text=True,
-        timeout=DEADLINE,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr
+    log, times = _runPool(tmp_path, "exit", 6)
     delays = re.findall(
         r"worker 1 \(pid \d+\) exited with status 3 after [\d.]+ s before it "
         r"was ready; restarting it in ([\d.]+) s",
-        result.stdout,
+        log,
     )
-    assert delays[:5] == ["0.05", "0.1", "0.2", "0.4", "0.4"], result.stdout
-    times = [float(t) for t in starts.read_text().split()]
+    assert delays[:5] == ["0.05", "0.1", "0.2", "0.4", "0.4"], log
     gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
     # Each start came at least its delay after the one before had ended.
     for gap, delay in zip(gaps, delays[:5], strict=False):
         assert gap >= float(delay), (gaps, delays)
+
+
+def test_workerThatNeverServesIsKilled(tmp_path: Path) -> None:
+    """
+    A worker that does not say it serves within the ready timeout is
+    killed, and restarted after its backoff.
+    """
+    log, times = _runPool(tmp_path, "hang", 3)
+    assert (
+        len(re.findall(r"worker 1 \(pid \d+\) did not start serving within 0.3 s", log))
+        >= 2
+    ), log
+    delays = re.findall(
+        r"worker 1 \(pid \d+\) killed by SIGKILL after [\d.]+ s before it was "
+        r"ready; restarting it in ([\d.]+) s",
+        log,
+    )
+    assert delays[:2] == ["0.05", "0.1"], log
+    gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+    assert all(gap >= 0.3 for gap in gaps), gaps
 
 
 def test_workersServeTheSameSocket(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -228,8 +228,9 @@ class WorkerPool(Service):
     one that ends while the pool runs; replace them all, one by one, on
     L{reload}; stop them all when it stops.
 
-    @ivar workers: The current worker of each slot (L{None} while a slot
-        waits for its restart), numbered from 1 in log lines.
+    @ivar workers: The newest worker of each slot (L{None} while a slot
+        waits for its restart), numbered from 1 in log lines.  During a
+        reload, the one it replaces is its C{replaces}.
     """
 
     _log = Logger(namespace="udpdst.workers")

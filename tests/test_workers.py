@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -593,3 +594,49 @@ def test_sigtermToTheWholeGroup(started, tmp_path: Path) -> None:  # type: ignor
     os.killpg(process.proc.pid, signal.SIGTERM)
     assert process.finish() == -signal.SIGTERM
     _stoppedWithTotal(process, 5, workers)
+
+
+def test_metricsSumTheWorkers(started) -> None:  # type: ignore[no-untyped-def]
+    """
+    /metrics, served by the parent alone, counts what every worker
+    answered.
+    """
+    parser = pytest.importorskip(
+        "prometheus_client.parser",
+        reason="the metrics extra (prometheus_client) is not installed",
+    )
+    process = started(
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--stats-interval",
+        "0",
+    )
+    ((_, port),) = process.listening()
+    (served,) = process.waitFor(r"udpdst metrics on (http://\S+/metrics)")
+    first, second = _workers(process)
+    with paused(first):
+        _echoMany(port, 2, b"to second")
+    with paused(second):
+        _echoMany(port, 3, b"to first")
+    name = "udpdst_replied_total"
+    labels = {"listener": f"127.0.0.1:{port}"}
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        # The workers report every second: wait for both reports.
+        with urllib.request.urlopen(served.group(1), timeout=DEADLINE) as response:
+            text = response.read().decode()
+        replied = [
+            sample.value
+            for family in parser.text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and sample.labels == labels
+        ]
+        if replied == [5]:
+            break
+        assert time.monotonic() < deadline, text
+        time.sleep(0.1)
+    _stoppedWithTotal(process, 5, [first, second])

@@ -1,6 +1,6 @@
 """
-Real C{twistd} subprocesses for the tests, and a connected client that asks
-them: a reply from any address but the one asked is dropped by the kernel.
+Real C{twistd} subprocesses for the tests, and a connected client's view of
+them.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from tests.clients import echo
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 REPO = Path(__file__).resolve().parent.parent
@@ -42,20 +44,17 @@ def freePort() -> int:
             return port
 
 
-def askConnected(host: str, port: int, payload: bytes, timeout: float) -> bytes | None:
+def answer(host: str, port: int, payload: bytes, timeout: float) -> bytes | None:
     """
-    Send C{payload} from a socket connected to C{host}: the kernel drops a
-    reply from any other address.  Return the reply, or L{None} on timeout.
+    The reply to C{payload} from a socket connected to C{host} (the shared
+    L{tests.clients.echo}), or L{None} if none came in C{timeout} seconds.
+
+    @raise AssertionError: The reply came from another address.
     """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as s:
-        s.connect((host, port))
-        s.settimeout(timeout)
-        s.send(payload)
-        try:
-            return s.recv(65535)
-        except (TimeoutError, ConnectionRefusedError):
-            return None
+    try:
+        return echo(host, port, payload, timeout=timeout)
+    except TimeoutError:
+        return None
 
 
 class Twistd:

@@ -9,17 +9,16 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
-import socket
 import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.error import MessageLengthError
-from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.error import InvalidAddressError, MessageLengthError
 from twisted.logger import LogLevel, globalLogPublisher
 
+from tests.clients import Client, client, send
 from tests.conftest import requiresIPv6
 from tests.reactors import runUntil
 from udpdst import listenUDP, logs
@@ -33,66 +32,8 @@ EVERYONE = (net("0.0.0.0/0"), net("::/0"))
 requiresRoot = pytest.mark.skipif(os.geteuid() != 0, reason="binding port 7 needs root")
 
 
-class Client(DatagramProtocol):
-    """
-    A test client: collects what it receives; L{waitFor} fires once it has
-    C{n} datagrams.
-    """
-
-    def __init__(self) -> None:
-        self.received: list[tuple[bytes, tuple[str, int]]] = []
-        self._waiting: list[tuple[int, Deferred[None]]] = []
-
-    def datagramReceived(self, data: bytes, addr: Any) -> None:
-        self.received.append((data, addr))
-        for pair in list(self._waiting):
-            if len(self.received) >= pair[0]:
-                self._waiting.remove(pair)
-                pair[1].callback(None)
-
-    def waitFor(self, n: int) -> Deferred[None]:
-        if len(self.received) >= n:
-            return Deferred.fromCoroutine(_done())
-        d: Deferred[None] = Deferred()
-        self._waiting.append((n, d))
-        return d
-
-    def pending(self) -> bool:
-        """
-        Whether a datagram is queued on the socket that was not read yet.
-        """
-        try:
-            self.transport.socket.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)  # type: ignore[union-attr]
-        except BlockingIOError:
-            return False
-        return True
-
-
-async def _done() -> None:
-    return None
-
-
 def run(reactor: Any, scenario: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
     return runUntil(reactor, lambda: ensureDeferred(scenario()), timeout=20)
-
-
-def client(
-    reactor: Any, source: str, target: str | None, port: int, sourcePort: int = 0
-) -> Client:
-    """
-    A client bound to C{source}:C{sourcePort}, connected to C{target}:C{port}
-    (so the kernel drops replies from any other address) unless C{target}
-    is L{None}.
-    """
-    c = Client()
-    p = reactor.listenUDP(sourcePort, c, interface=source, maxPacketSize=70000)
-    if target is not None:
-        p.connect(target, port)
-    return c
-
-
-def send(c: Client, data: bytes, addr: tuple[str, int] | None = None) -> None:
-    c.transport.write(data, addr)  # type: ignore[union-attr]
 
 
 # The port each server() protocol listened on, for its counters once stopped.
@@ -452,6 +393,7 @@ class FakeTransport:
         OSError(errno.ENOBUFS, "No buffer space available"),
         BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable"),
         MessageLengthError("message too long"),
+        InvalidAddressError("fe80::5%gone0", "no such interface"),
     ],
 )
 def test_sendErrorsDoNotStopTheEcho(error: BaseException) -> None:

@@ -1,41 +1,33 @@
 """
 Tests for the end of echo loops (udpdst.limits.LoopGuard in the echo): two
-echo ports and one spoofed datagram between them on real loopback sockets,
-and clients that repeat themselves, which must keep their answers.
+echo ports, and two C{twistd udpdst} services, with one spoofed datagram
+between them on real loopback sockets; a loop through a slow peer; and
+clients that repeat themselves, which must keep their answers.
 """
 
 from __future__ import annotations
 
-import os
-import socket
-import struct
+import json
+import signal
+import time
+import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import LogLevel, globalLogPublisher
 
-from tests.test_echo import client, portCounters, run, send, server
+from tests._raw import requiresRawSockets, spoof
+from tests._service_helpers import DEADLINE, Twistd, echo, freePort
+from tests.clients import client, send
+from tests.netns import REPO
+from tests.test_echo import portCounters, run, server
 from udpdst.address import Destination, PeerAddress
 from udpdst.config import LimitsConfig
 from udpdst.echo import EchoProtocol
 from udpdst.limits import LoopGuard
-
-requiresRawSockets = pytest.mark.skipif(
-    os.geteuid() != 0, reason="spoofing a source needs a raw socket (root)"
-)
-
-
-def spoof(source: tuple[str, int], target: tuple[str, int], payload: bytes) -> None:
-    """
-    Send one IPv4 UDP datagram to C{target} that claims to come from
-    C{source} (address and port), as an attacker would.
-    """
-    header = struct.pack("!HHHH", source[1], target[1], 8 + len(payload), 0)
-    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP) as raw:
-        raw.bind((source[0], 0))
-        raw.sendto(header + payload, (target[0], 0))
 
 
 def until(reactor: Any, condition: Callable[[], bool]) -> Deferred[None]:
@@ -248,10 +240,24 @@ def test_notABounceWhenSlowOrDifferent() -> None:
 
 
 def test_memoryBounded() -> None:
+    """
+    At most maxPeers peers, and the README's 3.5 MB at worst: IPv6 peers
+    with a destination each, replies of exactUpTo bytes kept whole.
+    """
     guard = LoopGuard()
-    for i in range(3 * LoopGuard.maxPeers):
-        guard.allow((f"10.0.{i >> 8 & 255}.{i & 255}", 9), b"x", b"x", 0.0)
-        assert len(guard) <= LoopGuard.maxPeers
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(3 * LoopGuard.maxPeers):
+            host = f"2001:db8:1234:5678:9abc:def0:{i >> 16:x}:{i & 0xFFFF:x}"
+            dst = Destination("2001:db8::1", 12345, 2, "2001:db8::1")
+            reply = bytes(bytearray(LoopGuard.exactUpTo))
+            guard.allow(PeerAddress(host, 40000, dst), b"x", reply, 0.0)
+            assert len(guard) <= LoopGuard.maxPeers
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert peak < 3.5e6
 
 
 def test_echoRefusesTheBounce() -> None:
@@ -279,3 +285,91 @@ def test_echoRefusesTheBounce() -> None:
     # The first reply, then maxBounces - 1 more; the maxBounces-th bounce is
     # refused.
     assert len(sent) == LoopGuard.maxBounces
+
+
+class SlowEcho(DatagramProtocol):
+    """
+    Another service on a slow path: it answers every datagram with the same
+    bytes, 0.1 s later.
+    """
+
+    delay = 0.1
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.seen = 0
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.seen += 1
+        self.reactor.callLater(self.delay, self.transport.write, data, addr)  # type: ignore[union-attr]
+
+
+def test_slowLoopEndsOnRealSockets(epollReactor: Any) -> None:
+    """
+    A loop through a peer that takes 0.1 s to answer (far below the rate
+    limit, too slow for maxBounces to matter) ends once it has gone on for
+    maxDuration.
+    """
+    proto, port = server(epollReactor, "::", EchoProtocol())
+    peer = SlowEcho(epollReactor)
+    listening = epollReactor.listenUDP(0, peer, interface="127.0.0.1")
+
+    async def scenario() -> None:
+        listening.write(b"start", ("127.0.0.2", port))
+        await until(epollReactor, lambda: proto.counters.refused["loop"] > 0)
+
+    run(epollReactor, scenario)
+    # At least maxDuration / 0.1 s bounces, far fewer than maxBounces.
+    assert 4 <= peer.seen < LoopGuard.maxBounces
+    assert portCounters(proto).replied == peer.seen
+
+
+@requiresRawSockets
+def test_loopBetweenTwoServicesEnds(tmp_path: Any) -> None:
+    """
+    Two C{twistd udpdst} services with their default limits on two ports,
+    one spoofed datagram between them: the loop ends, counted once under
+    C{loop} and logged once at info level, and both still answer.
+    """
+    ports = [freePort(), freePort()]
+    services = [
+        Twistd(
+            ["--listen", f"127.0.0.1:{p}", "--stats-interval", "0"],
+            REPO,
+            twistdArgs=["-n", "--pidfile=", "--logger", "udpdst.logs.jsonLogObserver"],
+        )
+        for p in ports
+    ]
+    try:
+        for service in services:
+            service.listening()
+        spoof(("127.0.0.1", ports[0]), ("127.0.0.1", ports[1]), b"set off a loop")
+        # Whichever stops it logs it; wait for that line.
+        deadline = time.monotonic() + DEADLINE
+        while not any("echo loop" in s.output() for s in services):
+            assert time.monotonic() < deadline, [s.output() for s in services]
+            time.sleep(0.05)
+        for p in ports:
+            assert echo("127.0.0.1", p, b"still there") == b"still there"
+        for service in services:
+            assert service.stop() == -signal.SIGTERM
+    finally:
+        for service in services:
+            service.kill()
+    finals = [
+        json.loads(line)
+        for service in services
+        for line in service.out
+        if '"final": true' in line and '"refusedBy"' in line
+    ]
+    assert sum(f["refusedBy"]["loop"] for f in finals) == 1
+    stopped = [
+        json.loads(line)
+        for service in services
+        for line in service.out
+        if "echo loop" in line
+    ]
+    assert len(stopped) == 1
+    assert stopped[0]["log_level"]["name"] == "info"
+    for f in finals:
+        assert f["received"] == f["replied"] + f["refused"] + f["sendErrors"]

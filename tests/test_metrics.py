@@ -11,11 +11,12 @@ import re
 import socket
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests._service_helpers import DEADLINE, Twistd, echo, freePort
+from tests._service_helpers import DEADLINE, Twistd, echo, freePort, startedTwistd
 
 prometheus_client = pytest.importorskip(
     "prometheus_client", reason="the metrics extra (prometheus_client) is not installed"
@@ -28,17 +29,8 @@ METRICS_LINE = re.compile(r"udpdst metrics on http://(\S+)/metrics")
 
 
 @pytest.fixture
-def started(tmp_path: Path):  # type: ignore[no-untyped-def]
-    processes: list[Twistd] = []
-
-    def start(*args: str, **kw: object) -> Twistd:
-        process = Twistd(args, tmp_path, **kw)  # type: ignore[arg-type]
-        processes.append(process)
-        return process
-
-    yield start
-    for process in processes:
-        process.kill()
+def started(tmp_path: Path) -> Iterator[Callable[..., Twistd]]:
+    yield from startedTwistd(tmp_path)
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -7,6 +7,7 @@ loopback addresses by connected clients and by dig.
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 from twisted.names import dns
 
-from tests._twistd_process import REPO, TWISTD, askConnected, freePort, twistd
+from tests._twistd_process import REPO, TWISTD, answer, freePort, twistd
 from tests.conftest import requiresIPv6
 
 ZONE = """
@@ -37,9 +38,34 @@ class Echo(DatagramProtocol):
 
 
 application = service.Application("echo")
-internet.UDPServer({port}, Echo(), interface={interface!r}).setServiceParent(
+internet.{server}({port}, Echo(), interface={interface!r}).setServiceParent(
     application
 )
+"""
+
+
+ADOPT_TAC = """
+import socket
+
+from twisted.application import service
+from twisted.internet import reactor
+from twisted.internet.protocol import DatagramProtocol
+
+
+class Echo(DatagramProtocol):
+    def datagramReceived(self, data, addr):
+        self.transport.write(b"tac " + data, addr)
+
+
+class Adopt(service.Service):
+    def privilegedStartService(self):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("", {port}))
+            self.port = reactor.adoptDatagramPort(s.fileno(), socket.AF_INET, Echo())
+
+
+application = service.Application("echo")
+Adopt().setServiceParent(application)
 """
 
 
@@ -51,11 +77,19 @@ def dnsQuery(ident: int) -> bytes:
 
 def askDNS(host: str, port: int, timeout: float = 10.0) -> list[str] | None:
     """
-    The A records a connected client gets for www.example.test, or L{None}.
+    The A records for www.example.test that a client connected to C{host}
+    gets (the kernel drops a reply from any other address), or L{None}.
+    (L{tests.clients.echo} waits for its payload echoed, which DNS does not.)
     """
-    reply = askConnected(host, port, dnsQuery(42), timeout)
-    if reply is None:
-        return None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect((host, port))
+        s.settimeout(timeout)
+        s.send(dnsQuery(42))
+        try:
+            reply = s.recv(65535)
+        except (TimeoutError, ConnectionRefusedError):
+            return None
     message = dns.Message()
     message.fromStr(reply)
     assert message.id == 42
@@ -167,28 +201,44 @@ def test_digThroughSecondaryAddresses(
 
 
 @pytest.mark.parametrize(
-    "reactor, interface, target",
+    "server, reactor, interface, target",
     [
-        ("udpdst", "", "127.0.0.2"),
-        ("udpdst-asyncio", "", "127.0.0.3"),
-        pytest.param("udpdst", "::", "127.0.0.2", marks=requiresIPv6),
+        ("UDPServer", "udpdst", "", "127.0.0.2"),
+        ("UDPServer", "udpdst-asyncio", "", "127.0.0.3"),
+        pytest.param("UDPServer", "udpdst", "::", "127.0.0.2", marks=requiresIPv6),
+        ("MulticastServer", "udpdst", "", "127.0.0.3"),
     ],
 )
-def test_stockTacWithUDPServer(
-    tmp_path: Path, reactor: str, interface: str, target: str
+def test_stockTac(
+    tmp_path: Path, server: str, reactor: str, interface: str, target: str
 ) -> None:
     """
-    An unchanged C{.tac} with C{internet.UDPServer} and a plain
-    C{DatagramProtocol}, under C{twistd -ny app.tac --reactor udpdst},
-    answers a client connected to a secondary address.
+    An unchanged C{.tac} with C{internet.UDPServer} (or C{MulticastServer},
+    which calls C{reactor.listenMulticast}) and a plain C{DatagramProtocol},
+    under C{twistd -ny app.tac --reactor udpdst}, answers a client connected
+    to a secondary address.
     """
     port = freePort()
     tac = tmp_path / "app.tac"
-    tac.write_text(ECHO_TAC.format(port=port, interface=interface))
+    tac.write_text(ECHO_TAC.format(server=server, port=port, interface=interface))
     primary = "::1" if interface == "::" else "127.0.0.1"
-    with twistd(tmp_path, "--reactor", reactor, "-y", str(tac)) as server:
-        server.waitAnswering(
-            lambda: askConnected(primary, port, b"up?", 0.5) == b"tac up?"
+    with twistd(tmp_path, "--reactor", reactor, "-y", str(tac)) as process:
+        process.waitAnswering(lambda: answer(primary, port, b"up?", 0.5) == b"tac up?")
+        reply = answer(target, port, b"hello", 10.0)
+        assert reply == b"tac hello", process.output()
+
+
+def test_stockTacAdoptingASocket(tmp_path: Path) -> None:
+    """
+    A C{.tac} that hands a bound socket to C{reactor.adoptDatagramPort}, under
+    C{--reactor udpdst}, answers through 127.0.0.3.
+    """
+    port = freePort()
+    tac = tmp_path / "app.tac"
+    tac.write_text(ADOPT_TAC.format(port=port))
+    with twistd(tmp_path, "--reactor", "udpdst", "-y", str(tac)) as process:
+        process.waitAnswering(
+            lambda: answer("127.0.0.1", port, b"up?", 0.5) == b"tac up?"
         )
-        reply = askConnected(target, port, b"hello", 10.0)
-        assert reply == b"tac hello", server.output()
+        reply = answer("127.0.0.3", port, b"hello", 10.0)
+        assert reply == b"tac hello", process.output()

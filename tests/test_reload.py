@@ -10,27 +10,19 @@ from __future__ import annotations
 import re
 import signal
 import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests._service_helpers import DEADLINE, Twistd, echo, freePort
+from tests._service_helpers import DEADLINE, Twistd, echo, freePort, startedTwistd
 
 RELOADED = re.compile(r"reloaded configuration: (.*)")
 
 
 @pytest.fixture
-def started(tmp_path: Path):  # type: ignore[no-untyped-def]
-    processes: list[Twistd] = []
-
-    def start(*args: str, **kw: object) -> Twistd:
-        process = Twistd(args, tmp_path, **kw)  # type: ignore[arg-type]
-        processes.append(process)
-        return process
-
-    yield start
-    for process in processes:
-        process.kill()
+def started(tmp_path: Path) -> Iterator[Callable[..., Twistd]]:
+    yield from startedTwistd(tmp_path)
 
 
 def listeners(*ports: int) -> str:
@@ -160,3 +152,20 @@ def test_badConfigAtReloadKeepsTheRunningOne(  # type: ignore[no-untyped-def]
     assert "Traceback" not in output
     assert len([x for x in output.splitlines() if "reload" in x]) == 1
     assert not RELOADED.search(output)
+
+
+def test_reloadCannotAddASystemdListener() -> None:
+    """
+    systemd passes sockets only at start: a reload that adds a systemd
+    listener is refused before anything changes.
+    """
+    from udpdst.config import Config, ConfigError, ListenConfig
+    from udpdst.service import EchoService
+
+    listener = ListenConfig("127.0.0.1", 0)
+    config = Config(listen=(listener,))
+    service = EchoService(config, [(listener, None)])
+    with pytest.raises(ConfigError, match="restart the service to use it"):
+        service.reload(Config(listen=(listener, ListenConfig(systemd=True))))
+    assert service.config is config
+    assert [child.listener for child in service.listeners] == [listener]

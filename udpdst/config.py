@@ -182,6 +182,17 @@ def _listOf(item: _Check) -> _Check:
     return check
 
 
+def _choice(*choices: str) -> _Check:
+    def check(value: Any, where: str) -> str:
+        if value not in choices:
+            raise ConfigError(
+                f"{where}: {value!r} is not one of " + ", ".join(map(repr, choices))
+            )
+        return str(value)
+
+    return check
+
+
 def _workers(value: Any, where: str) -> int | str:
     if value == "auto":
         return "auto"
@@ -349,6 +360,12 @@ class LogConfig:
         _number(0),
         "seconds between stats lines; 0 = only at stop",
         option="stats-interval",
+    )
+    format: str = _key(
+        "text",
+        _choice("text", "json"),
+        "text, or json: one JSON object per line",
+        option="log-format",
     )
 
 

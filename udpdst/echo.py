@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from twisted.internet.error import MessageLengthError
+from twisted.internet.error import InvalidAddressError, MessageLengthError
 from twisted.logger import Logger
 
 from udpdst import logs
@@ -196,9 +196,9 @@ class EchoProtocol(DestinationDatagramProtocol):
             )
         try:
             self.transport.write(reply, addr, dst)  # type: ignore[union-attr, call-arg, misc]
-        except (OSError, MessageLengthError) as e:
-            # The port counts failed writes (sendErrors); a full buffer or a
-            # vanished route must not stop the service.
+        except (OSError, MessageLengthError, InvalidAddressError) as e:
+            # The port counts failed writes (sendErrors); a full buffer, a
+            # vanished route or interface must not stop the service.
             if logs.minimumLevel.debug:
                 self._log.debug(
                     "{peer}: reply not sent: {error}",

@@ -235,21 +235,25 @@ class LoopGuard:
             peers = self._peers
             if len(peers) >= self.maxPeers:
                 peers.clear()
-            # A plain tuple key: a PeerAddress would keep its destination.
-            peers[(peer[0], peer[1])] = [self._remembered(reply), now, 0, now]
+            # Keyed by the peer address as given: a port that reuses one
+            # object per peer makes the lookup an identity check.
+            peers[peer] = [self._remembered(reply), now, 0, now]
             return True
-        last = state[0]
-        if now - state[1] < self.window and (
-            datagram.endswith(last)
-            if type(last) is bytes
-            else _endsWithHashed(datagram, last)
-        ):
-            if not state[2]:
-                state[3] = state[1]
-            state[2] += 1
-            if state[2] >= self.maxBounces or now - state[3] >= self.maxDuration:
-                del self._peers[peer]
-                return False
+        if now - state[1] < self.window:
+            last = state[0]
+            if (
+                datagram.endswith(last)
+                if last.__class__ is bytes
+                else _endsWithHashed(datagram, last)
+            ):
+                if not state[2]:
+                    state[3] = state[1]
+                state[2] += 1
+                if state[2] >= self.maxBounces or now - state[3] >= self.maxDuration:
+                    del self._peers[peer]
+                    return False
+            elif state[2]:
+                state[2] = 0
         elif state[2]:
             state[2] = 0
         state[0] = reply if len(reply) <= self.exactUpTo else self._remembered(reply)

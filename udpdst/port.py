@@ -327,26 +327,21 @@ class DestinationPort(udp.Port):
             the batch waits in C{_pending} until it reads again.
         """
         peers = self._peers
-        classify = self._classify
-        counters = self.counters
         aware = self._destinationAware
         deliver = self.protocol.datagramReceived
         peerMap = self._peerDestinations
-        done = 0
+        done = dropped = 0
         for data, key, flags in batch:
             done += 1
-            if flags:
-                entry = self._classifyFlagged(data, key, flags)
+            # A cache hit is the whole classification: the key is the peer
+            # and the control data, so equal keys mean equal results.
+            entry = None if flags else peers.get(key)
+            if entry is None:
+                entry = self._classifyNew(key, flags)
                 if entry is None:
+                    dropped += 1
                     continue
-            else:
-                entry = peers.get(key)
-                if entry is None:
-                    entry = classify(key, True)
-                    if entry is None:
-                        continue
             peer, dst = entry
-            counters.received += 1
             try:
                 if aware:
                     deliver(data, peer, dst)
@@ -364,8 +359,9 @@ class DestinationPort(udp.Port):
             if not self._reading:
                 if self.connected:
                     self._pending = batch[done:]
-                return False
-        return True
+                break
+        self.counters.received += done - dropped
+        return self._reading
 
     def _classify(
         self, key: Any, useCache: bool
@@ -406,14 +402,17 @@ class DestinationPort(udp.Port):
             peers[key] = entry
         return entry
 
-    def _classifyFlagged(
-        self, data: bytes, key: Any, flags: int
+    def _classifyNew(
+        self, key: Any, flags: int
     ) -> tuple[PeerAddress, Destination | None] | None:
         """
-        L{_classify} for a datagram the kernel flagged: oversized ones are
-        counted and dropped; those whose control data was cut are delivered
-        with an unknown destination (never guessed from what is left).
+        Classify a datagram whose key is not cached, or that the kernel
+        flagged: oversized ones are counted and dropped (L{None}); those whose
+        control data was cut are delivered with an unknown destination (never
+        guessed from what is left).
         """
+        if not flags:
+            return self._classify(key, True)
         if flags & _TRUNCATED:
             counters = self.counters
             counters.oversized += 1
@@ -474,7 +473,10 @@ class DestinationPort(udp.Port):
                     self._tooLong()
                 if type(datagram) is not bytes:
                     datagram = bytes(datagram)
-                self._enqueue((datagram, reply[1], reply[2]))
+                queue = self._queue
+                queue.append((datagram, reply[1], reply[2]))
+                if not self._inPass or len(queue) >= io.BATCH:
+                    self._flush()
                 return
         self._writeSlow(datagram, addr, dst)
 

@@ -30,7 +30,7 @@ from udpdst.limits import AccessList, RateLimiter
 from udpdst.listening import adoptDatagramPort, listenUDP
 from udpdst.port import DestinationPort
 from udpdst.stats import ListenerStats, Snapshot, takeSnapshot
-from udpdst.systemd import InheritedSocket, socketFamily
+from udpdst.systemd import InheritedSocket, Notifier, socketFamily
 
 
 class ListenError(Exception):
@@ -243,6 +243,7 @@ class EchoService(MultiService):
         reactor: Any = None,
         twistdOptions: Any = None,
         reloader: Callable[[], Config] | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         """
         @param config: The configuration.
@@ -257,17 +258,25 @@ class EchoService(MultiService):
         @param reloader: Reads the configuration again (the file and the
             command line's overrides), raising L{ConfigError} if it is
             wrong; SIGHUP calls L{reload} with it.  L{None}: no reload.
+        @param notifier: Tells systemd when the service is ready (every
+            listener bound and the reactor running), reloading and
+            stopping, and feeds its watchdog; L{None}: nobody to tell.
         """
         MultiService.__init__(self)
         self.config = config
         self._reactor = reactor
-        self._twistd = TwistdHooks(twistdOptions) if twistdOptions is not None else None
+        self._twistd = (
+            TwistdHooks.install(twistdOptions, config.log.format)
+            if twistdOptions is not None
+            else None
+        )
         self._statsCall: LoopingCall | None = None
         self.snapshotProvider: Callable[[], Snapshot] | None = None
         #: Called with no arguments once a reload is applied (the worker
         #: processes restart with the new configuration).
         self.afterReload: list[Callable[[], object]] = []
         self._reloader = reloader
+        self._notifier = notifier if notifier is not None else Notifier({})
         self._reloading: Deferred[None] | None = None
         self._previousHangup: Any = None
         self._access = AccessList(config.limits.allow, config.limits.deny)
@@ -348,6 +357,7 @@ class EchoService(MultiService):
         self._statsCall = None
 
     def stopService(self) -> Deferred[Any]:
+        self._notifier.stopping()
         self._stopStats()
         if self._previousHangup is not None:
             signal.signal(signal.SIGHUP, self._previousHangup)
@@ -366,6 +376,7 @@ class EchoService(MultiService):
             logLevel=self.config.log.level,
             stats=f"stats every {interval:g} s" if interval > 0 else "stats at stop",
         )
+        self._notifyReady()
 
     def _reloadOnSignal(self) -> None:
         if not self.running or self._reloader is None:
@@ -373,6 +384,7 @@ class EchoService(MultiService):
         if self._reloading is not None:
             self._log.warn("SIGHUP during a reload: ignored; send it again later")
             return
+        self._notifier.reloading()
         try:
             reloading = self.reload(self._reloader())
         except ConfigError as e:
@@ -380,6 +392,7 @@ class EchoService(MultiService):
                 "reload failed, the running configuration is kept: {error}",
                 error=str(e),
             )
+            self._notifyReady()
             return
         self._reloading = reloading
         reloading.addBoth(self._reloaded)
@@ -388,6 +401,13 @@ class EchoService(MultiService):
         self._reloading = None
         if isinstance(result, Failure):
             self._log.failure("reload failed", result)
+        self._notifyReady()
+
+    def _notifyReady(self) -> None:
+        count = len(self.listeners)
+        self._notifier.ready(
+            f"serving {count} {'listener' if count == 1 else 'listeners'}"
+        )
 
     def reload(self, config: Config) -> Deferred[None]:
         """
@@ -548,6 +568,8 @@ def _changes(
             f"stats interval {old.log.stats_interval:g} s -> "
             f"{new.log.stats_interval:g} s"
         )
+    if new.log.format != old.log.format:
+        changes.append("[log] format changed, applies at the next restart")
     for name in ("service", "metrics"):
         if getattr(new, name) != getattr(old, name):
             changes.append(f"[{name}] changed, applies at the next restart")

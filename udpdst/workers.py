@@ -496,13 +496,13 @@ class WorkerPool(Service):
                 pid=worker.pid,
                 old=old.pid,
             )
-            return
-        if self._announced:
+        elif self._announced:
             self._log.info(
                 "worker {worker} restarted (pid {pid})",
                 worker=worker.number,
                 pid=worker.pid,
             )
+        if self._announced:
             return
         live = [w for w in self.workers if w is not None]
         if len(live) == self.count and all(w.ready for w in live):

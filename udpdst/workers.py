@@ -371,12 +371,19 @@ class WorkerPool(Service):
 
     def _notReady(self, worker: _WorkerProtocol) -> None:
         worker.readyTimeout = None
+        self._kill(worker, "start serving", self._readyTimeout)
+
+    def _kill(self, worker: _WorkerProtocol, what: str, timeout: float) -> None:
+        """
+        Kill a worker that did not do C{what} within C{timeout} seconds.
+        """
         self._log.error(
-            "worker {worker} (pid {pid}) did not start serving within "
-            "{timeout:g} s; killing it",
+            "worker {worker} (pid {pid}) did not {what} within {timeout:g} s; "
+            "killing it",
             worker=worker.number,
             pid=worker.pid,
-            timeout=self._readyTimeout,
+            what=what,
+            timeout=timeout,
         )
         self._signal(worker, "KILL")
 
@@ -556,14 +563,7 @@ class WorkerPool(Service):
     def _killAll(self, workers: Sequence[_WorkerProtocol]) -> None:
         for worker in workers:
             if not worker.ended.called:
-                self._log.warn(
-                    "worker {worker} (pid {pid}) did not stop within {timeout:g} s; "
-                    "killing it",
-                    worker=worker.number,
-                    pid=worker.pid,
-                    timeout=self._stopTimeout,
-                )
-                self._signal(worker, "KILL")
+                self._kill(worker, "stop", self._stopTimeout)
 
     def _signal(self, worker: _WorkerProtocol, name: str) -> None:
         try:

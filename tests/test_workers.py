@@ -1,7 +1,7 @@
 """
 Tests for udpdst.workers: C{twistd udpdst --workers N} as an operator runs
 it (real twistd and worker processes, real sockets on loopback), and the
-restart policy with real processes that cannot start.
+restart policy with real worker processes that exit at once or hang.
 """
 
 from __future__ import annotations

@@ -292,12 +292,16 @@ class EchoService(MultiService):
         # One protocol per socket (a protocol has one transport); the access
         # list and the rate limiter are shared, so that a source gets one
         # budget however many listeners it reaches.
-        return EchoProtocol.fromConfig(
+        protocol = EchoProtocol.fromConfig(
             self.config.echo.prefixBytes,
             self.config.limits,
             access=self._access,
             rateLimiter=self.limiter,
         )
+        # Twisted's "Starting protocol <... object at 0x...>" lines say less
+        # than the service's own listening and reload lines, at every reload.
+        protocol.noisy = False
+        return protocol
 
     def _addListener(
         self, listener: ListenConfig, inherited: InheritedSocket | None

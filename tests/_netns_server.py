@@ -27,15 +27,6 @@ import sys
 import threading
 from typing import Any
 
-_COUNTER_NAMES = (
-    "received",
-    "replied",
-    "sendFallbacks",
-    "truncated",
-    "controlTruncated",
-    "kernelDrops",
-)
-
 
 def _emit(kind: str, payload: Any = None) -> None:
     line = kind if payload is None else f"{kind} {payload}"
@@ -47,7 +38,7 @@ def _counters(port: Any) -> dict[str, Any] | None:
     counters = getattr(port, "counters", None)
     if counters is None:
         return None
-    return {name: getattr(counters, name, None) for name in _COUNTER_NAMES}
+    return counters.asDict()  # type: ignore[no-any-return]
 
 
 def _dstJSON(dst: Any) -> dict[str, Any] | None:

@@ -18,8 +18,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -112,6 +115,21 @@ def unavailableReason() -> str | None:
             _ip("netns", "del", name, check=False)
     _probed.append(reason)
     return reason
+
+
+def builtPair() -> Iterator[Pair]:
+    """
+    For fixtures: a new L{Pair}, deleted when the test is done; the test
+    skips, saying why, where namespaces cannot be built.
+    """
+    reason = unavailableReason()
+    if reason is not None:
+        pytest.skip(reason)
+    built = Pair.create()
+    try:
+        yield built
+    finally:
+        built.delete()
 
 
 class Namespace:
@@ -277,11 +295,11 @@ class Pair:
         server.ip("addr", "add", f"{self.VIP_V6}/128", "dev", "lo", "nodad")
         client.ip("route", "add", f"{self.VIP_V4}/32", "via", self.SERVER_V4)
         client.ip("-6", "route", "add", f"{self.VIP_V6}/128", "via", self.SERVER_V6)
-        self._waitUntilReady()
+        self.waitUntilReady()
         self.serverIfindex = self.ifindex(server, self.SERVER_IF)
         self.clientIfindex = self.ifindex(client, self.CLIENT_IF)
 
-    def _waitUntilReady(self, timeout: float = 5.0) -> None:
+    def waitUntilReady(self, timeout: float = 5.0) -> None:
         """
         Wait (bounded) for both veth ends to be up with no tentative address.
         """

@@ -6,6 +6,7 @@ key's default, every kind of mistake (one line, no traceback), and overrides.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import ipaddress
 import tomllib
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from twisted.python import usage
 
 from udpdst.config import (
+    OPTIONS,
     TABLES,
     Config,
     ConfigError,
@@ -21,12 +23,17 @@ from udpdst.config import (
     LimitsConfig,
     ListenConfig,
     LogConfig,
+    MetricsConfig,
+    ServiceConfig,
     loadConfig,
     parseListen,
 )
 from udpdst.tap import Options
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "udpdst.toml"
+#: The example config and the units, shipped in the package.
+DATA = importlib.resources.files("udpdst").joinpath("data")
+EXAMPLE = DATA.joinpath("udpdst.toml")
+DATA_FILES = ("udpdst.toml", "udpdst.service", "udpdst@.service", "udpdst.socket")
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -79,14 +86,30 @@ def test_emptyFileIsTheDefault(tmp_path: Path) -> None:
 
 def test_exampleFileHasEveryKeyAtItsDefault() -> None:
     """
-    etc/udpdst.toml names every key of the schema, each at its default.
+    The example config shipped in the package names every key of the
+    schema, each at its default.
     """
     document = tomllib.loads(EXAMPLE.read_text())
     assert set(document) == set(TABLES)
     for name, table in TABLES.items():
         raw = document[name][0] if name == "listen" else document[name]
         assert set(raw) == {f.name for f in dataclasses.fields(table)}, name
-    assert loadConfig(str(EXAMPLE)) == Config()
+    with importlib.resources.as_file(EXAMPLE) as path:
+        assert loadConfig(str(path)) == Config()
+
+
+@pytest.mark.parametrize("name", DATA_FILES)
+def test_etcKeepsCopiesOfThePackageData(name: str) -> None:
+    """
+    etc/ holds copies of the example config and units for readers of the
+    repository; the package's are the ones installed.
+    """
+    etc = Path(__file__).resolve().parent.parent / "etc" / name
+    assert etc.read_text() == DATA.joinpath(name).read_text()
+
+
+def test_everyTableIsAFieldOfConfig() -> None:
+    assert {f.name for f in dataclasses.fields(Config)} == set(TABLES)
 
 
 def test_everyKeyOverridden(tmp_path: Path) -> None:
@@ -124,9 +147,17 @@ deny_same_port = false
 [log]
 level = "DEBUG"
 stats_interval = 0.5
+
+[service]
+workers = 3
+
+[metrics]
+listen = "[::1]:9135"
 """,
     )
     config = loadConfig(path)
+    assert config.service == ServiceConfig(workers=3)
+    assert config.metrics == MetricsConfig(listen="[::1]:9135")
     assert config.listen == (
         ListenConfig("127.0.0.1", 7, True, 1048576, False, 1500),
         ListenConfig("::", 7, v6_only=True),
@@ -185,6 +216,12 @@ BAD_FILES = [
     ("[[listen]]\nfd_name = 'echo'\n", "fd_name needs systemd = true", "systemd"),
     ("[[listen]]\naddress = '0.0.0.0'\nv6_only = true\n", "v6_only", '"::"'),
     ("[log]\nstats_interval = nan\n", "out of range", ">= 0"),
+    ("[log]\nformat = 'xml'\n", "'xml' is not one of 'text', 'json'", "format"),
+    ("[service]\nworkers = 0\n", "workers = 0 is out of range", '"auto"'),
+    ("[service]\nworkers = 'many'\n", 'must be an integer or "auto"', "a string"),
+    ("[metrics]\nlisten = '9135'\n", "use ADDRESS:PORT", "127.0.0.1:9135"),
+    ("[metrics]\nlisten = 'localhost:9135'\n", "bad address", "127.0.0.1"),
+    ("[metrics]\nlisten = '127.0.0.1:70000'\n", "out of range", "0..65535"),
 ]
 
 
@@ -315,6 +352,8 @@ stats_interval = 10
             "--log-level", "debug",
             "--stats-interval", "2.5",
             "--reuse-port",
+            "--workers", "auto",
+            "--metrics", "127.0.0.1:9135",
         ]
     )  # fmt: skip
     config = options["udpdst"]
@@ -324,6 +363,8 @@ stats_interval = 10
     )
     assert config.echo.prefix == "cli> "
     assert config.log == LogConfig("debug", 2.5)
+    assert config.service == ServiceConfig(workers="auto")
+    assert config.metrics == MetricsConfig(listen="127.0.0.1:9135")
     # What the command line does not name comes from the file.
     assert config.limits.per_source_rate == 5
 
@@ -353,6 +394,9 @@ def test_emptyPrefixOverridesTheFile(tmp_path: Path) -> None:
         (["--prefix", "x" * 2000], "at most 1024"),
         (["--config", "/nonexistent/udpdst.toml"], "No such file or directory"),
         (["--listen", "systemd"], "none was passed"),
+        (["--workers", "0"], "--workers = 0 is out of range"),
+        (["--workers", "two"], 'must be an integer or "auto"'),
+        (["--metrics", "9135"], "use ADDRESS:PORT"),
     ],
 )
 def test_optionsBad(args: list[str], cause: str) -> None:
@@ -360,6 +404,30 @@ def test_optionsBad(args: list[str], cause: str) -> None:
         parse(args)
     assert cause in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_optionsHelpIsTheSchemasDescription() -> None:
+    """
+    Each option that overrides a key is declared once, in the schema: its
+    help text is the key's description.
+    """
+    help = str(Options())
+    for table in TABLES.values():
+        for f in dataclasses.fields(table):
+            if f.metadata["option"]:
+                line = f"--{f.metadata['option']}="
+                assert line in help, line
+                # usage.Options wraps help text: compare the words.
+                words = f.metadata["doc"].split()
+                assert " ".join(words[1:]) in " ".join(help.split()), f.name
+    assert {option.name for option in OPTIONS} == {
+        "prefix",
+        "log-level",
+        "log-format",
+        "stats-interval",
+        "workers",
+        "metrics",
+    }
 
 
 def test_underTwistdAnErrorIsOneLineAndAnExit() -> None:

@@ -66,7 +66,7 @@ def _relink(pair: Pair, old: str, new: str, index: int | None = None) -> int:
         ns.ip("addr", "add", f"{ll}/64", "dev", ifname, "nodad")
         ns.ip("link", "set", ifname, "up")
     pair.SERVER_IF = new  # type: ignore[misc]
-    pair._waitUntilReady()
+    pair.waitUntilReady()
     return pair.ifindex(pair.server, new)
 
 
@@ -107,7 +107,7 @@ def test_interfaceChangesDoNotStopLinkLocalReplies(ownPair: Pair, mode: str) -> 
         pair.server.ip("addr", "add", f"{P.SERVER_LL}/64", "dev", "lan7", "nodad")
         pair.server.ip("link", "set", "lan7", "up")
         pair.SERVER_IF = "lan7"  # type: ignore[misc]
-        pair._waitUntilReady()
+        pair.waitUntilReady()
         _assertAnsweredVia(_ask(pair, port), port, "lan7")
 
         # The index reused by another interface, under another name, while

@@ -139,42 +139,44 @@ def test_rateMemoryBoundedUnderManySources() -> None:
     for i in range(50_000):
         limiter.allow(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 1.0)
         assert len(limiter) <= 1000
-    assert len(limiter) == 1000
-    assert limiter.evictions == 49_000
+    # Two generations of 500: the recent one full, the older one filling.
+    assert 500 <= len(limiter) <= 1000
+    assert limiter.evictions == 50_000 - len(limiter)
 
 
 def test_rateMemoryFootprint() -> None:
     """
-    The per-source cost documented in etc/udpdst.toml (about 300 bytes,
-    the source's address string included) holds.
+    The README's figure holds: with the default max_sources (65,536), a
+    flood of distinct IPv6 sources (long address strings, kept as keys)
+    peaks under 10 MB, about 140 bytes per source.
     """
-    limiter = RateLimiter(rate=1000, burst=2000, maxSources=20_000)
+    limiter = RateLimiter(rate=1000, burst=2000, maxSources=65_536)
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        for i in range(40_000):
+        for i in range(150_000):
             limiter.allow(
                 f"2001:db8:1234:5678:9abc:def0:{i >> 16:x}:{i & 0xFFFF:x}", 1.0
             )
-        used = tracemalloc.get_traced_memory()[0] - before
+        peak = tracemalloc.get_traced_memory()[1] - before
     finally:
         tracemalloc.stop()
-    assert len(limiter) == 20_000
-    assert used / 20_000 < 320
+    assert 32_768 <= len(limiter) <= 65_536
+    assert peak < 10_000_000
+    assert peak / 65_536 < 145
 
 
 def test_rateActiveSourceSurvivesAFlood() -> None:
     """
-    Eviction is least-recently-used: a limited source that keeps sending
-    stays limited while fewer than maxSources other sources pass between two
-    of its datagrams.
+    A limited source that keeps sending stays limited while fewer than
+    maxSources / 2 other new sources pass between two of its datagrams.
     """
     limiter = RateLimiter(rate=1, burst=2, maxSources=100)
     victim = "192.0.2.1"
     assert limiter.allow(victim, 0.0)
     assert limiter.allow(victim, 0.0)
     for round in range(10):
-        for i in range(99):
+        for i in range(49):
             limiter.allow(f"10.0.{round}.{i}", 0.0)
         assert not limiter.allow(victim, 0.0)
         assert victim in limiter

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.netns import NetnsError, Pair, ServerProcess, unavailableReason
+from tests.netns import NetnsError, Pair, ServerProcess, builtPair
 
 pytestmark = pytest.mark.netns
 
@@ -30,18 +30,12 @@ REPLY_TIMEOUT = 2.0
 P = Pair  # the addresses
 
 
-def _requireNetns() -> None:
-    reason = unavailableReason()
-    if reason is not None:
-        pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def pair() -> Iterator[Pair]:
     """
     One namespace pair for the tests that do not change it.
     """
-    yield from _buildPair()
+    yield from builtPair()
 
 
 @pytest.fixture
@@ -50,16 +44,7 @@ def ownPair() -> Iterator[Pair]:
     A namespace pair of the test's own, for tests that add or remove
     addresses.
     """
-    yield from _buildPair()
-
-
-def _buildPair() -> Iterator[Pair]:
-    _requireNetns()
-    built = Pair.create()
-    try:
-        yield built
-    finally:
-        built.delete()
+    yield from builtPair()
 
 
 @pytest.fixture

@@ -14,19 +14,19 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests._service_helpers import (
-    DEADLINE,
-    TWISTD,
-    Twistd,
-    echo,
-    freePort,
-)
+from tests._service_helpers import DEADLINE, TWISTD, Twistd, freePort
+from tests.clients import REPLY_TIMEOUT, echo
 from tests.conftest import HAVE_IPV6, requiresIPv6
+from udpdst.check import Answer, Probe, askAll
+
+REPO = Path(__file__).resolve().parent.parent
 
 FINAL_STATS = re.compile(
     r"final stats (\S+): received (\d+), replied (\d+), refused (\d+) \(([^)]*)\)"
@@ -59,8 +59,8 @@ def started(tmp_path: Path):  # type: ignore[no-untyped-def]
     """
     processes: list[Twistd] = []
 
-    def start(*args: str, **kw: object) -> Twistd:
-        process = Twistd(args, tmp_path, **kw)  # type: ignore[arg-type]
+    def start(*args: str, cwd: Path = tmp_path, **kw: object) -> Twistd:
+        process = Twistd(args, cwd, **kw)  # type: ignore[arg-type]
         processes.append(process)
         return process
 
@@ -96,6 +96,16 @@ def oneCriticalLine(process: Twistd) -> str:
     assert len(critical) == 1, process.output()
     assert not [line for line in process.out if "#error]" in line]
     return critical[0].split("] ", 1)[1].rstrip("\n")
+
+
+def nobodyUser() -> pwd.struct_passwd:
+    """
+    The unprivileged user C{nobody}; skip the test on a host without one.
+    """
+    try:
+        return pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("this host has no user 'nobody' to run as")
 
 
 # --help
@@ -275,13 +285,10 @@ def test_logLevelDebugAndJson(started) -> None:  # type: ignore[no-untyped-def]
         twistdArgs=["-n", "--pidfile=", "--logger", "udpdst.logs.jsonLogObserver"],
     )
     ((_, port),) = process.listening()
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(DEADLINE / 3)
-        s.bind(("127.0.0.5", 0))
-        s.connect(("127.0.0.2", port))
-        s.send(b"x" * 42)
-        assert s.recv(100) == b"x" * 42
-        peer = f"127.0.0.5:{s.getsockname()[1]}"
+    with Probe("127.0.0.2", port, source="127.0.0.5") as probe:
+        (answer,) = askAll([probe], [b"x" * 42], REPLY_TIMEOUT, attempts=1)
+        peer = "{}:{}".format(*probe.local)
+    assert answer == Answer(b"x" * 42, ("127.0.0.2", port), fromTarget=True)
     process.stop()
     events = [json.loads(line) for line in process.out]
     (datagram,) = [e for e in events if e.get("log_namespace") == "udpdst.echo"]
@@ -323,7 +330,7 @@ def test_privilegedPortThenDropPrivileges(started) -> None:  # type: ignore[no-u
     Port 7 is bound before twistd drops to --uid/--gid: the process runs as
     nobody and still echoes.
     """
-    nobody = pwd.getpwnam("nobody")
+    nobody = nobodyUser()
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
             probe.bind(("127.0.0.7", 7))
@@ -352,15 +359,17 @@ def test_privilegedPortThenDropPrivileges(started) -> None:  # type: ignore[no-u
 
 # Mistakes: one line, a non-zero exit, never a traceback.
 
+#: Config files twistd udpdst (and udpdst check-config) refuse, and a regular
+#: expression for what their one-line error says.
 BAD_CONFIGS = [
-    ("[limits]\nper_source_rat = 5\n", "unknown key 'per_source_rat'"),
-    ("[[listen]]\nport = '7'\n", "must be an integer port number"),
-    ("[[listen]]\naddress = 'eth0'\n", "bad address 'eth0'"),
+    ("[limits]\nper_source_rat = 5\n", r"unknown key 'per_source_rat'"),
+    ("[[listen]]\nport = '7'\n", r"must be an integer port number"),
+    ("[[listen]]\naddress = 'eth0'\n", r"bad address 'eth0'"),
     (
         "[[listen]]\nport = 65536\n",
-        "port = 65536 is out of range; use a port number 0..65535",
+        r"port = 65536 is out of range; use a port number 0\.\.65535",
     ),
-    ("[echo]\nprefix = 'x'\n\n[limits\n", "invalid TOML: "),
+    ("[echo]\nprefix = 'x'\n\n[limits\n", r"invalid TOML: .*\(at line 4, column 8\)"),
 ]
 
 
@@ -369,14 +378,8 @@ def test_badConfigFile(started, tmp_path: Path, text: str, cause: str) -> None: 
     config = tmp_path / "bad.toml"
     config.write_text(text)
     line = oneLineError(started("--config", str(config)))
-    assert cause in line
+    assert re.search(cause, line), line
     assert str(config) in line
-
-
-def test_invalidTomlNamesItsLine(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    config = tmp_path / "bad.toml"
-    config.write_text("[echo]\nprefix = 'x'\n\n[limits\n")
-    assert "(at line 4, column 8)" in oneLineError(started("--config", str(config)))
 
 
 def test_missingConfigFile(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -415,7 +418,40 @@ def test_portInUse(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-
     assert not (tmp_path / "twistd.pid").exists()
 
 
-def test_permissionDenied(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.fixture
+def readableByAnyone() -> Iterator[Path]:
+    """
+    The package and its plugin copied into a fresh folder that any user can
+    read, for twistd run as another user: the checkout itself may sit in a
+    folder only its owner can read (a clone in C{mktemp -d}, a 0700 home).
+    """
+    top = Path(tempfile.mkdtemp(prefix="udpdst-anyone-"))
+    try:
+        shutil.copytree(
+            REPO / "udpdst",
+            top / "udpdst",
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
+        plugins = top / "twisted" / "plugins"
+        plugins.mkdir(parents=True)
+        shutil.copy2(REPO / "twisted" / "plugins" / "udpdst_plugin.py", plugins)
+        for path in [top, *top.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        # Twisted writes its plugin cache on first use; write it now, as the
+        # owner, so that the other user has nothing to write.
+        subprocess.run(
+            [TWISTD, "--help"],
+            env={**os.environ, "PYTHONPATH": str(top)},
+            capture_output=True,
+            timeout=DEADLINE,
+            check=True,
+        )
+        yield top
+    finally:
+        shutil.rmtree(top)
+
+
+def test_permissionDenied(started, readableByAnyone: Path) -> None:  # type: ignore[no-untyped-def]
     """
     An unprivileged user binding port 7: one line naming the fix.
     """
@@ -423,21 +459,37 @@ def test_permissionDenied(started, tmp_path: Path) -> None:  # type: ignore[no-u
     if unprivileged.exists() and int(unprivileged.read_text()) <= 7:
         pytest.skip("this host lets anyone bind port 7 (ip_unprivileged_port_start)")
     command = [TWISTD, "-n", "--pidfile=", "udpdst", "--listen", "127.0.0.1:7"]
+    env = {**os.environ, "PYTHONPATH": str(readableByAnyone)}
     if os.geteuid() == 0:
         setpriv = shutil.which("setpriv")
         if setpriv is None:
             pytest.skip("running as root and no setpriv to run as nobody")
-        nobody = pwd.getpwnam("nobody")
-        command = [
+        nobody = nobodyUser()
+        asNobody = [
             setpriv,
             f"--reuid={nobody.pw_uid}",
             f"--regid={nobody.pw_gid}",
             "--clear-groups",
             "--inh-caps=-all",
-            *command,
         ]
-    os.chmod(tmp_path, 0o777)
-    line = oneCriticalLine(started(command=command))
+        command = [*asNobody, *command]
+        # The package is readable by anyone now; the Python and Twisted of
+        # the test's venv must be too, which only whoever made it decides.
+        canRun = subprocess.run(
+            [*asNobody, sys.executable, "-c", "import twisted, zope.interface"],
+            env=env,
+            cwd=readableByAnyone,
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE,
+        )
+        if canRun.returncode != 0:
+            why = (canRun.stderr.strip().splitlines() or ["no error text"])[-1]
+            pytest.skip(
+                f"nobody cannot run {sys.executable} with Twisted (make the "
+                f"venv readable by anyone): {why}"
+            )
+    line = oneCriticalLine(started(command=command, env=env, cwd=readableByAnyone))
     assert line.startswith(
         "cannot listen on 127.0.0.1:7: permission denied; ports below 1024"
     )
@@ -567,10 +619,12 @@ def test_daemonModePortInUse(started, tmp_path: Path) -> None:  # type: ignore[n
         )
         assert process.finish() == 1
     assert "Traceback" not in process.output()
-    assert process.err[0] == (
-        f"An error has occurred: b'cannot listen on 127.0.0.1:{port}: address "
-        "already in use'\n"
-    )
+    # The whole sentence, as in the foreground (not twistd's cut bytes repr).
+    assert process.err == [
+        f"cannot listen on 127.0.0.1:{port}: address already in use; stop the "
+        "other service on that port or choose another port, or set reuse_port "
+        "= true in every process that shares it\n"
+    ]
     log = (tmp_path / "d.log").read_text()
     assert "Traceback" not in log
     assert (

@@ -4,9 +4,11 @@ types and validation, in this one place), the TOML loader, and command-line
 overrides.
 
 Each table is a frozen dataclass; each field is a key of that table, and its
-metadata holds the validator and the one-line description that the example
-file (C{etc/udpdst.toml}) and the error messages use.  Every mistake a user
-can make raises L{ConfigError} with one line naming the cause and the fix.
+metadata holds the validator, the one-line description and, for keys that
+have one, the name of the command-line option overriding it.  Table
+parsing, the overrides and the options' help text (L{OPTIONS}) all read
+that one description.  Every mistake a user can make raises L{ConfigError}
+with one line naming the cause and the fix.
 """
 
 from __future__ import annotations
@@ -180,11 +182,76 @@ def _listOf(item: _Check) -> _Check:
     return check
 
 
-def _key(default: Any, check: _Check, doc: str) -> Any:
+def _choice(*choices: str) -> _Check:
+    def check(value: Any, where: str) -> str:
+        if value not in choices:
+            raise ConfigError(
+                f"{where}: {value!r} is not one of " + ", ".join(map(repr, choices))
+            )
+        return str(value)
+
+    return check
+
+
+def _workers(value: Any, where: str) -> int | str:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(
+            f'{where} must be an integer or "auto", not {_describe(value)}'
+        )
+    if value < 1:
+        raise ConfigError(
+            f'{where} = {value} is out of range; use at least 1, or "auto" '
+            "(one per CPU)"
+        )
+    return value
+
+
+def _splitHostPort(text: str, shape: str) -> tuple[str, str]:
     """
-    A key of a table: its default, its validator and its description.
+    C{ADDRESS:PORT} (IPv6 in brackets) split in two, unchecked.
     """
-    return field(default=default, metadata={"check": check, "doc": doc})
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]:")
+        if not sep or ":" not in host:
+            raise ConfigError(shape)
+    else:
+        host, sep, rest = text.rpartition(":")
+        if not sep or ":" in host:
+            raise ConfigError(shape)
+    return host, rest
+
+
+def _hostPort(text: str, where: str, shape: str) -> tuple[str, int]:
+    host, rest = _splitHostPort(text, shape)
+    try:
+        port = int(rest, 10)
+    except ValueError:
+        raise ConfigError(shape) from None
+    return _address(host, f"{where} {text}"), _port(port, f"{where} {text}: port")
+
+
+def _endpoint(value: Any, where: str) -> str:
+    text = _text(value, where)
+    if text:
+        _hostPort(
+            text,
+            where,
+            f"{where} {text!r}: use ADDRESS:PORT, with IPv6 in brackets "
+            '("127.0.0.1:9135", "[::1]:9135"), or "" for none',
+        )
+    return text
+
+
+def _key(default: Any, check: _Check, doc: str, option: str | None = None) -> Any:
+    """
+    A key of a table: its default, its validator, its description and the
+    command-line option that overrides it, if any.
+    """
+    return field(
+        default=default, metadata={"check": check, "doc": doc, "option": option}
+    )
 
 
 # The schema.
@@ -202,7 +269,7 @@ class ListenConfig:
     port: int = _key(12345, _port, "UDP port; 0 = any free port (logged at start)")
     reuse_port: bool = _key(
         False, _boolean, "SO_REUSEPORT: let several processes share the port"
-    )
+    )  # --reuse-port sets it on every listener: see withOverrides
     receive_buffer: int = _key(
         0, _integer(0, 2**31 - 1), "SO_RCVBUF in bytes; 0 = kernel default"
     )
@@ -234,7 +301,10 @@ class EchoConfig:
     """
 
     prefix: str = _key(
-        "", _prefix, 'text put before every reply; "" = the exact bytes (RFC 862)'
+        "",
+        _prefix,
+        'text put before every reply; "" = the exact bytes (RFC 862)',
+        option="prefix",
     )
 
     @property
@@ -279,10 +349,59 @@ class LogConfig:
     The C{[log]} table.
     """
 
-    level: str = _key("info", _level, "debug, info, warn, error or critical")
-    stats_interval: float = _key(
-        60.0, _number(0), "seconds between stats lines; 0 = only at stop"
+    level: str = _key(
+        "info",
+        _level,
+        "one of debug, info, warn, error, critical",
+        option="log-level",
     )
+    stats_interval: float = _key(
+        60.0,
+        _number(0),
+        "seconds between stats lines; 0 = only at stop",
+        option="stats-interval",
+    )
+    format: str = _key(
+        "text",
+        _choice("text", "json"),
+        "text, or json: one JSON object per line",
+        option="log-format",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    """
+    The C{[service]} table: how the service runs.
+    """
+
+    workers: int | str = _key(
+        1,
+        _workers,
+        'processes serving the listeners; "auto" = one per CPU',
+        option="workers",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """
+    The C{[metrics]} table: the Prometheus endpoint.
+    """
+
+    listen: str = _key(
+        "",
+        _endpoint,
+        'ADDRESS:PORT serving /metrics (needs udpdst[metrics]); "" = none',
+        option="metrics",
+    )
+
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        """
+        C{listen} as C{(address, port)}; only if it is not empty.
+        """
+        return _hostPort(self.listen, "[metrics] listen", "")
 
 
 def _defaultListeners() -> tuple[ListenConfig, ...]:
@@ -300,25 +419,22 @@ class Config:
     echo: EchoConfig = field(default_factory=EchoConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
-#: The tables of a config file, and the dataclass of each.  C{listen} is an
-#: array of tables.
+#: The tables of a config file, and the dataclass of each (the field of
+#: L{Config} of the same name).  C{listen} is an array of tables.
 TABLES: dict[str, type] = {
     "listen": ListenConfig,
     "echo": EchoConfig,
     "limits": LimitsConfig,
     "log": LogConfig,
+    "service": ServiceConfig,
+    "metrics": MetricsConfig,
 }
 
 _T = TypeVar("_T")
-
-
-def keysOf(table: type) -> list[tuple[str, Any, str]]:
-    """
-    The keys of a table class: C{(name, default, description)}.
-    """
-    return [(f.name, f.default, f.metadata["doc"]) for f in fields(table)]
 
 
 def _fill(table: type[_T], raw: Mapping[str, Any], where: str) -> _T:
@@ -384,14 +500,13 @@ def parseConfig(document: Mapping[str, Any], source: str = "config") -> Config:
                 f"{source}: listen is empty; add at least one [[listen]] table"
             )
         listeners = tuple(found)
-    return Config(
-        listen=listeners,
-        echo=_fill(EchoConfig, document.get("echo", {}), f"{source}: [echo]"),
-        limits=_checkLimits(
-            _fill(LimitsConfig, document.get("limits", {}), f"{source}: [limits]")
-        ),
-        log=_fill(LogConfig, document.get("log", {}), f"{source}: [log]"),
-    )
+    tables: dict[str, Any] = {
+        name: _fill(table, document.get(name, {}), f"{source}: [{name}]")
+        for name, table in TABLES.items()
+        if name != "listen"
+    }
+    tables["limits"] = _checkLimits(tables["limits"])
+    return Config(listen=listeners, **tables)
 
 
 def loadConfig(path: str | None = None) -> Config:
@@ -437,37 +552,82 @@ def parseListen(text: str, where: str = "--listen") -> ListenConfig:
         f"{where} {text!r}: use ADDRESS:PORT, with IPv6 in brackets "
         "([::]:12345, 0.0.0.0:12345), or systemd[:NAME]"
     )
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]:")
-        if not sep or ":" not in host:
-            raise ConfigError(shape)
-    else:
-        host, sep, rest = text.rpartition(":")
-        if not sep or ":" in host:
-            raise ConfigError(shape)
-    try:
-        port = int(rest, 10)
-    except ValueError:
-        raise ConfigError(shape) from None
-    return ListenConfig(
-        address=_address(host, f"{where} {text}"),
-        port=_port(port, f"{where} {text}: port"),
+    address, port = _hostPort(text, where, shape)
+    return ListenConfig(address=address, port=port)
+
+
+#: The help text of the two options that are not one key: C{--listen} (a
+#: whole listener) and C{--reuse-port} (a key of every listener).
+LISTEN_HELP = (
+    "ADDRESS:PORT to listen on, IPv6 in brackets ([::]:7, 0.0.0.0:7), or "
+    "systemd[:NAME] for sockets passed by systemd. Repeat for more; "
+    "replaces the config file's listeners."
+)
+REUSE_PORT_HELP = "Set reuse_port on every listener (SO_REUSEPORT)."
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """
+    A command-line option that overrides one key of a table.
+
+    @ivar name: The option, without C{--}.
+    @ivar table: The table's name in L{TABLES} (and field of L{Config}).
+    @ivar key: The key in that table.
+    @ivar help: The key's description, as a sentence for C{--help}.
+    """
+
+    name: str
+    table: str
+    key: str
+    help: str
+
+
+def _options() -> tuple[Option, ...]:
+    return tuple(
+        Option(
+            f.metadata["option"],
+            name,
+            f.name,
+            f.metadata["doc"][:1].upper() + f.metadata["doc"][1:] + ".",
+        )
+        for name, table in TABLES.items()
+        for f in fields(table)
+        if f.metadata.get("option")
     )
+
+
+#: Every option that overrides one key, read from the schema.
+OPTIONS = _options()
+
+
+def _fromText(text: str, default: Any) -> Any:
+    """
+    A command-line value as the TOML value it stands for, for the key's
+    validator to check: text for keys whose default is text, else a number
+    if it reads as one (the validator then names what is wrong).
+    """
+    if isinstance(default, str):
+        return text
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def withOverrides(
     config: Config,
+    values: Mapping[str, str | None] | None = None,
     listen: Iterable[str] = (),
-    prefix: str | None = None,
-    level: str | None = None,
-    statsInterval: str | None = None,
     reusePort: bool = False,
 ) -> Config:
     """
-    Apply command-line options: C{--listen} (replaces the file's listeners),
-    C{--prefix}, C{--log-level}, C{--stats-interval}, C{--reuse-port} (sets
-    C{reuse_port} on every listener that binds).  Values are checked by the
-    same validators as the file's.
+    Apply command-line options: those of L{OPTIONS} (C{values}, by option
+    name; L{None} = not given), C{--listen} (replaces the file's
+    listeners) and C{--reuse-port} (sets C{reuse_port} on every listener
+    that binds).  Values are checked by the same validators as the file's.
 
     @raise ConfigError: A value is wrong.
     """
@@ -482,19 +642,14 @@ def withOverrides(
                 for lc in config.listen
             ),
         )
-    if prefix is not None:
+    for option in OPTIONS:
+        text = (values or {}).get(option.name)
+        if text is None:
+            continue
+        table = getattr(config, option.table)
+        key = {f.name: f for f in fields(table)}[option.key]
+        value = key.metadata["check"](_fromText(text, key.default), f"--{option.name}")
         config = replace(
-            config, echo=replace(config.echo, prefix=_prefix(prefix, "--prefix"))
+            config, **{option.table: replace(table, **{option.key: value})}
         )
-    logConfig = config.log
-    if level is not None:
-        logConfig = replace(logConfig, level=_level(level, "--log-level"))
-    if statsInterval is not None:
-        try:
-            interval: Any = float(statsInterval)
-        except ValueError:
-            interval = statsInterval
-        logConfig = replace(
-            logConfig, stats_interval=_number(0)(interval, "--stats-interval")
-        )
-    return replace(config, log=logConfig)
+    return config

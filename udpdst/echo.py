@@ -9,15 +9,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
-from twisted.internet.error import MessageLengthError
+from twisted.internet.error import InvalidAddressError, MessageLengthError
 from twisted.logger import Logger
 
 from udpdst import logs
 from udpdst.address import Destination, PeerAddress, formatHostPort
 from udpdst.config import MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6, LimitsConfig
-from udpdst.limits import AccessList, RateLimiter, sourceKey
+from udpdst.limits import AccessList, LoopGuard, RateLimiter, sourceKey
 from udpdst.protocol import DestinationDatagramProtocol
 
 #: Why a datagram got no reply, in the order the checks run.
@@ -28,6 +27,7 @@ REFUSAL_REASONS = (
     "not-allowed",  # a source in no allowed network
     "rate",  # the source's token bucket is empty
     "too-large",  # prefix + datagram exceeds the largest UDP payload
+    "loop",  # the peer keeps sending our replies back (limits.LoopGuard)
 )
 
 _DEFAULT_LIMITS = LimitsConfig()
@@ -36,20 +36,18 @@ _DEFAULT_LIMITS = LimitsConfig()
 @dataclass(slots=True)
 class EchoCounters:
     """
-    What an L{EchoProtocol} did.
+    What only an L{EchoProtocol} knows: why it did not answer.  What came in,
+    what went out and what failed to go out, the port counts
+    (L{udpdst.port.PortCounters}), so that every datagram is counted once:
+    C{received = replied + sum(refused) + sendErrors}.
 
-    @ivar received: Datagrams delivered to the protocol.
-    @ivar replied: Replies handed to the kernel.
-    @ivar refused: Datagrams not answered, by reason (L{REFUSAL_REASONS}).
-    @ivar sendErrors: Replies the kernel would not take (e.g. C{ENOBUFS}).
+    @ivar refused: Datagrams not answered, by reason (every reason of
+        L{REFUSAL_REASONS}, 0 included).
     """
 
-    received: int = 0
-    replied: int = 0
     refused: dict[str, int] = field(
         default_factory=lambda: dict.fromkeys(REFUSAL_REASONS, 0)
     )
-    sendErrors: int = 0
 
     @property
     def refusedTotal(self) -> int:
@@ -67,9 +65,11 @@ class EchoProtocol(DestinationDatagramProtocol):
     datagram was sent to, unless one of the checks refuses it.
 
     The checks, cheapest first: the source port (loop protection), the
-    source network, the source's rate, and the size of the reply.  Refusals
-    are counted by reason in C{counters} and logged per datagram only at
-    debug level.
+    source network, the source's rate, the size of the reply, and whether
+    the datagram is one of our replies bounced back by another service (an
+    echo loop, L{LoopGuard}).  Refusals are counted by reason in
+    C{counters} and logged per datagram only at debug level; a stopped loop
+    is logged at info level, sparsely.
 
     @ivar counters: The L{EchoCounters}.
     """
@@ -82,6 +82,7 @@ class EchoProtocol(DestinationDatagramProtocol):
         denySamePort: bool = True,
         access: AccessList | None = None,
         rateLimiter: RateLimiter | None = None,
+        loopGuard: LoopGuard | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """
@@ -92,18 +93,24 @@ class EchoProtocol(DestinationDatagramProtocol):
             bounce it back forever).
         @param access: Allowed and denied networks; L{None} allows all.
         @param rateLimiter: Per-source token buckets; L{None} for no limit.
-        @param clock: Monotonic seconds, for the rate limiter.
+        @param loopGuard: What ends echo loops; a new L{LoopGuard} if L{None}
+            (one per protocol: a loop runs through one port).
+        @param clock: Monotonic seconds, for the rate limiter and the loop
+            guard.
         """
         self.prefix = prefix
         self.counters = EchoCounters()
         self._denyPorts = frozenset(denySourcePorts) | {0}
         self._denySamePort = denySamePort
         self._access = access if access is not None and not access.everyone else None
-        self._limiter = (
-            rateLimiter
+        # The checks' bound methods, looked up once: they run per datagram.
+        self._allowRate = (
+            rateLimiter.allow
             if rateLimiter is not None and not rateLimiter.unlimited
             else None
         )
+        self._allowLoop = (loopGuard if loopGuard is not None else LoopGuard()).allow
+        self._loopsStopped = 0
         self._clock = clock
         self._ownPort = 0
         self._log = Logger(namespace="udpdst.echo", source=self)
@@ -157,8 +164,6 @@ class EchoProtocol(DestinationDatagramProtocol):
     def datagramReceived(  # type: ignore[override]
         self, datagram: bytes, addr: PeerAddress, dst: Destination | None
     ) -> None:
-        counters = self.counters
-        counters.received += 1
         host, port = addr
         if port in self._denyPorts:
             return self._refuse("source-port", datagram, addr, dst)
@@ -170,9 +175,8 @@ class EchoProtocol(DestinationDatagramProtocol):
             reason = self._access.refusal(host)
             if reason is not None:
                 return self._refuse(reason, datagram, addr, dst)
-        if self._limiter is not None and not self._limiter.allow(
-            sourceKey(host), self._clock()
-        ):
+        now = self._clock()
+        if self._allowRate is not None and not self._allowRate(host, now):
             return self._refuse("rate", datagram, addr, dst)
         if self.prefix:
             reply = self.prefix + datagram
@@ -180,6 +184,9 @@ class EchoProtocol(DestinationDatagramProtocol):
                 return self._refuse("too-large", datagram, addr, dst)
         else:
             reply = datagram
+        if not self._allowLoop(addr, datagram, reply, now):
+            self._loopStopped(addr, dst)
+            return self._refuse("loop", datagram, addr, dst)
         if logs.minimumLevel.debug:
             self._log.debug(
                 "{peer} -> {destination}, {size} bytes",
@@ -189,16 +196,30 @@ class EchoProtocol(DestinationDatagramProtocol):
             )
         try:
             self.transport.write(reply, addr, dst)  # type: ignore[union-attr, call-arg, misc]
-        except (OSError, MessageLengthError) as e:
-            counters.sendErrors += 1
+        except (OSError, MessageLengthError, InvalidAddressError) as e:
+            # The port counts failed writes (sendErrors); a full buffer, a
+            # vanished route or interface must not stop the service.
             if logs.minimumLevel.debug:
                 self._log.debug(
                     "{peer}: reply not sent: {error}",
                     peer=_hostPort(host, port),
                     error=str(e),
                 )
-            return
-        counters.replied += 1
+
+    def _loopStopped(self, addr: PeerAddress, dst: Destination | None) -> None:
+        self._loopsStopped += 1
+        count = self._loopsStopped
+        # The 1st, 2nd, 4th, 8th... : loops set off by a flood of spoofed
+        # datagrams cost log2(n) lines, not n.
+        if count & (count - 1) == 0:
+            self._log.info(
+                "echo loop with {peer} stopped at {destination}: it sent our "
+                "replies back, again and again; one was not answered "
+                "({count} loops stopped so far)",
+                peer=_hostPort(addr[0], addr[1]),
+                destination=str(dst) if dst is not None else "unknown",
+                count=count,
+            )
 
     def _refuse(
         self, reason: str, datagram: bytes, addr: PeerAddress, dst: Destination | None
@@ -212,21 +233,6 @@ class EchoProtocol(DestinationDatagramProtocol):
                 size=len(datagram),
                 reason=reason,
             )
-
-    def stats(self) -> dict[str, Any]:
-        """
-        The counters as structured log fields.
-        """
-        c = self.counters
-        return {
-            "received": c.received,
-            "replied": c.replied,
-            "refused": c.refusedTotal,
-            "refusedBy": dict(c.refused),
-            "refusedText": " ".join(f"{k}={v}" for k, v in c.refused.items() if v)
-            or "none",
-            "sendErrors": c.sendErrors,
-        }
 
 
 def _maxPayload(host: str) -> int:

@@ -1,6 +1,6 @@
 """
-Who the echo service answers: source networks (allow/deny), source ports
-(loop protection) and a per-source token bucket, each with bounded memory.
+Who the echo service answers: source networks (allow/deny), a per-source
+token bucket, and the end of echo loops, each with bounded memory.
 
 These are plain objects with no I/O and no clock of their own (the caller
 passes the time), so they are cheap on the per-datagram path and easy to test.
@@ -9,8 +9,8 @@ passes the time), so they are cheap on the per-datagram path and easy to test.
 from __future__ import annotations
 
 import ipaddress
-from collections import OrderedDict
 from collections.abc import Iterable
+from typing import Any
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -104,21 +104,29 @@ class RateLimiter:
     A token bucket per source: each source may send C{burst} datagrams at
     once and C{rate} per second on average; the rest are refused.
 
-    Memory is bounded: at most C{maxSources} buckets are kept, in least
-    recently used order.  A new source beyond that evicts the least recently
-    seen one, which then starts again with a full bucket.  So a flood of
-    spoofed sources costs C{maxSources} entries at most, and the only thing
-    it can win is a fresh burst for a source it displaced: to reset one
-    victim's bucket it must send C{maxSources} other sources' datagrams
-    between two of the victim's, which bounds the rate at which a victim can
-    be hit to C{burst} per C{maxSources} datagrams the attacker sends.
+    Each bucket is one number, the time at which it will be full again
+    (the generic cell rate algorithm): a datagram is allowed if that time is
+    at most C{(burst - 1) / rate} seconds ahead, and moves it C{1 / rate}
+    further.
+
+    Memory is bounded: buckets are kept in two generations of at most
+    C{maxSources / 2} each.  New sources go into the recent one; a source
+    found in the older one moves back into the recent one; when the recent
+    one is full, the older one is dropped (its sources start again with a
+    full bucket, counted in C{evictions}) and the recent one becomes the
+    older.  So a flood of spoofed sources costs C{maxSources} buckets at
+    most, and the only thing it can win is a fresh burst for a source it
+    displaced: to reset one victim's bucket it must send C{maxSources / 2}
+    other sources' datagrams between two of the victim's, which bounds the
+    rate at which a victim can be hit to C{burst} per C{maxSources / 2}
+    datagrams the attacker sends.
     """
 
     def __init__(self, rate: float, burst: int, maxSources: int) -> None:
         """
         @param rate: Tokens added per second; C{0} means no limit.
         @param burst: The bucket size (at least 1).
-        @param maxSources: The most buckets kept (at least 1).
+        @param maxSources: The most buckets kept (at least 1; 1 keeps 2).
         """
         if burst < 1 or maxSources < 1 or rate < 0:
             raise ValueError("rate >= 0, burst >= 1 and maxSources >= 1 are needed")
@@ -127,43 +135,144 @@ class RateLimiter:
         self.maxSources = maxSources
         self.unlimited = rate == 0
         self.evictions = 0
-        # source -> [tokens, time of last update]
-        self._buckets: OrderedDict[str, list[float]] = OrderedDict()
+        self._interval = 1.0 / rate if rate else 0.0
+        # A millionth of a token of slack, so that float rounding never
+        # takes a token from a full bucket.
+        self._tolerance = (burst - 1 + 1e-6) * self._interval
+        self._generation = max(1, maxSources // 2)
+        # source -> when its bucket is full again
+        self._recent: dict[str, float] = {}
+        self._older: dict[str, float] = {}
 
     def __len__(self) -> int:
-        return len(self._buckets)
+        return len(self._recent) + len(self._older)
 
     def __contains__(self, source: object) -> bool:
-        return source in self._buckets
+        return source in self._recent or source in self._older
 
     def allow(self, source: str, now: float) -> bool:
         """
         Take a token from C{source}'s bucket.
 
-        @param source: The source's key (see L{sourceKey}).
+        @param source: The peer's host; an IPv4-mapped IPv6 host
+            (C{"::ffff:10.1.2.5"}) shares the bucket of its IPv4 address.
         @param now: The current time in seconds (monotonic).
         @return: Whether the datagram may be answered.
         """
         if self.unlimited:
             return True
-        buckets = self._buckets
-        bucket = buckets.get(source)
-        if bucket is None:
-            if len(buckets) >= self.maxSources:
-                buckets.popitem(last=False)
-                self.evictions += 1
-            buckets[source] = [self.burst - 1.0, now]
-            return True
-        buckets.move_to_end(source)
-        tokens = bucket[0]
-        elapsed = now - bucket[1]
-        if elapsed > 0:  # a clock that steps back adds nothing
-            tokens += elapsed * self.rate
-            if tokens > self.burst:
-                tokens = self.burst
-            bucket[1] = now
-        if tokens < 1.0:
-            bucket[0] = tokens
+        if source.startswith("::ffff:") and "." in source:
+            source = source[7:]
+        recent = self._recent
+        full = recent.get(source)
+        if full is None:
+            full = self._older.pop(source, now)
+            if len(recent) >= self._generation:
+                self.evictions += len(self._older)
+                self._older = recent
+                self._recent = recent = {}
+            recent[source] = full
+        if full < now:
+            full = now
+        elif full - now > self._tolerance:
             return False
-        bucket[0] = tokens - 1.0
+        recent[source] = full + self._interval
         return True
+
+
+class LoopGuard:
+    """
+    Ends echo loops.  A loop is another service (an echo, or anything that
+    answers every datagram) bouncing our replies back, set off by one spoofed
+    datagram; it runs until one side stops answering.
+
+    Content alone cannot tell a loop from a client that repeats itself, so a
+    datagram is a I{bounce} when a peer (address and port) sends, less than
+    L{window} seconds after our last reply to it, a datagram that ends with
+    that reply (the other side may add a prefix, as ours may).  Bounces in a
+    row are a loop once there are L{maxBounces} of them or they have gone on
+    for L{maxDuration} seconds: that datagram gets no reply, which ends the
+    loop, and the peer is forgotten, so its next datagram is answered.
+
+    So every loop whose round trip is shorter than L{window} ends within
+    C{max(maxDuration, maxBounces * round trip)}, under a second.  A client
+    that repeats the same payload from one port, each time less than
+    L{window} after our reply (at full speed, or several in flight), loses
+    one datagram in C{maxBounces + 1}, or one each L{maxDuration} seconds if
+    slower; one that repeats it at longer intervals, or whose datagrams
+    differ (a sequence number, a time stamp), is never refused.
+
+    Memory is bounded: at most L{maxPeers} peers are remembered (all
+    forgotten when full), each with its last reply if that is at most
+    L{exactUpTo} bytes long, or else its length and hash.
+    """
+
+    window = 0.5
+    maxBounces = 64
+    maxDuration = 0.5
+    maxPeers = 4096
+    exactUpTo = 256
+
+    def __init__(self) -> None:
+        # peer -> [last reply (or its length and hash, if long), when it was
+        #          sent, bounces in a row, when the first of them was sent]
+        self._peers: dict[tuple[str, int], list[Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+    def allow(
+        self, peer: tuple[str, int], datagram: bytes, reply: bytes, now: float
+    ) -> bool:
+        """
+        Whether to answer C{datagram} from C{peer} with C{reply}; if so, the
+        reply is remembered as sent at C{now}.
+
+        @return: L{False} if C{datagram} is the bounce that makes a loop.
+        """
+        state = self._peers.get(peer)
+        if state is None:
+            peers = self._peers
+            if len(peers) >= self.maxPeers:
+                peers.clear()
+            # Keyed by the peer address as given: a port that reuses one
+            # object per peer makes the lookup an identity check.
+            peers[peer] = [self._remembered(reply), now, 0, now]
+            return True
+        if now - state[1] < self.window:
+            last = state[0]
+            if (
+                datagram.endswith(last)
+                if last.__class__ is bytes
+                else _endsWithHashed(datagram, last)
+            ):
+                if not state[2]:
+                    state[3] = state[1]
+                state[2] += 1
+                if state[2] >= self.maxBounces or now - state[3] >= self.maxDuration:
+                    del self._peers[peer]
+                    return False
+            elif state[2]:
+                state[2] = 0
+        elif state[2]:
+            state[2] = 0
+        state[0] = reply if len(reply) <= self.exactUpTo else self._remembered(reply)
+        state[1] = now
+        return True
+
+    def _remembered(self, reply: bytes) -> bytes | tuple[int, int]:
+        if len(reply) <= self.exactUpTo:
+            return reply
+        return (len(reply), hash(reply))
+
+
+def _endsWithHashed(datagram: bytes, last: tuple[int, int]) -> bool:
+    """
+    Whether C{datagram} ends with the reply remembered by its length and
+    hash.
+    """
+    length, digest = last
+    size = len(datagram)
+    if size < length:
+        return False
+    return hash(datagram if size == length else datagram[size - length :]) == digest

@@ -1,7 +1,7 @@
 """
 How destination-aware ports are built and started: the counterparts of
 C{reactor.listenUDP} and C{reactor.adoptDatagramPort}, and the patch that
-makes a reactor's own methods build them.
+makes a reactor's own methods (those two and C{listenMulticast}) build them.
 
 A port's options are named once, by L{DestinationPort.__init__}; everything
 here passes them through.
@@ -16,14 +16,16 @@ from typing import Any, cast
 
 from twisted.internet import error
 from twisted.internet.interfaces import IReactorFDSet
-from twisted.internet.protocol import AbstractDatagramProtocol
 
+from udpdst.multicast import listenMulticast
 from udpdst.port import DestinationPort
+from udpdst.protocol import AnyDatagramProtocol, asTwistedProtocol
+from udpdst.testing import FakeDestinationTransport, isMemoryReactor
 
 
 def listenUDP(
     port: int,
-    protocol: AbstractDatagramProtocol,
+    protocol: AnyDatagramProtocol,
     interface: str = "",
     maxPacketSize: int = 8192,
     reactor: IReactorFDSet | None = None,
@@ -38,9 +40,29 @@ def listenUDP(
         in use, no permission, address not local).
     @raise twisted.internet.error.InvalidAddressError: C{interface} is not
         an IP address.
-    @return: The listening port.
+    @return: The listening port.  With one of Twisted's memory reactors
+        (C{MemoryReactor}, C{MemoryReactorClock}) no socket is opened: the
+        call is recorded in the reactor's C{udpServers} list as
+        C{(port, protocol, interface, maxPacketSize)}, as those reactors
+        record C{listenTCP} in C{tcpServers}, and the port returned is a
+        L{udpdst.testing.FakeDestinationTransport} with the protocol
+        connected.
     """
-    p = DestinationPort(port, protocol, interface, maxPacketSize, reactor, **options)
+    if isMemoryReactor(reactor):
+        reactor.__dict__.setdefault("udpServers", []).append(
+            (port, protocol, interface, maxPacketSize)
+        )
+        return FakeDestinationTransport(
+            protocol,
+            port=port,
+            interface=interface,
+            maxPacketSize=maxPacketSize,
+            reactor=reactor,
+            **options,
+        )
+    p = DestinationPort(
+        port, asTwistedProtocol(protocol), interface, maxPacketSize, reactor, **options
+    )
     p.startListening()
     return p
 
@@ -48,7 +70,7 @@ def listenUDP(
 def adoptDatagramPort(
     fileDescriptor: int | socket.socket,
     addressFamily: int,
-    protocol: AbstractDatagramProtocol,
+    protocol: AnyDatagramProtocol,
     maxPacketSize: int = 8192,
     reactor: IReactorFDSet | None = None,
 ) -> DestinationPort:
@@ -61,20 +83,41 @@ def adoptDatagramPort(
     arrive with an unknown destination and are answered from the kernel's
     choice.
 
+    With one of Twisted's memory reactors nothing is touched: the call is
+    recorded in the reactor's C{adoptedPorts}, as those reactors do, and the
+    port returned is a L{udpdst.testing.FakeDestinationTransport} (on
+    C{0.0.0.0} or C{::}, port 1234, as Twisted's fake) with the protocol
+    connected.
+
     @raise twisted.internet.error.UnsupportedAddressFamily: not IPv4 or IPv6.
     """
     if addressFamily not in (socket.AF_INET, socket.AF_INET6):
         raise error.UnsupportedAddressFamily(addressFamily)
+    if isMemoryReactor(reactor):
+        reactor.adoptedPorts.append(  # type: ignore[union-attr]
+            (fileDescriptor, addressFamily, protocol, maxPacketSize)
+        )
+        return FakeDestinationTransport(
+            protocol,
+            port=1234,
+            interface="::" if addressFamily == socket.AF_INET6 else "0.0.0.0",
+            maxPacketSize=maxPacketSize,
+            reactor=reactor,
+        )
     if isinstance(fileDescriptor, socket.socket):
         fileDescriptor = fileDescriptor.fileno()
     if reactor is None:
         from twisted.internet import reactor as globalReactor
 
-        reactor = globalReactor  # type: ignore[assignment]
+        reactor = globalReactor
     p = cast(
         DestinationPort,
         DestinationPort._fromListeningDescriptor(
-            reactor, fileDescriptor, addressFamily, protocol, maxPacketSize
+            reactor,
+            fileDescriptor,
+            addressFamily,
+            asTwistedProtocol(protocol),
+            maxPacketSize,
         ),
     )
     # systemd hands over blocking sockets; the reactor needs non-blocking.
@@ -87,13 +130,16 @@ def adoptDatagramPort(
 _PATCHED: dict[str, Callable[..., DestinationPort]] = {
     "listenUDP": listenUDP,
     "adoptDatagramPort": adoptDatagramPort,
+    "listenMulticast": listenMulticast,
 }
 
 
-def patchReactor(reactor: Any) -> Callable[[], None]:
+def patchReactor(reactor: IReactorFDSet) -> Callable[[], None]:
     """
-    Make C{reactor.listenUDP} and C{reactor.adoptDatagramPort} build
-    L{DestinationPort}s, for code that calls the reactor directly.
+    Make C{reactor.listenUDP}, C{reactor.adoptDatagramPort} and
+    C{reactor.listenMulticast} build destination-aware ports (the last a
+    L{udpdst.multicast.DestinationMulticastPort}), for code that calls the
+    reactor directly.
 
     Opt-in and per reactor instance.  The patched methods take the
     reactor's own arguments (and the port's keyword options) unchanged.

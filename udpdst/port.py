@@ -106,13 +106,6 @@ class PortCounters:
     def asDict(self) -> dict[str, int]:
         return asdict(self)
 
-    @property
-    def truncated(self) -> int:
-        """
-        The old name of L{oversized}, kept while callers move over.
-        """
-        return self.oversized
-
 
 def _sparse(count: int) -> bool:
     """

@@ -8,24 +8,29 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Sequence
+import re
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import fields
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import LoopingCall
-from twisted.logger import ILogObserver, Logger
-from twisted.python.components import Componentized
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from udpdst import logs
+from udpdst._twistd import TwistdHooks
 from udpdst.address import formatHostPort
-from udpdst.config import Config, ListenConfig
+from udpdst.config import Config, ConfigError, LimitsConfig, ListenConfig
 from udpdst.echo import EchoProtocol
 from udpdst.limits import AccessList, RateLimiter
 from udpdst.listening import adoptDatagramPort, listenUDP
 from udpdst.port import DestinationPort
-from udpdst.systemd import InheritedSocket, socketFamily
+from udpdst.stats import ListenerStats, Snapshot, takeSnapshot
+from udpdst.systemd import InheritedSocket, Notifier, socketFamily
 
 
 class ListenError(Exception):
@@ -35,14 +40,22 @@ class ListenError(Exception):
     """
 
 
-def _bindFailure(where: str, e: CannotListenError) -> str:
+def bindFailure(where: str, e: CannotListenError, udp: bool = True) -> str:
+    """
+    Why a bind failed and how to fix it, in one line.
+
+    @param where: What could not listen (C{127.0.0.1:7}).
+    @param udp: Whether it is a UDP listener (which C{reuse_port} can share).
+    """
     cause = e.socketError
     code = getattr(cause, "errno", None)
     if code == errno.EADDRINUSE:
+        share = (
+            ", or set reuse_port = true in every process that shares it" if udp else ""
+        )
         return (
             f"cannot listen on {where}: address already in use; stop the other "
-            "service on that port, choose another port, or set reuse_port = true "
-            "in every process that shares it"
+            f"service on that port or choose another port{share}"
         )
     if code in (errno.EACCES, errno.EPERM):
         return (
@@ -117,17 +130,32 @@ class ListenerService(Service):
         """
         return self._address or self.listener.describe()
 
-    def counters(self) -> dict[str, Any]:
+    def replaceProtocol(self, protocol: EchoProtocol) -> None:
         """
-        The echo and port counters as structured log fields.
+        Serve the socket with C{protocol} from now on (a reload changed the
+        echo's settings), keeping the socket open and the refusal counts.
         """
-        fields = self.protocol.stats()
+        old, self.protocol = self.protocol, protocol
+        protocol.counters = old.counters
+        port = self.port
+        if port is not None:
+            # The port reads self.protocol for every batch: the next
+            # datagram goes to the new one.
+            port.protocol = protocol
+            old.doStop()
+            protocol.makeConnection(port)
+
+    def counterSources(self) -> tuple[str, Any, Any]:
+        """
+        Where this listener's counters are: C{(address, port counters or
+        None, echo counters)}, for L{udpdst.stats.takeSnapshot}.
+        """
         port = self.port or self._lastPort
-        counters = port.counters if port is not None else None
-        fields["kernelDrops"] = counters.kernelDrops if counters else 0
-        fields["sendFallbacks"] = counters.sendFallbacks if counters else 0
-        fields["truncated"] = counters.truncated if counters else 0
-        return fields
+        return (
+            self.address,
+            port.counters if port is not None else None,
+            self.protocol.counters,
+        )
 
     def _listen(self) -> DestinationPort:
         listener = self.listener
@@ -162,7 +190,7 @@ class ListenerService(Service):
                     v6Only=listener.v6_only,
                 )
             except CannotListenError as e:
-                raise ListenError(_bindFailure(listener.describe(), e)) from None
+                raise ListenError(bindFailure(listener.describe(), e)) from None
             how = (
                 "dual-stack"
                 if listener.address == "::" and not listener.v6_only
@@ -193,6 +221,17 @@ class EchoService(MultiService):
     A listener that cannot bind ends the process with one critical log line
     and exit status 1: raised from L{privilegedStartService}, anything but
     L{SystemExit} would make twistd print a traceback.
+
+    What the stats lines report is L{snapshot}'s: this process's counters
+    unless C{snapshotProvider} is set (e.g. to the sum over worker
+    processes).  Other services (a metrics endpoint, a worker manager) are
+    added as children with L{addService}: they start and stop with it.
+
+    On SIGHUP (when given a C{reloader}) it reloads its configuration: see
+    L{reload}.
+
+    @ivar snapshotProvider: L{None}, or a callable returning the
+        L{Snapshot} to report instead of L{localSnapshot}'s.
     """
 
     _log = Logger()
@@ -203,6 +242,8 @@ class EchoService(MultiService):
         sockets: Sequence[tuple[ListenConfig, InheritedSocket | None]],
         reactor: Any = None,
         twistdOptions: Any = None,
+        reloader: Callable[[], Config] | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         """
         @param config: The configuration.
@@ -212,41 +253,86 @@ class EchoService(MultiService):
         @param reactor: The reactor; the global one if L{None}.
         @param twistdOptions: twistd's own options when run by twistd: the
             log observer it would use is then put behind the log level, and
-            its pid file removed if the service cannot start.
+            its pid file removed if the service cannot start
+            (L{udpdst._twistd.TwistdHooks}).
+        @param reloader: Reads the configuration again (the file and the
+            command line's overrides), raising L{ConfigError} if it is
+            wrong; SIGHUP calls L{reload} with it.  L{None}: no reload.
+        @param notifier: Tells systemd when the service is ready (every
+            listener bound and the reactor running), reloading and
+            stopping, and feeds its watchdog; L{None}: nobody to tell.
         """
         MultiService.__init__(self)
         self.config = config
         self._reactor = reactor
-        self._twistdOptions = twistdOptions
-        self._statsCall: LoopingCall | None = None
-        access = AccessList(config.limits.allow, config.limits.deny)
-        limiter = RateLimiter(
-            config.limits.per_source_rate,
-            config.limits.per_source_burst,
-            config.limits.max_sources,
+        self._twistd = (
+            TwistdHooks.install(twistdOptions, config.log.format)
+            if twistdOptions is not None
+            else None
         )
-        prefix = config.echo.prefixBytes
+        self._statsCall: LoopingCall | None = None
+        self.snapshotProvider: Callable[[], Snapshot] | None = None
+        #: Called with no arguments once a reload is applied (the worker
+        #: processes restart with the new configuration).
+        self.afterReload: list[Callable[[], object]] = []
+        self._reloader = reloader
+        self._notifier = notifier if notifier is not None else Notifier({})
+        self._reloading: Deferred[None] | None = None
+        self._previousHangup: Any = None
+        self._access = AccessList(config.limits.allow, config.limits.deny)
+        self.limiter = _limiter(config.limits)
         self.listeners: list[ListenerService] = []
         for listener, inherited in sockets:
-            # One protocol per socket (a protocol has one transport); the
-            # access list and the rate limiter are shared, so that a source
-            # gets one budget however many listeners it reaches.
-            protocol = EchoProtocol.fromConfig(
-                prefix, config.limits, access=access, rateLimiter=limiter
-            )
-            child = ListenerService(listener, protocol, inherited, reactor)
+            self._addListener(listener, inherited)
+        self.metrics: Service | None = None
+        if config.metrics.listen:
+            self._addMetrics()
+
+    def _echo(self) -> EchoProtocol:
+        # One protocol per socket (a protocol has one transport); the access
+        # list and the rate limiter are shared, so that a source gets one
+        # budget however many listeners it reaches.
+        protocol = EchoProtocol.fromConfig(
+            self.config.echo.prefixBytes,
+            self.config.limits,
+            access=self._access,
+            rateLimiter=self.limiter,
+        )
+        # Twisted's "Starting protocol <... object at 0x...>" lines say less
+        # than the service's own listening and reload lines, at every reload.
+        protocol.noisy = False
+        return protocol
+
+    def _addListener(
+        self, listener: ListenConfig, inherited: InheritedSocket | None
+    ) -> ListenerService:
+        child = ListenerService(listener, self._echo(), inherited, self._reactor)
+        self.listeners.append(child)
+        try:
+            # Binds at once if this service runs (a reload).
             child.setServiceParent(self)
-            self.listeners.append(child)
+        except ListenError:
+            self.listeners.remove(child)
+            child.disownServiceParent()
+            raise
+        return child
+
+    def _addMetrics(self) -> None:
+        from udpdst.metrics import MetricsService
+
+        metrics = MetricsService(self.config.metrics, self.snapshot, self._reactor)
+        try:
+            # Binds at once if this service runs (a reload).
+            metrics.setServiceParent(self)
+        except ListenError:
+            metrics.disownServiceParent()
+            raise
+        self.metrics = metrics
 
     def setServiceParent(self, parent: Any) -> None:
         MultiService.setServiceParent(self, parent)
-        if self._twistdOptions is not None and isinstance(parent, Componentized):
-            # twistd uses an application's ILogObserver component, if set,
-            # instead of building its own (unless --logger was given).
-            if parent.getComponent(ILogObserver, None) is None:
-                observer = logs.twistdLogObserver(self._twistdOptions)
-                if observer is not None:
-                    parent.setComponent(ILogObserver, observer)
+        if self._twistd is not None:
+            self._twistd.installLogObserver(parent)
 
     def privilegedStartService(self) -> None:
         try:
@@ -256,8 +342,8 @@ class EchoService(MultiService):
             for child in self.listeners:
                 if child.port is not None:
                     child.port.stopListening()
-            self._tellDaemonParent(str(e))
-            self._removePidFile()
+            if self._twistd is not None:
+                self._twistd.failedToStart(str(e))
             raise SystemExit(1) from None
 
     def startService(self) -> None:
@@ -268,6 +354,15 @@ class EchoService(MultiService):
         # Logged once the reactor runs, i.e. once SIGTERM/SIGINT stop the
         # service cleanly (twistd binds and starts services before that).
         reactor.callWhenRunning(self._logRunning)
+        self._startStats()
+        if self._reloader is not None:
+            self._previousHangup = signal.signal(
+                signal.SIGHUP,
+                # A signal handler may only hand work to the reactor.
+                lambda *_: reactor.callFromThread(self._reloadOnSignal),
+            )
+
+    def _startStats(self) -> None:
         interval = self.config.log.stats_interval
         if interval > 0:
             self._statsCall = LoopingCall(self.logStats)
@@ -275,10 +370,17 @@ class EchoService(MultiService):
                 self._statsCall.clock = self._reactor
             self._statsCall.start(interval, now=False)
 
-    def stopService(self) -> Deferred[Any]:
+    def _stopStats(self) -> None:
         if self._statsCall is not None and self._statsCall.running:
             self._statsCall.stop()
         self._statsCall = None
+
+    def stopService(self) -> Deferred[Any]:
+        self._notifier.stopping()
+        self._stopStats()
+        if self._previousHangup is not None:
+            signal.signal(signal.SIGHUP, self._previousHangup)
+            self._previousHangup = None
         d: Deferred[Any] = maybeDeferred(MultiService.stopService, self)
         d.addCallback(lambda _: self.logStats(final=True))
         return d
@@ -293,53 +395,241 @@ class EchoService(MultiService):
             logLevel=self.config.log.level,
             stats=f"stats every {interval:g} s" if interval > 0 else "stats at stop",
         )
+        self._notifyReady()
+
+    def _reloadOnSignal(self) -> None:
+        if not self.running or self._reloader is None:
+            return
+        if self._reloading is not None:
+            self._log.warn("SIGHUP during a reload: ignored; send it again later")
+            return
+        self._notifier.reloading()
+        try:
+            reloading = self.reload(self._reloader())
+        except ConfigError as e:
+            self._log.error(
+                "reload failed, the running configuration is kept: {error}",
+                error=str(e),
+            )
+            self._notifyReady()
+            return
+        self._reloading = reloading
+        reloading.addBoth(self._reloaded)
+
+    def _reloaded(self, result: Any) -> None:
+        self._reloading = None
+        if isinstance(result, Failure):
+            self._log.failure("reload failed", result)
+        self._notifyReady()
+
+    def _notifyReady(self) -> None:
+        count = len(self.listeners)
+        self._notifier.ready(
+            f"serving {count} {'listener' if count == 1 else 'listeners'}"
+        )
+
+    def reload(self, config: Config) -> Deferred[None]:
+        """
+        Apply a new configuration to the running service: listeners that
+        are gone close, new ones bind, and unchanged ones keep their socket
+        (no datagram lost); the echo's prefix and limits, the log level and
+        the stats interval change in place; the metrics endpoint moves.  One
+        info line says what changed; one error line if a new listener or
+        endpoint cannot bind (the rest is applied, that one is not served).
+
+        @raise ConfigError: The new configuration cannot be applied while
+            running (a systemd listener it did not have); nothing changed.
+        """
+        old = self.config
+        keep, remove, add = self._planListeners(config)
+        changes = _changes(old, config, add, remove)
+        self.config = config
+        if config.limits != old.limits:
+            self._access = AccessList(config.limits.allow, config.limits.deny)
+            if _limiterKey(config.limits) != _limiterKey(old.limits):
+                evictions = self.limiter.evictions
+                self.limiter = _limiter(config.limits)
+                self.limiter.evictions = evictions
+        if config.limits != old.limits or config.echo != old.echo:
+            for child in keep:
+                child.replaceProtocol(self._echo())
+        if config.log.level != old.log.level:
+            logs.setLogLevel(config.log.level)
+        if config.log.stats_interval != old.log.stats_interval:
+            self._stopStats()
+            self._startStats()
+        stopped = [maybeDeferred(self._removeListener, child) for child in remove]
+        moveMetrics = config.metrics != old.metrics
+        if moveMetrics and self.metrics is not None:
+            stopped.append(maybeDeferred(self.removeService, self.metrics))
+            self.metrics = None
+        d: Deferred[Any] = gatherResults(stopped)
+
+        def bind(_: Any) -> None:
+            # After the removed ones closed: a listener re-added with other
+            # options takes the same address and port.
+            for listener, inherited in add:
+                try:
+                    self._addListener(listener, inherited)
+                except ListenError as e:
+                    self._log.error("reload: {message}; not serving it", message=str(e))
+            if moveMetrics and config.metrics.listen:
+                try:
+                    self._addMetrics()
+                except ListenError as e:
+                    self._log.error("reload: {message}; no metrics", message=str(e))
+            self._log.info(
+                "reloaded configuration: {changes}",
+                changes="; ".join(changes) or "nothing changed",
+            )
+            for hook in self.afterReload:
+                hook()
+
+        d.addCallback(bind)
+        return d
+
+    def _planListeners(
+        self, config: Config
+    ) -> tuple[
+        list[ListenerService],
+        list[ListenerService],
+        list[tuple[ListenConfig, InheritedSocket | None]],
+    ]:
+        """
+        Which running listeners stay, which go, and which are new.
+        """
+        running = list(self.listeners)
+        keep: list[ListenerService] = []
+        add: list[tuple[ListenConfig, InheritedSocket | None]] = []
+        for listener in config.listen:
+            same = [child for child in running if child.listener == listener]
+            if same:
+                # A systemd listener serves every socket it was given.
+                mine = same if listener.systemd else same[:1]
+                keep.extend(mine)
+                for child in mine:
+                    running.remove(child)
+            elif listener.systemd:
+                raise ConfigError(
+                    f"listener {listener.describe()} is new, but systemd passes "
+                    "sockets only at start; restart the service to use it"
+                )
+            else:
+                add.append((listener, None))
+        return keep, running, add
+
+    def _removeListener(self, child: ListenerService) -> Deferred[None] | None:
+        self.listeners.remove(child)
+        return self.removeService(child)
+
+    def localSnapshot(self) -> Snapshot:
+        """
+        This process's counters, now.
+        """
+        return takeSnapshot(
+            (child.counterSources() for child in self.listeners), self.limiter
+        )
+
+    def snapshot(self) -> Snapshot:
+        """
+        What the stats report: C{snapshotProvider()} if set, else
+        L{localSnapshot}.
+        """
+        if self.snapshotProvider is not None:
+            return self.snapshotProvider()
+        return self.localSnapshot()
 
     def logStats(self, final: bool = False) -> None:
         """
-        Log one stats line per listener.
+        Log one stats line per listener and one for the rate limiter, all
+        from one L{snapshot}.
         """
-        for child in self.listeners:
+        which = "final stats" if final else "stats"
+        snapshot = self.snapshot()
+        for address, stats in snapshot.listeners.items():
+            text, fields = _statsLine(stats)
             self._log.info(
-                "{which} {listener}: received {received}, replied {replied}, "
-                "refused {refused} ({refusedText}), send errors {sendErrors}, "
-                "kernel drops {kernelDrops}, send fallbacks {sendFallbacks}, "
-                "oversized {truncated}",
-                which="final stats" if final else "stats",
-                listener=child.address,
+                "{which} {listener}: " + text,
+                which=which,
+                listener=address,
                 final=final,
-                **child.counters(),
+                **fields,
             )
+        self._log.info(
+            "{which} rate limiter: {rateLimitedSources} sources tracked, "
+            "{limiterEvictions} evicted",
+            which=which,
+            rateLimitedSources=snapshot.rateLimitedSources,
+            limiterEvictions=snapshot.limiterEvictions,
+        )
 
-    def _tellDaemonParent(self, message: str) -> None:
-        """
-        In daemon mode, twistd's first process waits for a status on a pipe
-        and would wait forever for a child that ends by L{SystemExit}: send
-        it the cause (it prints it, at most 100 bytes, and exits 1).
-        """
-        options = self._twistdOptions
-        pipe = options.get("statusPipe") if options is not None else None
-        if pipe is None:
-            return
-        cause = message.split(";", 1)[0].encode("ascii", "backslashreplace")
-        try:
-            os.write(pipe, b"1 " + cause[:98])
-            os.close(pipe)
-        except OSError:
-            pass
 
-    def _removePidFile(self) -> None:
-        """
-        Remove twistd's pid file, which it removes only after exceptions that
-        are not L{SystemExit}.
-        """
-        options = self._twistdOptions
-        path = options.get("pidfile") if options is not None else None
-        if not path:
-            return
-        try:
-            with open(path, "rb") as f:
-                ours = f.read().strip() == str(os.getpid()).encode()
-            if ours:
-                os.unlink(path)
-        except OSError:
-            pass
+def _limiter(limits: LimitsConfig) -> RateLimiter:
+    return RateLimiter(*_limiterKey(limits))
+
+
+def _limiterKey(limits: LimitsConfig) -> tuple[float, int, int]:
+    return (limits.per_source_rate, limits.per_source_burst, limits.max_sources)
+
+
+def _changes(
+    old: Config,
+    new: Config,
+    add: Sequence[tuple[ListenConfig, Any]],
+    remove: Sequence[ListenerService],
+) -> list[str]:
+    """
+    What a reload changes, as phrases for its log line.
+    """
+    changes = [f"listener {child.address} removed" for child in remove]
+    changes += [f"listener {listener.describe()} added" for listener, _ in add]
+    if new.echo != old.echo:
+        changes.append(f"prefix {old.echo.prefix!r} -> {new.echo.prefix!r}")
+    for f in fields(LimitsConfig):
+        was, now = getattr(old.limits, f.name), getattr(new.limits, f.name)
+        if was != now:
+            changes.append(f"[limits] {f.name} changed")
+    if new.log.level != old.log.level:
+        changes.append(f"log level {old.log.level} -> {new.log.level}")
+    if new.log.stats_interval != old.log.stats_interval:
+        changes.append(
+            f"stats interval {old.log.stats_interval:g} s -> "
+            f"{new.log.stats_interval:g} s"
+        )
+    if new.log.format != old.log.format:
+        changes.append("[log] format changed, applies at the next restart")
+    if new.metrics != old.metrics:
+        changes.append(
+            f"metrics {old.metrics.listen or 'off'} -> {new.metrics.listen or 'off'}"
+        )
+    if new.service != old.service:
+        changes.append("[service] changed, applies at the next restart")
+    return changes
+
+
+#: The counters a stats line starts with, in this order; the port's other
+#: counters follow in the order it lists them.
+_LEADING = ("received", "replied", "refused", "sendErrors", "kernelDrops")
+
+
+def _words(name: str) -> str:
+    return re.sub(r"[A-Z]", lambda m: " " + m.group().lower(), name)
+
+
+def _statsLine(stats: ListenerStats) -> tuple[str, dict[str, Any]]:
+    """
+    A listener's stats as log text (a format string) and structured fields:
+    every counter by its name, C{refused} the total and C{refusedBy} by
+    reason.
+    """
+    fields: dict[str, Any] = dict(stats.counters)
+    fields["refused"] = stats.refusedTotal
+    fields["refusedBy"] = dict(stats.refused)
+    fields["refusedText"] = (
+        " ".join(f"{k}={v}" for k, v in stats.refused.items() if v) or "none"
+    )
+    names = [n for n in _LEADING if n in fields]
+    names += [n for n in stats.counters if n not in _LEADING]
+    parts = [f"{_words(n)} {{{n}}}" for n in names]
+    parts[names.index("refused")] += " ({refusedText})"
+    return ", ".join(parts), fields

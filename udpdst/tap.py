@@ -14,7 +14,15 @@ from typing import Any
 from twisted.logger import Logger
 from twisted.python import usage
 
-from udpdst.config import ConfigError, loadConfig, withOverrides
+from udpdst.config import (
+    LISTEN_HELP,
+    OPTIONS,
+    REUSE_PORT_HELP,
+    Config,
+    ConfigError,
+    loadConfig,
+    withOverrides,
+)
 from udpdst.systemd import assignSockets, listenFds
 
 _log = Logger(namespace="udpdst.tap")
@@ -37,50 +45,70 @@ class Options(usage.Options):
         "datagram was sent to. Without --config it listens on [::]:12345 "
         "(IPv6 and IPv4). Options given here override the config file."
     )
-    optFlags = [
-        ["reuse-port", None, "Set reuse_port on every listener (SO_REUSEPORT)."],
-    ]
+    optFlags = [["reuse-port", None, REUSE_PORT_HELP]]
     optParameters = [
-        ["config", None, None, "TOML config file (see etc/udpdst.toml)."],
-        ["prefix", None, None, 'Text put before every reply ("" = none).'],
-        ["log-level", None, None, "debug, info, warn, error or critical."],
         [
-            "stats-interval",
+            "config",
             None,
             None,
-            "Seconds between stats lines; 0 = only at stop.",
+            "TOML config file (example: udpdst/data/udpdst.toml in the package).",
         ],
+        # One per key that has an option, with the key's own description.
+        *([option.name, None, None, option.help] for option in OPTIONS),
     ]
 
     def __init__(self, environ: MutableMapping[str, str] | None = None) -> None:
         """
-        @param environ: Where systemd's C{LISTEN_*} variables are read (and
-            removed); L{os.environ} by default.
+        @param environ: Where systemd's C{LISTEN_*}, C{NOTIFY_SOCKET} and
+            C{WATCHDOG_*} variables are read (and removed); L{os.environ} by
+            default.
         """
         usage.Options.__init__(self)
         self["listen"] = []
-        self._environ = os.environ if environ is None else environ
+        self.environ = os.environ if environ is None else environ
 
     def opt_listen(self, value: str) -> None:
         self["listen"].append(value)
 
-    opt_listen.__doc__ = (
-        "ADDRESS:PORT to listen on, IPv6 in brackets ([::]:7, 0.0.0.0:7), or "
-        "systemd[:NAME] for sockets passed by systemd. Repeat for more; "
-        "replaces the config file's listeners."
-    )
+    opt_listen.__doc__ = LISTEN_HELP
+
+    def opt_version(self) -> None:
+        """
+        Display udpdst's version (and Twisted's) and exit.
+        """
+        from twisted import copyright
+
+        from udpdst import __version__
+
+        print(f"udpdst {__version__} (Twisted {copyright.version})")
+        raise SystemExit(0)
+
+    def readConfig(self) -> Config:
+        """
+        The configuration: the file, then the command line's overrides (at
+        start, and again at each reload).
+
+        @raise ConfigError: It is wrong.
+        """
+        config = withOverrides(
+            loadConfig(self["config"]),
+            {option.name: self[option.name] for option in OPTIONS},
+            listen=self["listen"],
+            reusePort=bool(self["reuse-port"]),
+        )
+        if config.metrics.listen:
+            from udpdst.metrics import MISSING_EXTRA, checkAvailable
+
+            try:
+                checkAvailable()
+            except ImportError:
+                raise ConfigError(MISSING_EXTRA) from None
+        return config
 
     def postOptions(self) -> None:
         try:
-            config = withOverrides(
-                loadConfig(self["config"]),
-                listen=self["listen"],
-                prefix=self["prefix"],
-                level=self["log-level"],
-                statsInterval=self["stats-interval"],
-                reusePort=bool(self["reuse-port"]),
-            )
-            inherited = listenFds(self._environ)
+            config = self.readConfig()
+            inherited = listenFds(self.environ)
             sockets = assignSockets(config.listen, inherited)
         except ConfigError as e:
             raise _ConfigUsageError(str(e)) from None
@@ -116,9 +144,21 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     """
     from udpdst import logs
     from udpdst.service import EchoService
+    from udpdst.systemd import Notifier
 
     config = options["udpdst"]
     logs.setLogLevel(config.log.level)
-    return EchoService(
-        config, options["sockets"], reactor, twistdOptions=options.parent
+    service = EchoService(
+        config,
+        options["sockets"],
+        reactor,
+        twistdOptions=options.parent,
+        reloader=options.readConfig,
+        notifier=Notifier(options.environ, reactor),
     )
+    from udpdst.workers import serveWithWorkers, workerCount
+
+    count = workerCount(config.service.workers)
+    if count > 1:
+        serveWithWorkers(service, count, reactor)
+    return service

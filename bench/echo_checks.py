@@ -1,0 +1,124 @@
+"""
+A microbenchmark of the echo service's per-datagram checks: what
+C{EchoProtocol} (default limits, as C{twistd udpdst} builds it) costs over a
+bare destination-aware echo, without sockets, so the figure is the Python
+work alone.  The variants run interleaved; the best of the rounds is shown.
+
+    python bench/echo_checks.py [--datagrams N] [--rounds R] [--peers P]
+
+Every datagram differs (a sequence number, as in a load test), so nothing is
+refused; the clock advances 1 ms per datagram so that the rate limit never
+refuses either while every datagram still comes within the loop guard's
+window of the last reply to its peer (the guard compares contents each time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from udpdst.address import Destination, PeerAddress
+from udpdst.config import LimitsConfig
+from udpdst.echo import EchoProtocol
+from udpdst.limits import AccessList, RateLimiter
+from udpdst.protocol import DestinationDatagramProtocol
+
+
+class NullTransport:
+    def write(self, data: bytes, addr: Any, dst: Any = None) -> None:
+        pass
+
+    def getHost(self) -> Any:
+        return None
+
+
+class BareEcho(DestinationDatagramProtocol):
+    def datagramReceived(self, data: bytes, addr: Any, dst: Any) -> None:  # type: ignore[override]
+        self.transport.write(data, addr, dst)  # type: ignore[union-attr, call-arg]
+
+
+class OpenGuard:
+    """
+    A loop guard that allows everything: the service without loop checks.
+    """
+
+    def allow(self, peer: Any, datagram: bytes, reply: bytes, now: float) -> bool:
+        return True
+
+
+def _clock() -> Callable[[], float]:
+    return partial(next, itertools.count(1000.0, 0.001))
+
+
+def variants() -> dict[str, Callable[[], Any]]:
+    limits = LimitsConfig()
+    return {
+        "bare aware echo": BareEcho,
+        "EchoProtocol, default limits": lambda: EchoProtocol.fromConfig(
+            b"", limits, clock=_clock()
+        ),
+        "EchoProtocol, default limits, no loop guard": lambda: EchoProtocol(
+            denySourcePorts=limits.deny_source_ports,
+            loopGuard=OpenGuard(),  # type: ignore[arg-type]
+            clock=_clock(),
+            **_shared(limits),
+        ),
+        "EchoProtocol, no rate limit": lambda: EchoProtocol.fromConfig(
+            b"", LimitsConfig(per_source_rate=0), clock=_clock()
+        ),
+    }
+
+
+def _shared(limits: LimitsConfig) -> dict[str, Any]:
+    return {
+        "access": AccessList(limits.allow, limits.deny),
+        "rateLimiter": RateLimiter(
+            limits.per_source_rate, limits.per_source_burst, limits.max_sources
+        ),
+    }
+
+
+def measure(factory: Callable[[], Any], datagrams: int, peers: int) -> float:
+    """
+    CPU ns per datagram through C{factory()}'s datagramReceived.
+    """
+    proto = factory()
+    proto.makeConnection(NullTransport())
+    dst = Destination("127.0.0.2", 12345, 1, "127.0.0.2")
+    addrs = [
+        PeerAddress(f"127.0.0.{1 + i % 200}", 40000 + i, dst) for i in range(peers)
+    ]
+    data = [b"%016d" % i + b"\0" * 48 for i in range(datagrams)]
+    receive = proto.datagramReceived
+    work = list(zip(data, itertools.cycle(addrs), strict=False))
+    start = time.process_time()
+    for datagram, addr in work:
+        receive(datagram, addr, dst)
+    return (time.process_time() - start) / datagrams * 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--datagrams", type=int, default=200_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--peers", type=int, default=64)
+    options = parser.parse_args()
+    found: dict[str, list[float]] = {}
+    for _ in range(options.rounds):
+        for name, factory in variants().items():
+            found.setdefault(name, []).append(
+                measure(factory, options.datagrams, options.peers)
+            )
+    base = min(found["bare aware echo"])
+    print(f"{'variant':<46} {'ns/datagram':>12} {'over bare':>10}")
+    for name, values in found.items():
+        best = min(values)
+        print(f"{name:<46} {best:12.0f} {best - base:+10.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""
+SIGHUP reloads the configuration of a real C{twistd udpdst}: listeners
+added and removed, unchanged ones kept open (a client sending through the
+reload loses nothing), settings changed in place, and a bad file keeping
+the running configuration.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests._service_helpers import DEADLINE, Twistd, echo, freePort, startedTwistd
+
+RELOADED = re.compile(r"reloaded configuration: (.*)")
+
+
+@pytest.fixture
+def started(tmp_path: Path) -> Iterator[Callable[..., Twistd]]:
+    yield from startedTwistd(tmp_path)
+
+
+def listeners(*ports: int) -> str:
+    return "".join(f'[[listen]]\naddress = "127.0.0.1"\nport = {p}\n' for p in ports)
+
+
+def test_reloadListenersWithoutLoss(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """
+    A listener that stays keeps its socket: a client sending one datagram
+    after another through the reload gets every answer.  A removed one
+    stops answering, an added one answers; one line says what changed.
+    """
+    kept, removed, added = freePort(), freePort(), freePort()
+    config = tmp_path / "udpdst.toml"
+    config.write_text(listeners(kept, removed) + "[log]\nstats_interval = 0\n")
+    process = started("--config", str(config))
+    process.listening(2)
+    assert echo("127.0.0.1", removed, b"before") == b"before"
+
+    config.write_text(listeners(kept, added) + "[log]\nstats_interval = 0\n")
+    sent = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(DEADLINE / 3)
+        client.connect(("127.0.0.1", kept))
+        reloadedAt = None
+        while reloadedAt is None or sent < reloadedAt + 50:
+            data = b"%d" % sent
+            client.send(data)
+            assert client.recv(100) == data
+            sent += 1
+            if sent == 20:
+                process.proc.send_signal(signal.SIGHUP)
+            if reloadedAt is None and sent > 20 and RELOADED.search(process.output()):
+                reloadedAt = sent
+    (line,) = process.waitFor(RELOADED)
+    assert line.group(1) == (
+        f"listener 127.0.0.1:{removed} removed; listener 127.0.0.1:{added} added"
+    )
+    process.waitFor(rf"udpdst echo listening on 127\.0\.0\.1:{added}")
+    assert echo("127.0.0.1", added, b"new") == b"new"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as gone:
+        gone.settimeout(DEADLINE / 3)
+        gone.connect(("127.0.0.1", removed))
+        gone.send(b"anyone?")
+        # Loopback reports the closed port at once (ICMP port unreachable).
+        with pytest.raises(ConnectionRefusedError):
+            gone.recv(100)
+    process.stop()
+    output = process.output()
+    # The kept listener is the same one: it counted every datagram.
+    assert f"final stats 127.0.0.1:{kept}: received {sent}, replied {sent}," in output
+    assert f"final stats 127.0.0.1:{added}: received 1, replied 1," in output
+    assert f"final stats 127.0.0.1:{removed}" not in output
+    assert "Traceback" not in output
+
+
+def test_reloadSettingsInPlace(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """
+    Prefix, limits, log level and stats interval change on the running
+    listener, whose socket stays the same.
+    """
+    port = freePort()
+    config = tmp_path / "udpdst.toml"
+    config.write_text(listeners(port) + "[log]\nstats_interval = 0\n")
+    process = started("--config", str(config))
+    process.listening()
+    assert echo("127.0.0.1", port, b"a", source="127.0.0.2") == b"a"
+
+    config.write_text(
+        listeners(port)
+        + '[echo]\nprefix = "p:"\n'
+        + '[limits]\ndeny = ["127.0.0.3/32"]\n'
+        + '[log]\nlevel = "debug"\nstats_interval = 0.2\n'
+    )
+    process.proc.send_signal(signal.SIGHUP)
+    (line,) = process.waitFor(RELOADED)
+    assert line.group(1) == (
+        "prefix '' -> 'p:'; [limits] deny changed; log level info -> debug; "
+        "stats interval 0 s -> 0.2 s"
+    )
+    assert echo("127.0.0.1", port, b"b", source="127.0.0.2") == b"p:b"
+    # Denied now: the answer to another source shows it was handled first.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as denied:
+        denied.bind(("127.0.0.3", 0))
+        denied.sendto(b"no", ("127.0.0.1", port))
+    assert echo("127.0.0.1", port, b"c", source="127.0.0.2") == b"p:c"
+    # Debug lines per datagram, and periodic stats lines.
+    process.waitFor(r"127\.0\.0\.2:\d+ -> 127\.0\.0\.1:\d+, 1 bytes")
+    process.waitFor(rf"\bstats 127\.0\.0\.1:{port}: received 4, replied 3, refused 1")
+    process.stop()
+    assert (
+        f"final stats 127.0.0.1:{port}: received 4, replied 3, refused 1 (denied=1)"
+        in process.output()
+    )
+
+
+@pytest.mark.parametrize(
+    "text, cause",
+    [
+        ("[[listen]]\nport = 70000\n", "port = 70000 is out of range"),
+        ("[echo\n", "invalid TOML"),
+        (None, "cannot read config file"),
+    ],
+)
+def test_badConfigAtReloadKeepsTheRunningOne(  # type: ignore[no-untyped-def]
+    started, tmp_path: Path, text: str | None, cause: str
+) -> None:
+    """
+    A config that is wrong at reload: one error line, and the service runs
+    on as it was.
+    """
+    port = freePort()
+    config = tmp_path / "udpdst.toml"
+    config.write_text(listeners(port) + "[log]\nstats_interval = 0\n")
+    process = started("--config", str(config))
+    process.listening()
+    if text is None:
+        config.unlink()
+    else:
+        config.write_text(text)
+    process.proc.send_signal(signal.SIGHUP)
+    (line,) = process.waitFor(r"reload failed, the running configuration is kept: .*")
+    assert cause in line.group(0)
+    assert echo("127.0.0.1", port, b"still") == b"still"
+    process.stop()
+    output = process.output()
+    assert "Traceback" not in output
+    assert len([x for x in output.splitlines() if "reload" in x]) == 1
+    assert not RELOADED.search(output)
+
+
+def test_reloadCannotAddASystemdListener() -> None:
+    """
+    systemd passes sockets only at start: a reload that adds a systemd
+    listener is refused before anything changes.
+    """
+    from udpdst.config import Config, ConfigError, ListenConfig
+    from udpdst.service import EchoService
+
+    listener = ListenConfig("127.0.0.1", 0)
+    config = Config(listen=(listener,))
+    service = EchoService(config, [(listener, None)])
+    with pytest.raises(ConfigError, match="restart the service to use it"):
+        service.reload(Config(listen=(listener, ListenConfig(systemd=True))))
+    assert service.config is config
+    assert [child.listener for child in service.listeners] == [listener]
+
+
+def test_reloadMovesTheMetricsEndpoint(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """
+    [metrics] listen changes at reload: the endpoint opens, moves, closes.
+    """
+    pytest.importorskip("prometheus_client", reason="the metrics extra is missing")
+    port, first, second = freePort(), freeTcpPort(), freeTcpPort()
+    config = tmp_path / "udpdst.toml"
+    base = listeners(port) + "[log]\nstats_interval = 0\n"
+    config.write_text(base)
+    process = started("--config", str(config))
+    process.listening()
+    assert echo("127.0.0.1", port, b"x") == b"x"
+
+    for count, (was, now) in enumerate(
+        [("off", first), (first, second), (second, "off")], 1
+    ):
+        listen = f"127.0.0.1:{now}" if now != "off" else ""
+        config.write_text(base + f'[metrics]\nlisten = "{listen}"\n')
+        process.proc.send_signal(signal.SIGHUP)
+        line = process.waitFor(RELOADED, count)[-1]
+        old = f"127.0.0.1:{was}" if was != "off" else "off"
+        assert line.group(1) == f"metrics {old} -> {listen or 'off'}"
+        if now != "off":
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{now}/metrics", timeout=DEADLINE
+            ) as response:
+                text = response.read().decode()
+            assert f'udpdst_received_total{{listener="127.0.0.1:{port}"}} 1.0' in text
+        if was != "off":
+            with pytest.raises(urllib.error.URLError):
+                urllib.request.urlopen(
+                    f"http://127.0.0.1:{was}/metrics", timeout=DEADLINE
+                )
+    process.stop()
+    assert "Traceback" not in process.output()
+
+
+def freeTcpPort() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

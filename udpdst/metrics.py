@@ -1,0 +1,215 @@
+"""
+The Prometheus endpoint of the udpdst service: C{/metrics} served by
+twisted.web in the service's own reactor, read from the same L{Snapshot} as
+the stats lines.
+
+It needs the optional extra C{udpdst[metrics]} (C{prometheus_client}): the
+exposition format (escaping, types, C{_total} suffixes, OpenMetrics
+negotiation) is that library's job, and its parser is what the tests read
+the output with.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from udpdst.address import formatHostPort
+from udpdst.config import MetricsConfig
+from udpdst.stats import Snapshot
+
+#: What to tell an operator whose config asks for metrics without the extra.
+MISSING_EXTRA = (
+    "[metrics] listen (--metrics) needs the optional extra: install it with "
+    "pip install 'udpdst[metrics]' (prometheus_client), or remove the setting"
+)
+
+#: The help text of the per-listener counters the port has today; a counter
+#: it adds later is exported too, with a generic help text.
+_HELP = {
+    "received": "Datagrams received and handed to the echo.",
+    "replied": "Replies the kernel accepted.",
+    "sendErrors": "Replies that could not be sent (e.g. ENOBUFS).",
+    "sendFallbacks": "Replies sent without a source address, which was gone.",
+    "oversized": "Datagrams larger than max_packet_size, dropped.",
+    "controlTruncated": "Datagrams whose destination was unknown (control data cut).",
+    "kernelDrops": "Datagrams the kernel dropped on the socket (buffer full).",
+}
+
+
+def checkAvailable() -> None:
+    """
+    @raise ImportError: The C{metrics} extra is not installed.
+    """
+    import prometheus_client  # noqa: F401
+
+
+def metricName(counter: str) -> str:
+    """
+    The Prometheus name of a port counter, without C{_total}:
+    C{sendErrors} is C{udpdst_send_errors}.
+    """
+    return "udpdst_" + re.sub(r"[A-Z]", lambda m: "_" + m.group().lower(), counter)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("udpdst")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class SnapshotCollector:
+    """
+    A C{prometheus_client} collector that reads one L{Snapshot} per scrape.
+    """
+
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            InfoMetricFamily,
+        )
+
+        from udpdst import port
+
+        snapshot = self._snapshot()
+        info = InfoMetricFamily("udpdst", "The udpdst version and I/O path.")
+        info.add_metric([], {"version": _version(), "io_path": port.IO_PATH})
+        yield info
+
+        families: dict[str, Any] = {}
+        refused = CounterMetricFamily(
+            "udpdst_refused",
+            "Datagrams the echo refused, by reason.",
+            labels=["listener", "reason"],
+        )
+        for address, stats in snapshot.listeners.items():
+            for name, value in stats.counters.items():
+                family = families.get(name)
+                if family is None:
+                    family = families[name] = CounterMetricFamily(
+                        metricName(name),
+                        _HELP.get(name, f"The port's {name} counter."),
+                        labels=["listener"],
+                    )
+                family.add_metric([address], value)
+            for reason, value in stats.refused.items():
+                refused.add_metric([address, reason], value)
+        yield from families.values()
+        yield refused
+        yield GaugeMetricFamily(
+            "udpdst_rate_limited_sources",
+            "Sources whose rate the limiter tracks.",
+            value=snapshot.rateLimitedSources,
+        )
+        yield CounterMetricFamily(
+            "udpdst_rate_limiter_evictions",
+            "Sources the rate limiter forgot to make room for new ones.",
+            value=snapshot.limiterEvictions,
+        )
+
+
+class MetricsResource(Resource):
+    """
+    C{/metrics}: the registry in the text format the scraper asks for,
+    rendered in the reactor thread (no thread pool: a snapshot is cheap).
+    """
+
+    isLeaf = True
+
+    def __init__(self, registry: Any) -> None:
+        Resource.__init__(self)
+        self._registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        from prometheus_client.exposition import choose_encoder
+
+        accept = request.getHeader("accept") or ""
+        encoder, contentType = choose_encoder(accept)
+        request.setHeader("content-type", contentType)
+        return bytes(encoder(self._registry))
+
+
+def metricsSite(snapshot: Callable[[], Snapshot]) -> Site:
+    """
+    A web site serving C{/metrics} from C{snapshot()}, and nothing else.
+    """
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(SnapshotCollector(snapshot))  # type: ignore[arg-type]
+    root = Resource()
+    root.putChild(b"metrics", MetricsResource(registry))
+    return Site(root)
+
+
+class MetricsService(Service):
+    """
+    Serve C{/metrics} over HTTP on C{[metrics] listen}: bound in
+    L{privilegedStartService} like the listeners, closed in L{stopService}.
+
+    @ivar port: The listening TCP port, once bound.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        config: MetricsConfig,
+        snapshot: Callable[[], Snapshot],
+        reactor: Any = None,
+    ) -> None:
+        self.config = config
+        self._snapshot = snapshot
+        self._reactor = reactor
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        if self.port is None:
+            self._listen()
+        Service.privilegedStartService(self)
+
+    def startService(self) -> None:
+        if self.port is None:
+            self._listen()
+        Service.startService(self)
+
+    def stopService(self) -> Deferred[None] | None:
+        Service.stopService(self)
+        if self.port is None:
+            return None
+        port, self.port = self.port, None
+        return maybeDeferred(port.stopListening)
+
+    def _listen(self) -> None:
+        from udpdst.service import ListenError, bindFailure
+
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor
+        host, port = self.config.endpoint
+        where = f"metrics {self.config.listen}"
+        try:
+            self.port = reactor.listenTCP(
+                port, metricsSite(self._snapshot), interface=host
+            )
+        except CannotListenError as e:
+            raise ListenError(bindFailure(where, e, udp=False)) from None
+        bound = self.port.getHost()
+        self._log.info(
+            "udpdst metrics on http://{address}/metrics",
+            address=formatHostPort(bound.host, bound.port),
+        )

@@ -14,8 +14,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.clients import echo
-
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,19 +40,6 @@ def freePort() -> int:
             except OSError:
                 continue
             return port
-
-
-def answer(host: str, port: int, payload: bytes, timeout: float) -> bytes | None:
-    """
-    The reply to C{payload} from a socket connected to C{host} (the shared
-    L{tests.clients.echo}), or L{None} if none came in C{timeout} seconds.
-
-    @raise AssertionError: The reply came from another address.
-    """
-    try:
-        return echo(host, port, payload, timeout=timeout)
-    except TimeoutError:
-        return None
 
 
 class Twistd:

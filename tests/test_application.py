@@ -15,8 +15,8 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import DatagramProtocol
 
 import udpdst
-from tests._twistd_process import answer, freePort, twistd
-from tests.clients import ask
+from tests._twistd_process import freePort, twistd
+from tests.clients import ask, echo, replyOrNone
 from tests.reactors import runUntil
 
 
@@ -128,7 +128,7 @@ def test_tacWithUdpdstUDPServer(tmp_path: Path) -> None:
     tac.write_text(TAC.format(port=port))
     with twistd(tmp_path, "-y", str(tac)) as server:
         server.waitAnswering(
-            lambda: answer("127.0.0.1", port, b"up?", 0.5) == b"tac up?"
+            lambda: replyOrNone("127.0.0.1", port, b"up?", 0.5) == b"tac up?"
         )
-        reply = answer("127.0.0.2", port, b"hello", 10.0)
+        reply = echo("127.0.0.2", port, b"hello", timeout=10.0)
         assert reply == b"tac hello", server.output()

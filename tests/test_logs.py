@@ -204,3 +204,25 @@ def test_twistdDaemonReaderStillThere() -> None:
     assert list(inspect.signature(reader).parameters) == ["self", "readPipe"]
     source = inspect.getsource(UnixApplicationRunner.daemonize)
     assert re.search(r"code = self\._waitForStart\(r\)", source)
+
+
+@pytest.mark.parametrize(
+    "twistdArgs, cause",
+    [
+        (["--logfile", "/nonexistent/dir/u.log"], "cannot open the log file"),
+        (["-n", "--logfile", "/nonexistent/dir/u.log"], "cannot open the log file"),
+        (["--logfile", "-"], "a daemon cannot log to standard output"),
+    ],
+)
+def test_badLogFileIsOneLine(  # type: ignore[no-untyped-def]
+    started, tmp_path: Path, twistdArgs: list[str], cause: str
+) -> None:
+    process = started(
+        "--listen",
+        "127.0.0.1:0",
+        twistdArgs=["--pidfile", str(tmp_path / "d.pid"), *twistdArgs],
+    )
+    assert process.finish() == 1
+    assert process.out == []
+    (line,) = process.err
+    assert line.startswith("twistd udpdst: ") and cause in line, line

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.netns import Pair, ServerProcess, unavailableReason
+from tests.netns import Pair, ServerProcess, builtPair
 
 pytestmark = pytest.mark.netns
 
@@ -24,14 +24,7 @@ P = Pair
 
 @pytest.fixture(scope="module")
 def pair() -> Iterator[Pair]:
-    reason = unavailableReason()
-    if reason is not None:
-        pytest.skip(reason)
-    built = Pair.create()
-    try:
-        yield built
-    finally:
-        built.delete()
+    yield from builtPair()
 
 
 @pytest.fixture

@@ -22,6 +22,21 @@ def test_version() -> None:
     assert udpdst.__version__ == project["version"]
 
 
+def test_twistdUdpdstVersion() -> None:
+    """
+    C{twistd udpdst --version} names udpdst's version, then Twisted's.
+    """
+    twistd = Path(sys.executable).with_name("twistd")
+    out = subprocess.run(
+        [str(twistd), "udpdst", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"udpdst {udpdst.__version__} (Twisted "), out.stdout
+
+
 def test_everyNameLoads() -> None:
     """
     Each name in C{__all__} loads, in a fresh interpreter, from a package

@@ -1,7 +1,7 @@
 """
 Tests for udpdst.workers: C{twistd udpdst --workers N} as an operator runs
 it (real twistd and worker processes, real sockets on loopback), and the
-restart policy with real processes that cannot start.
+restart policy with real worker processes that exit at once or hang.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -228,51 +229,102 @@ def test_workerStartedByHand() -> None:
     )
 
 
-_NEVER_STARTS = """
-import sys, time
-from twisted.internet import reactor
+# A pool of one worker that writes the time it started to a file and then
+# exits with status 3 ("exit") or hangs ("hang"); the pool runs until it
+# has started the worker N times, then stops.
+_POOL = """
+import sys
+from pathlib import Path
+from twisted.internet import reactor, task
 from twisted.logger import globalLogBeginner, textFileLogObserver
 from udpdst.workers import Backoff, WorkerPool
 
+starts, how, count = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+starts.touch()
 globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
+then = "sys.exit(3)" if how == "exit" else "time.sleep(60)"
 pool = WorkerPool(
     1,
     {},
     lambda: [],
     reactor,
     backoff=lambda: Backoff(initial=0.05, maximum=0.4, steady=10.0),
-    command=[sys.executable, "-c", "import sys; sys.exit(3)"],
+    readyTimeout=0.3,
+    command=[
+        sys.executable,
+        "-c",
+        "import sys, time; "
+        "open(sys.argv[1], 'a').write(repr(time.time()) + chr(10)); " + then,
+        str(starts),
+    ],
 )
 pool.startService()
-reactor.callLater(float(sys.argv[1]), reactor.stop)
+
+
+def check():
+    if len(starts.read_text().split()) >= count:
+        loop.stop()
+        pool.stopService().addCallback(lambda _: reactor.stop())
+
+
+loop = task.LoopingCall(check)
+loop.start(0.02)
 reactor.run()
 """
 
 
-def test_workerThatCannotStartBacksOff(tmp_path: Path) -> None:
+def _runPool(tmp_path: Path, how: str, count: int) -> tuple[str, list[float]]:
     """
-    A worker that exits at once is restarted after 0.05, 0.1, 0.2, 0.4, 0.4
-    ... seconds: never in a tight loop.
+    Run L{_POOL}; its log and the times its worker started.
     """
+    starts = tmp_path / "starts"
     result = subprocess.run(
-        [sys.executable, "-c", _NEVER_STARTS, "2.5"],
+        [sys.executable, "-c", _POOL, str(starts), how, str(count)],
         capture_output=True,
         text=True,
         timeout=DEADLINE,
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
+    return result.stdout, [float(t) for t in starts.read_text().split()]
+
+
+def test_workerThatCannotStartBacksOff(tmp_path: Path) -> None:
+    """
+    A worker that exits at once is restarted after 0.05, 0.1, 0.2, 0.4, 0.4
+    seconds: never in a tight loop, however fast it fails.
+    """
+    log, times = _runPool(tmp_path, "exit", 6)
     delays = re.findall(
         r"worker 1 \(pid \d+\) exited with status 3 after [\d.]+ s before it "
         r"was ready; restarting it in ([\d.]+) s",
-        result.stdout,
+        log,
     )
-    assert delays, result.stdout
-    expected = ["0.05", "0.1", "0.2"] + ["0.4"] * len(delays)
-    assert delays == expected[: len(delays)], result.stdout
-    # Each restart waited its delay: as many starts as the delays allow in
-    # 2.5 s, however fast the worker fails.
-    assert sum(map(float, delays[:-1])) <= 2.5, result.stdout
+    assert delays[:5] == ["0.05", "0.1", "0.2", "0.4", "0.4"], log
+    gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+    # Each start came at least its delay after the one before had ended.
+    for gap, delay in zip(gaps, delays[:5], strict=False):
+        assert gap >= float(delay), (gaps, delays)
+
+
+def test_workerThatNeverServesIsKilled(tmp_path: Path) -> None:
+    """
+    A worker that does not say it serves within the ready timeout is
+    killed, and restarted after its backoff.
+    """
+    log, times = _runPool(tmp_path, "hang", 3)
+    assert (
+        len(re.findall(r"worker 1 \(pid \d+\) did not start serving within 0.3 s", log))
+        >= 2
+    ), log
+    delays = re.findall(
+        r"worker 1 \(pid \d+\) killed by SIGKILL after [\d.]+ s before it was "
+        r"ready; restarting it in ([\d.]+) s",
+        log,
+    )
+    assert delays[:2] == ["0.05", "0.1"], log
+    gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+    assert all(gap >= 0.3 for gap in gaps), gaps
 
 
 def test_workersServeTheSameSocket(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -511,3 +563,80 @@ def test_socketActivateToolWithWorkers(started) -> None:  # type: ignore[no-unty
     with paused(second):
         assert echo("127.0.0.3", port, b"third") == b"third"
     _stoppedWithTotal(process, 3, [first, second])
+
+
+def test_sigtermToTheWholeGroup(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """
+    SIGTERM to the parent and its workers at once (what systemd's default
+    KillMode does): all stop, and the final stats still count every
+    datagram, whether the workers had reported them yet or not.
+    """
+    setsid = shutil.which("setsid")
+    if setsid is None:
+        pytest.skip("no setsid to give twistd a process group of its own")
+    process = started(
+        command=[
+            setsid,
+            TWISTD,
+            "-n",
+            "--pidfile=",
+            "udpdst",
+            "--config",
+            _config(tmp_path),
+            "--workers",
+            "2",
+        ]
+    )
+    ((_, port),) = process.listening()
+    workers = _workers(process)
+    assert os.getpgid(process.proc.pid) == process.proc.pid
+    _echoMany(port, 5, b"group")
+    os.killpg(process.proc.pid, signal.SIGTERM)
+    assert process.finish() == -signal.SIGTERM
+    _stoppedWithTotal(process, 5, workers)
+
+
+def test_metricsSumTheWorkers(started) -> None:  # type: ignore[no-untyped-def]
+    """
+    /metrics, served by the parent alone, counts what every worker
+    answered.
+    """
+    parser = pytest.importorskip(
+        "prometheus_client.parser",
+        reason="the metrics extra (prometheus_client) is not installed",
+    )
+    process = started(
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--stats-interval",
+        "0",
+    )
+    ((_, port),) = process.listening()
+    (served,) = process.waitFor(r"udpdst metrics on (http://\S+/metrics)")
+    first, second = _workers(process)
+    with paused(first):
+        _echoMany(port, 2, b"to second")
+    with paused(second):
+        _echoMany(port, 3, b"to first")
+    name = "udpdst_replied_total"
+    labels = {"listener": f"127.0.0.1:{port}"}
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        # The workers report every second: wait for both reports.
+        with urllib.request.urlopen(served.group(1), timeout=DEADLINE) as response:
+            text = response.read().decode()
+        replied = [
+            sample.value
+            for family in parser.text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and sample.labels == labels
+        ]
+        if replied == [5]:
+            break
+        assert time.monotonic() < deadline, text
+        time.sleep(0.1)
+    _stoppedWithTotal(process, 5, [first, second])

@@ -55,14 +55,31 @@ class TwistdHooks:
         The file twistd would log to: standard output in the foreground
         without C{--logfile} (or with C{--logfile -}), else the log file
         (C{twistd.log} by default), reopened on SIGUSR1 for log rotation.
+
+        @raise SystemExit: With one line, if there is no such file to
+            write (twistd prints it and exits 1).
         """
         if self._output is not None:
             return self._output
         path = self.options.get("logfile")
-        if path == "-" or (self.options.get("nodaemon") and not path):
+        daemon = not self.options.get("nodaemon")
+        if path == "-" and daemon:
+            raise SystemExit(
+                "twistd udpdst: a daemon cannot log to standard output; give "
+                "--logfile FILE, or run in the foreground with --nodaemon"
+            )
+        if path == "-" or (not daemon and not path):
             self._output = sys.stdout
             return sys.stdout
-        logFile = LogFile.fromFullPath(path or "twistd.log")
+        path = path or "twistd.log"
+        try:
+            logFile = LogFile.fromFullPath(path)
+        except OSError as e:
+            raise SystemExit(
+                f"twistd udpdst: cannot open the log file {path}: "
+                f"{e.strerror or e}; give a --logfile in a directory that "
+                "exists and that twistd may write to"
+            ) from None
         if not signal.getsignal(signal.SIGUSR1):
 
             def rotate(*_: Any) -> None:

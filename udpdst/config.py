@@ -437,13 +437,6 @@ TABLES: dict[str, type] = {
 _T = TypeVar("_T")
 
 
-def keysOf(table: type) -> list[tuple[str, Any, str]]:
-    """
-    The keys of a table class: C{(name, default, description)}.
-    """
-    return [(f.name, f.default, f.metadata["doc"]) for f in fields(table)]
-
-
 def _fill(table: type[_T], raw: Mapping[str, Any], where: str) -> _T:
     known = {f.name: f for f in fields(table)}  # type: ignore[arg-type]
     for name in raw:

@@ -284,17 +284,24 @@ class EchoService(MultiService):
         self.listeners: list[ListenerService] = []
         for listener, inherited in sockets:
             self._addListener(listener, inherited)
+        self.metrics: Service | None = None
+        if config.metrics.listen:
+            self._addMetrics()
 
     def _echo(self) -> EchoProtocol:
         # One protocol per socket (a protocol has one transport); the access
         # list and the rate limiter are shared, so that a source gets one
         # budget however many listeners it reaches.
-        return EchoProtocol.fromConfig(
+        protocol = EchoProtocol.fromConfig(
             self.config.echo.prefixBytes,
             self.config.limits,
             access=self._access,
             rateLimiter=self.limiter,
         )
+        # Twisted's "Starting protocol <... object at 0x...>" lines say less
+        # than the service's own listening and reload lines, at every reload.
+        protocol.noisy = False
+        return protocol
 
     def _addListener(
         self, listener: ListenConfig, inherited: InheritedSocket | None
@@ -309,6 +316,18 @@ class EchoService(MultiService):
             child.disownServiceParent()
             raise
         return child
+
+    def _addMetrics(self) -> None:
+        from udpdst.metrics import MetricsService
+
+        metrics = MetricsService(self.config.metrics, self.snapshot, self._reactor)
+        try:
+            # Binds at once if this service runs (a reload).
+            metrics.setServiceParent(self)
+        except ListenError:
+            metrics.disownServiceParent()
+            raise
+        self.metrics = metrics
 
     def setServiceParent(self, parent: Any) -> None:
         MultiService.setServiceParent(self, parent)
@@ -414,9 +433,9 @@ class EchoService(MultiService):
         Apply a new configuration to the running service: listeners that
         are gone close, new ones bind, and unchanged ones keep their socket
         (no datagram lost); the echo's prefix and limits, the log level and
-        the stats interval change in place.  One info line says what
-        changed; one error line if a new listener cannot bind (the rest is
-        applied, that listener is not served).
+        the stats interval change in place; the metrics endpoint moves.  One
+        info line says what changed; one error line if a new listener or
+        endpoint cannot bind (the rest is applied, that one is not served).
 
         @raise ConfigError: The new configuration cannot be applied while
             running (a systemd listener it did not have); nothing changed.
@@ -440,6 +459,10 @@ class EchoService(MultiService):
             self._stopStats()
             self._startStats()
         stopped = [maybeDeferred(self._removeListener, child) for child in remove]
+        moveMetrics = config.metrics != old.metrics
+        if moveMetrics and self.metrics is not None:
+            stopped.append(maybeDeferred(self.removeService, self.metrics))
+            self.metrics = None
         d: Deferred[Any] = gatherResults(stopped)
 
         def bind(_: Any) -> None:
@@ -450,6 +473,11 @@ class EchoService(MultiService):
                     self._addListener(listener, inherited)
                 except ListenError as e:
                     self._log.error("reload: {message}; not serving it", message=str(e))
+            if moveMetrics and config.metrics.listen:
+                try:
+                    self._addMetrics()
+                except ListenError as e:
+                    self._log.error("reload: {message}; no metrics", message=str(e))
             self._log.info(
                 "reloaded configuration: {changes}",
                 changes="; ".join(changes) or "nothing changed",
@@ -570,9 +598,12 @@ def _changes(
         )
     if new.log.format != old.log.format:
         changes.append("[log] format changed, applies at the next restart")
-    for name in ("service", "metrics"):
-        if getattr(new, name) != getattr(old, name):
-            changes.append(f"[{name}] changed, applies at the next restart")
+    if new.metrics != old.metrics:
+        changes.append(
+            f"metrics {old.metrics.listen or 'off'} -> {new.metrics.listen or 'off'}"
+        )
+    if new.service != old.service:
+        changes.append("[service] changed, applies at the next restart")
     return changes
 
 

@@ -72,6 +72,17 @@ class Options(usage.Options):
 
     opt_listen.__doc__ = LISTEN_HELP
 
+    def opt_version(self) -> None:
+        """
+        Display udpdst's version (and Twisted's) and exit.
+        """
+        from twisted import copyright
+
+        from udpdst import __version__
+
+        print(f"udpdst {__version__} (Twisted {copyright.version})")
+        raise SystemExit(0)
+
     def readConfig(self) -> Config:
         """
         The configuration: the file, then the command line's overrides (at
@@ -145,12 +156,6 @@ def makeService(options: Options, reactor: Any = None) -> Any:
         reloader=options.readConfig,
         notifier=Notifier(options.environ, reactor),
     )
-    if config.metrics.listen:
-        from udpdst.metrics import MetricsService
-
-        MetricsService(config.metrics, service.snapshot, reactor).setServiceParent(
-            service
-        )
     from udpdst.workers import serveWithWorkers, workerCount
 
     count = workerCount(config.service.workers)

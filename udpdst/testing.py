@@ -15,7 +15,6 @@ from __future__ import annotations
 import ipaddress
 import socket
 import sys
-from collections.abc import Iterable
 from typing import Any
 
 from twisted.internet import defer, error
@@ -216,14 +215,6 @@ class FakeDestinationTransport(DestinationPort):
             dst = getattr(addr, "destination", None)
         self.written.append((bytes(datagram), addr, dst))
         self.counters.replied += 1
-
-    def writeSequence(
-        self,
-        seq: Iterable[bytes],
-        addr: tuple[str, int] | None = None,
-        dst: Destination | None = None,
-    ) -> None:
-        self.write(b"".join(seq), addr, dst)
 
     def connect(self, host: str, port: int) -> None:
         if self._connectedAddr:

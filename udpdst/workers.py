@@ -124,7 +124,7 @@ def configDocument(config: Any) -> dict[str, Any]:
 class Backoff:
     """
     How long to wait before restarting a worker that ended: C{initial}
-    seconds after a worker that ran at least C{steady} seconds, and twice
+    seconds after a worker that served at least C{steady} seconds, and twice
     as long as last time, up to C{maximum}, after one that did not (it
     probably cannot start at all: restarting it in a tight loop would only
     burn a CPU and flood the log).
@@ -135,12 +135,12 @@ class Backoff:
     steady: float = 10.0
     _next: float = 0.0
 
-    def after(self, ranFor: float) -> float:
+    def after(self, served: float) -> float:
         """
-        The delay before the next start of a worker that ran C{ranFor}
-        seconds.
+        The delay before the next start of a worker that served C{served}
+        seconds (0 if it never did).
         """
-        if ranFor >= self.steady or not self._next:
+        if served >= self.steady or not self._next:
             self._next = self.initial
         else:
             self._next = min(self._next * 2, self.maximum)
@@ -188,10 +188,13 @@ class _WorkerProtocol(ProcessProtocol):
         self.pid: int | None = None
         self.started = 0.0
         self.ready = False
+        self.readyAt = 0.0
         self.ended: Deferred[None] = Deferred()
         #: The worker of an older configuration it takes over from (a
         #: reload), stopped once this one is ready.
         self.replaces: _WorkerProtocol | None = None
+        #: Kills it if it is not ready in time.
+        self.readyTimeout: Any = None
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid  # type: ignore[union-attr]
@@ -225,8 +228,9 @@ class WorkerPool(Service):
     one that ends while the pool runs; replace them all, one by one, on
     L{reload}; stop them all when it stops.
 
-    @ivar workers: The current worker of each slot (L{None} while a slot
-        waits for its restart), numbered from 1 in log lines.
+    @ivar workers: The newest worker of each slot (L{None} while a slot
+        waits for its restart), numbered from 1 in log lines.  During a
+        reload, the one it replaces is its C{replaces}.
     """
 
     _log = Logger(namespace="udpdst.workers")
@@ -240,6 +244,7 @@ class WorkerPool(Service):
         *,
         backoff: Callable[[], Backoff] = Backoff,
         stopTimeout: float = 10.0,
+        readyTimeout: float = 60.0,
         command: Sequence[str] | None = None,
     ) -> None:
         """
@@ -253,6 +258,8 @@ class WorkerPool(Service):
         @param backoff: Makes each slot's restart policy.
         @param stopTimeout: Seconds a worker has to stop after SIGTERM
             before it is killed.
+        @param readyTimeout: Seconds a worker has to start serving before
+            it is killed (and restarted, after its backoff).
         @param command: The worker's command line; L{workerCommand} by
             default.
         """
@@ -262,6 +269,7 @@ class WorkerPool(Service):
         self._reactor = reactor
         self._backoffs = [backoff() for _ in range(count)]
         self._stopTimeout = stopTimeout
+        self._readyTimeout = readyTimeout
         self._command = list(command) if command is not None else workerCommand()
         self.workers: list[_WorkerProtocol | None] = [None] * count
         self._restarts: list[Any] = [None] * count
@@ -337,6 +345,9 @@ class WorkerPool(Service):
             )
             return
         self.workers[slot] = worker
+        worker.readyTimeout = self.clock.callLater(
+            self._readyTimeout, self._notReady, worker
+        )
         if previous is not None:
             # A reload: the worker of the older configuration serves until
             # this one is ready.  One that was itself still starting goes.
@@ -349,8 +360,8 @@ class WorkerPool(Service):
             "worker {worker} started (pid {pid})", worker=slot + 1, pid=worker.pid
         )
 
-    def _scheduleRestart(self, slot: int, ranFor: float) -> float:
-        delay = self._backoffs[slot].after(ranFor)
+    def _scheduleRestart(self, slot: int, served: float) -> float:
+        delay = self._backoffs[slot].after(served)
         self._restarts[slot] = self.clock.callLater(delay, self._spawn, slot)
         return delay
 
@@ -358,7 +369,28 @@ class WorkerPool(Service):
         self._retiring.append(worker)
         self._signal(worker, "TERM")
 
+    def _notReady(self, worker: _WorkerProtocol) -> None:
+        worker.readyTimeout = None
+        self._kill(worker, "start serving", self._readyTimeout)
+
+    def _kill(self, worker: _WorkerProtocol, what: str, timeout: float) -> None:
+        """
+        Kill a worker that did not do C{what} within C{timeout} seconds.
+        """
+        self._log.error(
+            "worker {worker} (pid {pid}) did not {what} within {timeout:g} s; "
+            "killing it",
+            worker=worker.number,
+            pid=worker.pid,
+            what=what,
+            timeout=timeout,
+        )
+        self._signal(worker, "KILL")
+
     def _ended(self, worker: _WorkerProtocol, reason: Failure) -> None:
+        if worker.readyTimeout is not None:
+            worker.readyTimeout.cancel()
+            worker.readyTimeout = None
         # What it reported last stays in the totals.
         last = self._latest.pop(worker, None)
         if last is not None:
@@ -386,8 +418,9 @@ class WorkerPool(Service):
                 how=how,
             )
             return
-        ranFor = self.clock.seconds() - worker.started
-        delay = self._scheduleRestart(slot, ranFor)
+        now = self.clock.seconds()
+        ranFor = now - worker.started
+        delay = self._scheduleRestart(slot, now - worker.readyAt if worker.ready else 0)
         self._log.error(
             "worker {worker} (pid {pid}) {how} after {ranFor:.1f} s{ready}; "
             "restarting it in {delay:g} s",
@@ -457,6 +490,10 @@ class WorkerPool(Service):
 
     def _ready(self, worker: _WorkerProtocol) -> None:
         worker.ready = True
+        worker.readyAt = self.clock.seconds()
+        if worker.readyTimeout is not None:
+            worker.readyTimeout.cancel()
+            worker.readyTimeout = None
         old, worker.replaces = worker.replaces, None
         if old is not None:
             self._retire(old)
@@ -466,13 +503,13 @@ class WorkerPool(Service):
                 pid=worker.pid,
                 old=old.pid,
             )
-            return
-        if self._announced:
+        elif self._announced:
             self._log.info(
                 "worker {worker} restarted (pid {pid})",
                 worker=worker.number,
                 pid=worker.pid,
             )
+        if self._announced:
             return
         live = [w for w in self.workers if w is not None]
         if len(live) == self.count and all(w.ready for w in live):
@@ -526,14 +563,7 @@ class WorkerPool(Service):
     def _killAll(self, workers: Sequence[_WorkerProtocol]) -> None:
         for worker in workers:
             if not worker.ended.called:
-                self._log.warn(
-                    "worker {worker} (pid {pid}) did not stop within {timeout:g} s; "
-                    "killing it",
-                    worker=worker.number,
-                    pid=worker.pid,
-                    timeout=self._stopTimeout,
-                )
-                self._signal(worker, "KILL")
+                self._kill(worker, "stop", self._stopTimeout)
 
     def _signal(self, worker: _WorkerProtocol, name: str) -> None:
         try:

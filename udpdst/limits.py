@@ -235,9 +235,9 @@ class LoopGuard:
             peers = self._peers
             if len(peers) >= self.maxPeers:
                 peers.clear()
-            # Keyed by the peer address as given: a port that reuses one
-            # object per peer makes the lookup an identity check.
-            peers[peer] = [self._remembered(reply), now, 0, now]
+            # A plain tuple key: a port's peer address object keeps more
+            # (its destination, its reply's socket address and control data).
+            peers[(peer[0], peer[1])] = [self._remembered(reply), now, 0, now]
             return True
         if now - state[1] < self.window:
             last = state[0]

@@ -5,6 +5,7 @@ read its log as it comes, talk to it over loopback, stop it by its pid.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -14,8 +15,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from twisted.logger import eventFromJSON, formatEvent
 
@@ -33,11 +35,15 @@ RUNNING_LINE = re.compile(r"udpdst echo service running")
 
 def readable(line: str) -> str:
     """
-    A log line as text: JSON events (C{--logger
-    udpdst.logs.jsonLogObserver}) formatted, other lines as they are.
+    A log line as text: the text of C{[log] format = "json"} records,
+    Twisted's JSON events (C{--logger udpdst.logs.jsonLogObserver})
+    formatted, other lines as they are.
     """
     if line.startswith("{"):
         try:
+            record = json.loads(line)
+            if "text" in record and "log_format" not in record:
+                return str(record["text"])
             return formatEvent(eventFromJSON(line))
         except (ValueError, KeyError):
             pass
@@ -224,3 +230,36 @@ def freePort(host: str = "127.0.0.1") -> int:
     with socket.socket(family, socket.SOCK_DGRAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def stopDaemon(pidfile: Path) -> None:
+    """
+    Stop the twistd daemon whose pid is in C{pidfile} by SIGTERM, and wait
+    until it is gone (it is not our child: watch /proc).
+    """
+    daemon = int(pidfile.read_text())
+    os.kill(daemon, signal.SIGTERM)
+    deadline = time.monotonic() + DEADLINE
+    while Path(f"/proc/{daemon}").exists():
+        if time.monotonic() > deadline:
+            os.kill(daemon, signal.SIGKILL)
+            raise AssertionError(f"daemon {daemon} did not stop on SIGTERM")
+        time.sleep(0.05)
+
+
+def startedTwistd(cwd: Path) -> Iterator[Callable[..., Twistd]]:
+    """
+    For a fixture: a function that starts C{twistd udpdst} (arguments as
+    L{Twistd}'s), and, when the test ends, kills by pid whatever it left
+    running.
+    """
+    processes: list[Twistd] = []
+
+    def start(*args: str, **kw: Any) -> Twistd:
+        process = Twistd(args, cwd, **kw)
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        process.kill()

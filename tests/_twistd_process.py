@@ -1,6 +1,6 @@
 """
-Real C{twistd} subprocesses for the tests, and a connected client that asks
-them: a reply from any address but the one asked is dropped by the kernel.
+Real C{twistd} subprocesses for the tests, and a connected client's view of
+them.
 """
 
 from __future__ import annotations
@@ -40,22 +40,6 @@ def freePort() -> int:
             except OSError:
                 continue
             return port
-
-
-def askConnected(host: str, port: int, payload: bytes, timeout: float) -> bytes | None:
-    """
-    Send C{payload} from a socket connected to C{host}: the kernel drops a
-    reply from any other address.  Return the reply, or L{None} on timeout.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as s:
-        s.connect((host, port))
-        s.settimeout(timeout)
-        s.send(payload)
-        try:
-            return s.recv(65535)
-        except (TimeoutError, ConnectionRefusedError):
-            return None
 
 
 class Twistd:

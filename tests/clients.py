@@ -9,7 +9,7 @@ Two forms of the same client:
     namespace): built on the deployment check's L{udpdst.check.Probe}, whose
     catcher socket lets a wrong-source reply fail the test with its source
     named, instead of as a bare timeout;
-  - L{Client} / L{listenClient} / L{ask}, in a reactor, for servers in the
+  - L{Client} / L{client} / L{send} / L{ask}, in a reactor, for servers in the
     test's own reactor.
 """
 
@@ -21,11 +21,24 @@ from typing import Any
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import DatagramProtocol
 
-from udpdst.check import Probe, askAll
+from udpdst.check import Answer, Probe, askAll
 
 #: How long a blocking client waits for a reply: a bound on a hung test, not
 #: a timing assertion (a test that expects no reply waits this long).
 REPLY_TIMEOUT = 10.0
+
+
+def _exchange(
+    target: str,
+    port: int,
+    data: bytes,
+    source: str | None,
+    sourcePort: int,
+    timeout: float,
+) -> Answer | None:
+    with Probe(target, port, source, sourcePort) as probe:
+        (answer,) = askAll([probe], [data], timeout, attempts=1, echoed=False)
+    return answer
 
 
 def echo(
@@ -44,14 +57,25 @@ def echo(
     @raise TimeoutError: No reply within C{timeout} seconds.
     @raise AssertionError: The reply came from another source.
     """
-    with Probe(target, port, source, sourcePort) as probe:
-        (answer,) = askAll([probe], [data], timeout, attempts=1)
+    answer = _exchange(target, port, data, source, sourcePort, timeout)
     if answer is None:
         raise TimeoutError(f"no reply from {target}:{port} in {timeout} s")
     assert answer.fromTarget, (
         f"reply to {target}:{port} came from {answer.source[0]}:{answer.source[1]}"
     )
     return answer.data
+
+
+def replyOrNone(
+    target: str, port: int, data: bytes, timeout: float = REPLY_TIMEOUT
+) -> bytes | None:
+    """
+    Like L{echo}, but L{None} when no reply came from C{target}:C{port}
+    within C{timeout} seconds, as a connected client sees it: for polling a
+    server that may not be up yet.
+    """
+    answer = _exchange(target, port, data, None, 0, timeout)
+    return answer.data if answer is not None and answer.fromTarget else None
 
 
 class Client(DatagramProtocol):
@@ -62,6 +86,9 @@ class Client(DatagramProtocol):
 
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
+        # The listening port, kept: an ICMP error makes the reactor drop the
+        # port (and the transport with it) on some reactors (epoll).
+        self.port: Any = None
         self.received: list[tuple[bytes, Any]] = []
         self._waiting: list[tuple[int, Deferred[None]]] = []
 
@@ -78,9 +105,6 @@ class Client(DatagramProtocol):
         Nothing listens there (ICMP): no reply will come; L{waitFor}'s
         timeout says so.
         """
-
-    def send(self, data: bytes, addr: tuple[str, int] | None = None) -> None:
-        self.transport.write(data, addr)  # type: ignore[union-attr]
 
     def waitFor(self, n: int, timeout: float | None = None) -> Deferred[None]:
         """
@@ -116,27 +140,30 @@ class Client(DatagramProtocol):
         return True
 
 
-def listenClient(
+def client(
     reactor: Any,
+    source: str,
     target: str | None,
     port: int,
-    source: str | None = None,
     sourcePort: int = 0,
 ) -> Client:
     """
-    A L{Client} on a stock Twisted port bound to C{source}:C{sourcePort} (by
-    default any address of C{target}'s family) and connected to
-    C{target}:C{port}, unless C{target} is L{None}.
+    A L{Client} on a stock Twisted port bound to C{source}:C{sourcePort}
+    (C{""} or C{"::"} for any address) and connected to C{target}:C{port},
+    unless C{target} is L{None}.
     """
-    if source is None:
-        source = "::" if target is not None and ":" in target else ""
-    client = Client(reactor)
-    listening = reactor.listenUDP(
-        sourcePort, client, interface=source, maxPacketSize=70000
-    )
+    c = Client(reactor)
+    c.port = reactor.listenUDP(sourcePort, c, interface=source, maxPacketSize=70000)
     if target is not None:
-        listening.connect(target, port)
-    return client
+        c.port.connect(target, port)
+    return c
+
+
+def send(c: Client, data: bytes, addr: tuple[str, int] | None = None) -> None:
+    """
+    Send C{data} from C{c}: to where it is connected, or to C{addr}.
+    """
+    c.transport.write(data, addr)  # type: ignore[union-attr]
 
 
 def ask(
@@ -147,13 +174,11 @@ def ask(
     L{None} if none came within C{wait} seconds.  The client's port is closed
     before the result is given.
     """
-    client = listenClient(reactor, target, port)
-    client.send(payload)
+    c = client(reactor, "::" if ":" in target else "", target, port)
+    send(c, payload)
 
     def done(_: None) -> Deferred[bytes | None]:
-        reply = client.received[0][0] if client.received else None
-        return maybeDeferred(
-            client.transport.stopListening  # type: ignore[union-attr]
-        ).addCallback(lambda _: reply)
+        data = c.received[0][0] if c.received else None
+        return maybeDeferred(c.port.stopListening).addCallback(lambda _: data)
 
-    return client.waitFor(1, wait).addCallback(done)
+    return c.waitFor(1, wait).addCallback(done)

@@ -15,7 +15,7 @@ import termios
 from typing import Any
 
 from tests._raw import requiresRawSockets, spoof
-from tests.clients import Client, listenClient
+from tests.clients import Client, client, send
 from tests.test_echo import run
 from tests.test_loops import until
 from udpdst import listenUDP
@@ -55,7 +55,7 @@ def test_everyDatagramCountedOnce(epollReactor: Any) -> None:
     number = port.getHost().port
     expected = dict.fromkeys(REFUSAL_REASONS, 0)
     survived: list[int] = []
-    markers = listenClient(epollReactor, SERVER, number, "127.0.0.1")
+    markers = client(epollReactor, "127.0.0.1", SERVER, number)
 
     async def marker() -> None:
         """
@@ -63,12 +63,12 @@ def test_everyDatagramCountedOnce(epollReactor: Any) -> None:
         (one server socket, loopback delivers in order).
         """
         count = len(markers.received)
-        markers.send(b"marker")
+        send(markers, b"marker")
         await markers.waitFor(count + 1)
 
     async def answered(c: Client, payloads: list[bytes]) -> None:
         for payload in payloads:
-            c.send(payload)
+            send(c, payload)
         await c.waitFor(len(payloads))
         assert [d for d, _ in c.received[-len(payloads) :]] == [
             PREFIX + p for p in payloads
@@ -79,9 +79,9 @@ def test_everyDatagramCountedOnce(epollReactor: Any) -> None:
         # while the reactor does not read.
         handle = port.getHandle()
         handle.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        dropping = listenClient(epollReactor, SERVER, number, "127.0.0.30")
+        dropping = client(epollReactor, "127.0.0.30", SERVER, number)
         for i in range(200):
-            dropping.send(b"%d" % i + b"z" * 512)
+            send(dropping, b"%d" % i + b"z" * 512)
         # The marker itself would be dropped while the buffer is full.
         await until(epollReactor, lambda: queued(handle) == 0)
         await marker()
@@ -91,7 +91,7 @@ def test_everyDatagramCountedOnce(epollReactor: Any) -> None:
         # Answered.
         for i in range(10):
             await answered(
-                listenClient(epollReactor, SERVER, number, f"127.0.0.{40 + i}"),
+                client(epollReactor, f"127.0.0.{40 + i}", SERVER, number),
                 [b"good %d %d" % (i, j) for j in range(3)],
             )
 
@@ -101,29 +101,29 @@ def test_everyDatagramCountedOnce(epollReactor: Any) -> None:
             expected["source-port"] += 1
         spoof(("127.0.0.21", number), (SERVER, number), b"same port")
         expected["same-port"] += 1
-        denied = listenClient(epollReactor, SERVER, number, "127.0.0.9")
-        notAllowed = listenClient(epollReactor, SERVER, number, "127.0.0.200")
+        denied = client(epollReactor, "127.0.0.9", SERVER, number)
+        notAllowed = client(epollReactor, "127.0.0.200", SERVER, number)
         for i in range(3):
-            denied.send(b"denied %d" % i)
-            notAllowed.send(b"not allowed %d" % i)
+            send(denied, b"denied %d" % i)
+            send(notAllowed, b"not allowed %d" % i)
         expected["denied"] += 3
         expected["not-allowed"] += 3
-        flooder = listenClient(epollReactor, SERVER, number, "127.0.0.60")
+        flooder = client(epollReactor, "127.0.0.60", SERVER, number)
         for chunk in range(0, BURST + 100, 50):
             # In chunks, so that no buffer on the way overflows.
             for i in range(chunk, chunk + 50):
-                flooder.send(b"flood %d" % i)
+                send(flooder, b"flood %d" % i)
             await marker()
         expected["rate"] += 100
-        big = listenClient(epollReactor, SERVER, number, "127.0.0.61")
-        big.send(b"t" * 65000)  # fits maxPacketSize, not with the prefix
+        big = client(epollReactor, "127.0.0.61", SERVER, number)
+        send(big, b"t" * 65000)  # fits maxPacketSize, not with the prefix
         expected["too-large"] += 1
         # A peer that echoes our replies back (a loop).
-        repeater = listenClient(epollReactor, SERVER, number, "127.0.0.62")
-        repeater.send(b"bounce")
+        repeater = client(epollReactor, "127.0.0.62", SERVER, number)
+        send(repeater, b"bounce")
         for i in range(LoopGuard.maxBounces):
             await repeater.waitFor(i + 1)
-            repeater.send(repeater.received[-1][0])
+            send(repeater, repeater.received[-1][0])
         expected["loop"] += 1
         await marker()
         assert len(flooder.received) == BURST
@@ -131,13 +131,13 @@ def test_everyDatagramCountedOnce(epollReactor: Any) -> None:
         assert denied.received == notAllowed.received == big.received == []
 
         # Oversized: larger than maxPacketSize, dropped by the port.
-        big.send(b"o" * (MAX_PACKET + 100))
+        send(big, b"o" * (MAX_PACKET + 100))
         # Control data truncated: delivered with no destination, answered
         # from the kernel's choice (so to an unconnected client).
         port.ancillaryBufferSize = socket.CMSG_SPACE(4)
-        loose = listenClient(epollReactor, None, number, "127.0.0.63")
+        loose = client(epollReactor, "127.0.0.63", None, number)
         for i in range(3):
-            loose.send(b"loose %d" % i, ("127.0.0.1", number))
+            send(loose, b"loose %d" % i, ("127.0.0.1", number))
         await loose.waitFor(3)
         port.ancillaryBufferSize = type(port).ancillaryBufferSize
         await marker()

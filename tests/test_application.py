@@ -15,43 +15,14 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import DatagramProtocol
 
 import udpdst
-from tests._twistd_process import askConnected, freePort, twistd
+from tests._twistd_process import freePort, twistd
+from tests.clients import ask, echo, replyOrNone
 from tests.reactors import runUntil
 
 
 class Echo(DatagramProtocol):
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self.transport.write(data, addr)
-
-
-class Client(DatagramProtocol):
-    """
-    Asks once from a socket connected to C{host}; C{reply} fires with the
-    answer.
-    """
-
-    def __init__(self, host: str, port: int, payload: bytes) -> None:
-        self.target = (host, port)
-        self.payload = payload
-        self.reply: Deferred[bytes] = Deferred()
-
-    def startProtocol(self) -> None:
-        self.transport.connect(*self.target)
-        self.transport.write(self.payload)
-
-    def datagramReceived(self, data: bytes, addr: Any) -> None:
-        self.reply.callback(data)
-
-
-def ask(reactor: Any, host: str, port: int, payload: bytes) -> Deferred[bytes]:
-    client = Client(host, port, payload)
-    clientPort = reactor.listenUDP(0, client)
-
-    def close(result: bytes) -> bytes:
-        clientPort.stopListening()
-        return result
-
-    return client.reply.addBoth(close)
 
 
 def test_bindsInPrivilegedStartService(epollReactor: Any) -> None:
@@ -71,14 +42,16 @@ def test_bindsInPrivilegedStartService(epollReactor: Any) -> None:
     number = port.getHost().port
     stopped: list[object] = []
 
-    def askThenStop() -> Deferred[bytes]:
-        def stop(reply: bytes) -> Deferred[bytes]:
+    def askThenStop() -> Deferred[bytes | None]:
+        def stop(reply: bytes | None) -> Deferred[bytes | None]:
             d = server.stopService()
             stopped.append(d)
             assert isinstance(d, Deferred)
             return d.addCallback(lambda _: reply)
 
-        return ask(epollReactor, "127.0.0.2", number, b"hi").addCallback(stop)
+        return ask(epollReactor, "127.0.0.2", number, b"hi", wait=10.0).addCallback(
+            stop
+        )
 
     assert runUntil(epollReactor, askThenStop) == b"hi"
     assert len(stopped) == 1
@@ -155,7 +128,7 @@ def test_tacWithUdpdstUDPServer(tmp_path: Path) -> None:
     tac.write_text(TAC.format(port=port))
     with twistd(tmp_path, "-y", str(tac)) as server:
         server.waitAnswering(
-            lambda: askConnected("127.0.0.1", port, b"up?", 0.5) == b"tac up?"
+            lambda: replyOrNone("127.0.0.1", port, b"up?", 0.5) == b"tac up?"
         )
-        reply = askConnected("127.0.0.2", port, b"hello", 10.0)
+        reply = echo("127.0.0.2", port, b"hello", timeout=10.0)
         assert reply == b"tac hello", server.output()

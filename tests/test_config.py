@@ -216,6 +216,7 @@ BAD_FILES = [
     ("[[listen]]\nfd_name = 'echo'\n", "fd_name needs systemd = true", "systemd"),
     ("[[listen]]\naddress = '0.0.0.0'\nv6_only = true\n", "v6_only", '"::"'),
     ("[log]\nstats_interval = nan\n", "out of range", ">= 0"),
+    ("[log]\nformat = 'xml'\n", "'xml' is not one of 'text', 'json'", "format"),
     ("[service]\nworkers = 0\n", "workers = 0 is out of range", '"auto"'),
     ("[service]\nworkers = 'many'\n", 'must be an integer or "auto"', "a string"),
     ("[metrics]\nlisten = '9135'\n", "use ADDRESS:PORT", "127.0.0.1:9135"),
@@ -422,6 +423,7 @@ def test_optionsHelpIsTheSchemasDescription() -> None:
     assert {option.name for option in OPTIONS} == {
         "prefix",
         "log-level",
+        "log-format",
         "stats-interval",
         "workers",
         "metrics",

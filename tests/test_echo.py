@@ -18,7 +18,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.error import InvalidAddressError, MessageLengthError
 from twisted.logger import LogLevel, globalLogPublisher
 
-from tests.clients import Client, listenClient
+from tests.clients import Client, client, send
 from tests.conftest import requiresIPv6
 from tests.reactors import runUntil
 from udpdst import listenUDP, logs
@@ -69,12 +69,12 @@ def test_replyFromTheAddressAsked(epollReactor: Any, interface: str) -> None:
     proto, port = server(epollReactor, interface)
 
     async def scenario() -> None:
-        c2 = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.1")
-        c3 = listenClient(epollReactor, "127.0.0.3", port, "127.0.0.1")
-        free = listenClient(epollReactor, None, port, "127.0.0.1")
-        c2.send(b"to two")
-        c3.send(b"to three")
-        free.send(b"unconnected", ("127.0.0.3", port))
+        c2 = client(epollReactor, "127.0.0.1", "127.0.0.2", port)
+        c3 = client(epollReactor, "127.0.0.1", "127.0.0.3", port)
+        free = client(epollReactor, "127.0.0.1", None, port)
+        send(c2, b"to two")
+        send(c3, b"to three")
+        send(free, b"unconnected", ("127.0.0.3", port))
         await c2.waitFor(1)
         await c3.waitFor(1)
         await free.waitFor(1)
@@ -92,8 +92,8 @@ def test_replyOverIPv6(epollReactor: Any) -> None:
     proto, port = server(epollReactor, "::")
 
     async def scenario() -> None:
-        c = listenClient(epollReactor, "::1", port, "::1")
-        c.send(b"six")
+        c = client(epollReactor, "::1", "::1", port)
+        send(c, b"six")
         await c.waitFor(1)
         assert c.received == [(b"six", ("::1", port))]
 
@@ -104,8 +104,8 @@ def test_prefix(epollReactor: Any) -> None:
     proto, port = server(epollReactor, "::", EchoProtocol("héllo> ".encode()))
 
     async def scenario() -> None:
-        c = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.1")
-        c.send(b"abc")
+        c = client(epollReactor, "127.0.0.1", "127.0.0.2", port)
+        send(c, b"abc")
         await c.waitFor(1)
         assert c.received[0][0] == "héllo> ".encode() + b"abc"
 
@@ -122,9 +122,9 @@ def test_wholeDatagramsUpToTheUdpMaximum(epollReactor: Any) -> None:
     big = os.urandom(65507)
 
     async def scenario() -> None:
-        c = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.1")
-        c.send(big)
-        c.send(b"")
+        c = client(epollReactor, "127.0.0.1", "127.0.0.2", port)
+        send(c, big)
+        send(c, b"")
         await c.waitFor(2)
         assert [len(d) for d, _ in c.received] == [65507, 0]
         assert c.received[0][0] == big
@@ -138,8 +138,8 @@ def test_wholeDatagramsUpToTheIPv6Maximum(epollReactor: Any) -> None:
     big = os.urandom(65527)
 
     async def scenario() -> None:
-        c = listenClient(epollReactor, "::1", port, "::1")
-        c.send(big)
+        c = client(epollReactor, "::1", "::1", port)
+        send(c, big)
         await c.waitFor(1)
         assert c.received[0][0] == big
 
@@ -156,9 +156,9 @@ async def refusedThenMarker(
     refused: Client, marker: Client, count: int = 1, data: bytes = b"refuse me"
 ) -> None:
     for _ in range(count):
-        refused.send(data)
+        send(refused, data)
     expected = len(marker.received) + 1
-    marker.send(b"marker")
+    send(marker, b"marker")
     await marker.waitFor(expected)
     assert marker.received[-1][0].endswith(b"marker")
     assert refused.received == []
@@ -175,8 +175,8 @@ def test_loopProtectionSourcePorts(epollReactor: Any, sourcePort: int) -> None:
     proto, port = server(epollReactor, "0.0.0.0")
 
     async def scenario() -> None:
-        refused = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.5", sourcePort)
-        marker = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.6")
+        refused = client(epollReactor, "127.0.0.5", "127.0.0.2", port, sourcePort)
+        marker = client(epollReactor, "127.0.0.6", "127.0.0.2", port)
         await refusedThenMarker(refused, marker)
 
     run(epollReactor, scenario)
@@ -189,8 +189,8 @@ def test_loopProtectionIsConfigurable(epollReactor: Any) -> None:
     proto, port = server(epollReactor, "0.0.0.0", EchoProtocol(denySourcePorts=[]))
 
     async def scenario() -> None:
-        c = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.5", 7)
-        c.send(b"from seven")
+        c = client(epollReactor, "127.0.0.5", "127.0.0.2", port, 7)
+        send(c, b"from seven")
         await c.waitFor(1)
 
     run(epollReactor, scenario)
@@ -206,8 +206,8 @@ def test_loopProtectionSamePort(epollReactor: Any) -> None:
     port = listenUDP(0, proto, "127.0.0.1", 65535, epollReactor).getHost().port
 
     async def scenario() -> None:
-        refused = listenClient(epollReactor, "127.0.0.1", port, "127.0.0.5", port)
-        marker = listenClient(epollReactor, "127.0.0.1", port, "127.0.0.6")
+        refused = client(epollReactor, "127.0.0.5", "127.0.0.1", port, port)
+        marker = client(epollReactor, "127.0.0.6", "127.0.0.1", port)
         await refusedThenMarker(refused, marker)
 
     run(epollReactor, scenario)
@@ -238,8 +238,8 @@ def test_denyNetwork(epollReactor: Any, interface: str) -> None:
     proto, port = server(epollReactor, interface, EchoProtocol(access=access))
 
     async def scenario() -> None:
-        refused = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.5")
-        marker = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.6")
+        refused = client(epollReactor, "127.0.0.5", "127.0.0.2", port)
+        marker = client(epollReactor, "127.0.0.6", "127.0.0.2", port)
         await refusedThenMarker(refused, marker)
 
     run(epollReactor, scenario)
@@ -256,8 +256,8 @@ def test_allowNetwork(epollReactor: Any, interface: str) -> None:
     proto, port = server(epollReactor, interface, EchoProtocol(access=access))
 
     async def scenario() -> None:
-        refused = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.5")
-        marker = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.6")
+        refused = client(epollReactor, "127.0.0.5", "127.0.0.2", port)
+        marker = client(epollReactor, "127.0.0.6", "127.0.0.2", port)
         await refusedThenMarker(refused, marker)
 
     run(epollReactor, scenario)
@@ -276,11 +276,11 @@ def test_rateLimit(epollReactor: Any) -> None:
     )
 
     async def scenario() -> None:
-        flooder = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.5")
-        marker = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.6")
+        flooder = client(epollReactor, "127.0.0.5", "127.0.0.2", port)
+        marker = client(epollReactor, "127.0.0.6", "127.0.0.2", port)
         for i in range(10):
-            flooder.send(b"%d" % i)
-        marker.send(b"marker")
+            send(flooder, b"%d" % i)
+        send(marker, b"marker")
         await marker.waitFor(1)
         await flooder.waitFor(3)
         assert [d for d, _ in flooder.received] == [b"0", b"1", b"2"]
@@ -316,8 +316,8 @@ def test_rateLimitMemoryBoundedUnderManySources(epollReactor: Any) -> None:
 
     async def scenario() -> None:
         for source in sources:
-            c = listenClient(epollReactor, "127.0.0.2", port, source)
-            c.send(b"hi")
+            c = client(epollReactor, source, "127.0.0.2", port)
+            send(c, b"hi")
             await c.waitFor(1)
             assert len(limiter) <= 16
 
@@ -335,10 +335,10 @@ def test_amplificationBound(epollReactor: Any) -> None:
     proto, port = server(epollReactor, "::", EchoProtocol(b"ab"))
 
     async def scenario() -> None:
-        refused = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.5")
-        marker = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.6")
+        refused = client(epollReactor, "127.0.0.5", "127.0.0.2", port)
+        marker = client(epollReactor, "127.0.0.6", "127.0.0.2", port)
         await refusedThenMarker(refused, marker, data=b"x" * 65506)
-        marker.send(b"y" * 65505)
+        send(marker, b"y" * 65505)
         await marker.waitFor(2)
         assert marker.received[1][0] == b"ab" + b"y" * 65505
 
@@ -440,12 +440,12 @@ def test_debugLogsEachDatagram(epollReactor: Any, events: list[dict[str, Any]]) 
     ports: list[int] = []
 
     async def scenario() -> None:
-        refused = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.5")
-        marker = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.6")
+        refused = client(epollReactor, "127.0.0.5", "127.0.0.2", port)
+        marker = client(epollReactor, "127.0.0.6", "127.0.0.2", port)
         ports.extend(
             [refused.transport.getHost().port, marker.transport.getHost().port]
         )  # type: ignore[union-attr]
-        marker.send(b"x" * 42)
+        send(marker, b"x" * 42)
         await marker.waitFor(1)
         await refusedThenMarker(refused, marker)
 
@@ -477,13 +477,13 @@ def test_infoLogsNothingPerDatagram(
     )
 
     async def scenario() -> None:
-        refused = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.5")
-        marker = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.6")
-        refused.send(b"first")
+        refused = client(epollReactor, "127.0.0.5", "127.0.0.2", port)
+        marker = client(epollReactor, "127.0.0.6", "127.0.0.2", port)
+        send(refused, b"first")
         await refused.waitFor(1)
         for _ in range(50):
-            refused.send(b"again")
-        marker.send(b"marker")
+            send(refused, b"again")
+        send(marker, b"marker")
         await marker.waitFor(1)
 
     run(epollReactor, scenario)

@@ -21,7 +21,7 @@ from twisted.logger import LogLevel, globalLogPublisher
 
 from tests._raw import requiresRawSockets, spoof
 from tests._service_helpers import DEADLINE, Twistd, echo, freePort
-from tests.clients import listenClient
+from tests.clients import client, send
 from tests.netns import REPO
 from tests.test_echo import portCounters, run, server
 from udpdst.address import Destination, PeerAddress
@@ -102,8 +102,8 @@ def test_loopBetweenTwoEchoPortsEnds(
         for _ in range(2):
             before = received()
             for port in (portA, portB):
-                c = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.1")
-                c.send(b"marker")
+                c = client(epollReactor, "127.0.0.1", "127.0.0.2", port)
+                send(c, b"marker")
                 await c.waitFor(1)
                 assert c.received[0][0].endswith(b"marker")
             assert received() == [n + 1 for n in before]
@@ -137,9 +137,9 @@ def test_clientRepeatingOnceASecondIsNeverRefused(epollReactor: Any) -> None:
     proto, port = server(epollReactor, "::", EchoProtocol(clock=clock))
 
     async def scenario() -> None:
-        c = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.1")
+        c = client(epollReactor, "127.0.0.1", "127.0.0.2", port)
         for i in range(200):
-            c.send(b"are you there?")
+            send(c, b"are you there?")
             await c.waitFor(i + 1)
             clock.now += 1.0
 
@@ -156,10 +156,10 @@ def test_loadTestWithDifferentDatagramsIsNeverRefused(epollReactor: Any) -> None
     proto, port = server(epollReactor, "::", EchoProtocol(clock=lambda: 5.0))
 
     async def scenario() -> None:
-        c = listenClient(epollReactor, "127.0.0.2", port, "127.0.0.1")
+        c = client(epollReactor, "127.0.0.1", "127.0.0.2", port)
         for burst in range(20):
             for i in range(32):
-                c.send(b"%d %08d" % (burst, i) + b"\0" * 48)
+                send(c, b"%d %08d" % (burst, i) + b"\0" * 48)
             await c.waitFor(32 * (burst + 1))
 
     run(epollReactor, scenario)

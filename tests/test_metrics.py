@@ -9,13 +9,15 @@ from __future__ import annotations
 import os
 import re
 import socket
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests._service_helpers import DEADLINE, Twistd, echo, freePort
+from tests._service_helpers import DEADLINE, Twistd, echo, freePort, startedTwistd
 
 prometheus_client = pytest.importorskip(
     "prometheus_client", reason="the metrics extra (prometheus_client) is not installed"
@@ -23,22 +25,15 @@ prometheus_client = pytest.importorskip(
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from udpdst.echo import REFUSAL_REASONS  # noqa: E402
+from udpdst.metrics import metricName  # noqa: E402
+from udpdst.port import IO_PATH, PortCounters  # noqa: E402
 
 METRICS_LINE = re.compile(r"udpdst metrics on http://(\S+)/metrics")
 
 
 @pytest.fixture
-def started(tmp_path: Path):  # type: ignore[no-untyped-def]
-    processes: list[Twistd] = []
-
-    def start(*args: str, **kw: object) -> Twistd:
-        process = Twistd(args, tmp_path, **kw)  # type: ignore[arg-type]
-        processes.append(process)
-        return process
-
-    yield start
-    for process in processes:
-        process.kill()
+def started(tmp_path: Path) -> Iterator[Callable[..., Twistd]]:
+    yield from startedTwistd(tmp_path)
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -96,7 +91,10 @@ def test_scrapeAfterKnownTraffic(started) -> None:  # type: ignore[no-untyped-de
     ((key, value),) = [(k, v) for k, v in samples.items() if k[0] == "udpdst_info"]
     labels = dict(key[1])
     assert value == 1
-    assert labels["io_path"] in ("recvmmsg", "recvmsg")
+    assert labels["io_path"] == IO_PATH
+    # Every counter the port keeps is exported, by its name.
+    for name in PortCounters().asDict():
+        assert (metricName(name) + "_total", listener) in samples, name
     assert re.fullmatch(r"\d+\.\d+\.\d+.*", labels["version"])
 
     # Only /metrics is served.
@@ -155,3 +153,44 @@ def test_missingExtraIsOneLine(started, tmp_path: Path) -> None:  # type: ignore
     without = started("--listen", "127.0.0.1:0", env=env)
     without.listening()
     without.stop()
+
+
+def test_scrapeCoversEveryWorker(started) -> None:  # type: ignore[no-untyped-def]
+    """
+    With two worker processes, /metrics sums what both counted: the figures
+    reach exactly what was sent (workers report every second; wait for it).
+    """
+    process = started(
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--stats-interval",
+        "0",
+    )
+    ((_, port),) = process.listening()
+    (match,) = process.waitFor(METRICS_LINE)
+    url = f"http://{match.group(1)}/metrics"
+    # Many client sockets, so that both workers are likely to see some; the
+    # sum is what is checked, not the share.
+    sent = 40
+    for i in range(sent):
+        assert echo("127.0.0.1", port, b"%d" % i) == b"%d" % i
+    listener = (("listener", f"127.0.0.1:{port}"),)
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        samples = scrape(url)
+        figures = (
+            samples.get(("udpdst_received_total", listener)),
+            samples.get(("udpdst_replied_total", listener)),
+        )
+        if figures == (sent, sent) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert figures == (sent, sent), samples
+    process.stop()
+    assert f"final stats 127.0.0.1:{port}: received {sent}, replied {sent}," in (
+        process.output()
+    )

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from twisted.names import dns
 
-from tests._twistd_process import REPO, TWISTD, askConnected, freePort, twistd
+from tests._twistd_process import REPO, TWISTD, freePort, twistd
+from tests.clients import echo, replyOrNone
 from tests.conftest import requiresIPv6
 
 ZONE = """
@@ -37,9 +38,34 @@ class Echo(DatagramProtocol):
 
 
 application = service.Application("echo")
-internet.UDPServer({port}, Echo(), interface={interface!r}).setServiceParent(
+internet.{server}({port}, Echo(), interface={interface!r}).setServiceParent(
     application
 )
+"""
+
+
+ADOPT_TAC = """
+import socket
+
+from twisted.application import service
+from twisted.internet import reactor
+from twisted.internet.protocol import DatagramProtocol
+
+
+class Echo(DatagramProtocol):
+    def datagramReceived(self, data, addr):
+        self.transport.write(b"tac " + data, addr)
+
+
+class Adopt(service.Service):
+    def privilegedStartService(self):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("", {port}))
+            self.port = reactor.adoptDatagramPort(s.fileno(), socket.AF_INET, Echo())
+
+
+application = service.Application("echo")
+Adopt().setServiceParent(application)
 """
 
 
@@ -49,17 +75,29 @@ def dnsQuery(ident: int) -> bytes:
     return message.toStr()  # type: ignore[no-any-return]
 
 
-def askDNS(host: str, port: int, timeout: float = 10.0) -> list[str] | None:
+def readDNS(reply: bytes | None) -> list[str] | None:
     """
-    The A records a connected client gets for www.example.test, or L{None}.
+    The A records in a reply to L{dnsQuery}, or L{None} for no reply.
     """
-    reply = askConnected(host, port, dnsQuery(42), timeout)
     if reply is None:
         return None
     message = dns.Message()
     message.fromStr(reply)
     assert message.id == 42
     return [a.payload.dottedQuad() for a in message.answers if a.type == dns.A]
+
+
+def askDNS(host: str, port: int, timeout: float = 10.0) -> list[str] | None:
+    """
+    The A records for www.example.test that a client connected to C{host}
+    gets, or L{None}.
+
+    @raise AssertionError: The reply came from another address.
+    """
+    try:
+        return readDNS(echo(host, port, dnsQuery(42), timeout=timeout))
+    except TimeoutError:
+        return None
 
 
 @contextmanager
@@ -77,7 +115,9 @@ def dnsServer(tmp: Path, reactor: str | None, interface: str) -> Iterator[int]:
         args += ["--interface", interface]
     primary = "::1" if interface == "::" else "127.0.0.1"
     with twistd(tmp, *args) as server:
-        server.waitAnswering(lambda: askDNS(primary, port, timeout=0.5))
+        server.waitAnswering(
+            lambda: readDNS(replyOrNone(primary, port, dnsQuery(42), 0.5))
+        )
         yield port
 
 
@@ -99,7 +139,9 @@ def test_helpReactorsListsThem() -> None:
     assert "asyncio reactor" in listed["udpdst-asyncio"]
 
 
-@pytest.mark.parametrize("reactor", ["udpdst", "udpdst-asyncio"])
+@pytest.mark.parametrize(
+    "reactor", ["udpdst", "udpdst-asyncio", "udpdst-poll", "udpdst-select"]
+)
 def test_twistdDNSThroughSecondaryAddresses(tmp_path: Path, reactor: str) -> None:
     """
     C{twistd dns} on 0.0.0.0 under a udpdst reactor answers clients connected
@@ -124,10 +166,12 @@ def test_twistdDNSDualStack(tmp_path: Path) -> None:
 def test_stockTwistdDNSFailsThroughSecondaryAddress(tmp_path: Path) -> None:
     """
     The same command without C{--reactor udpdst} answers 127.0.0.1 (it is
-    up) but not a client connected to 127.0.0.2: the bug udpdst fixes.
+    up), but answers a query to 127.0.0.2 from 127.0.0.1, which a connected
+    client drops: the bug udpdst fixes.
     """
     with dnsServer(tmp_path, None, "") as port:
-        assert askDNS("127.0.0.2", port, timeout=3.0) is None
+        with pytest.raises(AssertionError, match=f"came from 127.0.0.1:{port}"):
+            askDNS("127.0.0.2", port)
         assert askDNS("127.0.0.1", port) == ["192.0.2.80"]
 
 
@@ -167,28 +211,46 @@ def test_digThroughSecondaryAddresses(
 
 
 @pytest.mark.parametrize(
-    "reactor, interface, target",
+    "server, reactor, interface, target",
     [
-        ("udpdst", "", "127.0.0.2"),
-        ("udpdst-asyncio", "", "127.0.0.3"),
-        pytest.param("udpdst", "::", "127.0.0.2", marks=requiresIPv6),
+        ("UDPServer", "udpdst", "", "127.0.0.2"),
+        ("UDPServer", "udpdst-asyncio", "", "127.0.0.3"),
+        pytest.param("UDPServer", "udpdst", "::", "127.0.0.2", marks=requiresIPv6),
+        ("MulticastServer", "udpdst", "", "127.0.0.3"),
     ],
 )
-def test_stockTacWithUDPServer(
-    tmp_path: Path, reactor: str, interface: str, target: str
+def test_stockTac(
+    tmp_path: Path, server: str, reactor: str, interface: str, target: str
 ) -> None:
     """
-    An unchanged C{.tac} with C{internet.UDPServer} and a plain
-    C{DatagramProtocol}, under C{twistd -ny app.tac --reactor udpdst},
-    answers a client connected to a secondary address.
+    An unchanged C{.tac} with C{internet.UDPServer} (or C{MulticastServer},
+    which calls C{reactor.listenMulticast}) and a plain C{DatagramProtocol},
+    under C{twistd -ny app.tac --reactor udpdst}, answers a client connected
+    to a secondary address.
     """
     port = freePort()
     tac = tmp_path / "app.tac"
-    tac.write_text(ECHO_TAC.format(port=port, interface=interface))
+    tac.write_text(ECHO_TAC.format(server=server, port=port, interface=interface))
     primary = "::1" if interface == "::" else "127.0.0.1"
-    with twistd(tmp_path, "--reactor", reactor, "-y", str(tac)) as server:
-        server.waitAnswering(
-            lambda: askConnected(primary, port, b"up?", 0.5) == b"tac up?"
+    with twistd(tmp_path, "--reactor", reactor, "-y", str(tac)) as process:
+        process.waitAnswering(
+            lambda: replyOrNone(primary, port, b"up?", 0.5) == b"tac up?"
         )
-        reply = askConnected(target, port, b"hello", 10.0)
-        assert reply == b"tac hello", server.output()
+        reply = echo(target, port, b"hello", timeout=10.0)
+        assert reply == b"tac hello", process.output()
+
+
+def test_stockTacAdoptingASocket(tmp_path: Path) -> None:
+    """
+    A C{.tac} that hands a bound socket to C{reactor.adoptDatagramPort}, under
+    C{--reactor udpdst}, answers through 127.0.0.3.
+    """
+    port = freePort()
+    tac = tmp_path / "app.tac"
+    tac.write_text(ADOPT_TAC.format(port=port))
+    with twistd(tmp_path, "--reactor", "udpdst", "-y", str(tac)) as process:
+        process.waitAnswering(
+            lambda: replyOrNone("127.0.0.1", port, b"up?", 0.5) == b"tac up?"
+        )
+        reply = echo("127.0.0.3", port, b"hello", timeout=10.0)
+        assert reply == b"tac hello", process.output()

@@ -10,27 +10,21 @@ from __future__ import annotations
 import re
 import signal
 import socket
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests._service_helpers import DEADLINE, Twistd, echo, freePort
+from tests._service_helpers import DEADLINE, Twistd, echo, freePort, startedTwistd
 
 RELOADED = re.compile(r"reloaded configuration: (.*)")
 
 
 @pytest.fixture
-def started(tmp_path: Path):  # type: ignore[no-untyped-def]
-    processes: list[Twistd] = []
-
-    def start(*args: str, **kw: object) -> Twistd:
-        process = Twistd(args, tmp_path, **kw)  # type: ignore[arg-type]
-        processes.append(process)
-        return process
-
-    yield start
-    for process in processes:
-        process.kill()
+def started(tmp_path: Path) -> Iterator[Callable[..., Twistd]]:
+    yield from startedTwistd(tmp_path)
 
 
 def listeners(*ports: int) -> str:
@@ -160,3 +154,63 @@ def test_badConfigAtReloadKeepsTheRunningOne(  # type: ignore[no-untyped-def]
     assert "Traceback" not in output
     assert len([x for x in output.splitlines() if "reload" in x]) == 1
     assert not RELOADED.search(output)
+
+
+def test_reloadCannotAddASystemdListener() -> None:
+    """
+    systemd passes sockets only at start: a reload that adds a systemd
+    listener is refused before anything changes.
+    """
+    from udpdst.config import Config, ConfigError, ListenConfig
+    from udpdst.service import EchoService
+
+    listener = ListenConfig("127.0.0.1", 0)
+    config = Config(listen=(listener,))
+    service = EchoService(config, [(listener, None)])
+    with pytest.raises(ConfigError, match="restart the service to use it"):
+        service.reload(Config(listen=(listener, ListenConfig(systemd=True))))
+    assert service.config is config
+    assert [child.listener for child in service.listeners] == [listener]
+
+
+def test_reloadMovesTheMetricsEndpoint(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """
+    [metrics] listen changes at reload: the endpoint opens, moves, closes.
+    """
+    pytest.importorskip("prometheus_client", reason="the metrics extra is missing")
+    port, first, second = freePort(), freeTcpPort(), freeTcpPort()
+    config = tmp_path / "udpdst.toml"
+    base = listeners(port) + "[log]\nstats_interval = 0\n"
+    config.write_text(base)
+    process = started("--config", str(config))
+    process.listening()
+    assert echo("127.0.0.1", port, b"x") == b"x"
+
+    for count, (was, now) in enumerate(
+        [("off", first), (first, second), (second, "off")], 1
+    ):
+        listen = f"127.0.0.1:{now}" if now != "off" else ""
+        config.write_text(base + f'[metrics]\nlisten = "{listen}"\n')
+        process.proc.send_signal(signal.SIGHUP)
+        line = process.waitFor(RELOADED, count)[-1]
+        old = f"127.0.0.1:{was}" if was != "off" else "off"
+        assert line.group(1) == f"metrics {old} -> {listen or 'off'}"
+        if now != "off":
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{now}/metrics", timeout=DEADLINE
+            ) as response:
+                text = response.read().decode()
+            assert f'udpdst_received_total{{listener="127.0.0.1:{port}"}} 1.0' in text
+        if was != "off":
+            with pytest.raises(urllib.error.URLError):
+                urllib.request.urlopen(
+                    f"http://127.0.0.1:{was}/metrics", timeout=DEADLINE
+                )
+    process.stop()
+    assert "Traceback" not in process.output()
+
+
+def freeTcpPort() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -6,14 +6,18 @@ a child process, as systemd would, so the test process's own are untouched.
 
 from __future__ import annotations
 
+import importlib.resources
 import json
+import shutil
 import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
+from tests._service_helpers import TWISTD
 from udpdst.config import ConfigError, ListenConfig
 from udpdst.systemd import assignSockets, listenFds
 
@@ -145,3 +149,39 @@ def test_malformed() -> None:
     with pytest.raises(ConfigError, match="malformed LISTEN_PID"):
         listenFds(env)
     assert env == {}
+
+
+# The units shipped in the package.
+
+UNITS = ("udpdst.service", "udpdst@.service", "udpdst.socket")
+
+#: Where the units expect a virtual environment with udpdst (the README and
+#: the units' comments say so).
+UNIT_TWISTD = "/opt/udpdst/bin/twistd"
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
+)
+def test_unitsVerify(tmp_path: Path) -> None:
+    """
+    systemd-analyze verify finds nothing to say about the units, with
+    ExecStart pointed at this environment's twistd (the only line that
+    depends on where udpdst is installed).
+    """
+    data = importlib.resources.files("udpdst").joinpath("data")
+    for name in UNITS:
+        text = data.joinpath(name).read_text()
+        if name.endswith(".service"):
+            assert f"ExecStart={UNIT_TWISTD} " in text
+            assert "Type=notify\n" in text
+            assert "ExecReload=/bin/kill -HUP $MAINPID\n" in text
+        (tmp_path / name).write_text(text.replace(UNIT_TWISTD, TWISTD))
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", *(str(tmp_path / n) for n in UNITS)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")

@@ -135,6 +135,7 @@ def test_writeRefusesWhatARealPortRefuses(
     with pytest.raises(error.InvalidAddressError):
         transport.write(b"x", addr)
     assert transport.written == []
+    assert transport.counters.sendErrors == 1
 
 
 def test_connectedWrite() -> None:
@@ -339,3 +340,12 @@ def test_patchedMemoryReactor() -> None:
     assert isinstance(port, FakeDestinationTransport)
     assert reactor.udpServers == [(53, port.protocol, "", 8192)]  # type: ignore[attr-defined]
     assert not hasattr(reactor, "listenUDP")
+
+
+def test_listenMulticastRefusesMemoryReactor() -> None:
+    """
+    Twisted's memory reactors have no C{listenMulticast}; udpdst's says
+    clearly that there is no socket to be had, and what to use instead.
+    """
+    with pytest.raises(error.CannotListenError, match="FakeDestinationTransport"):
+        udpdst.listenMulticast(5353, PlainEcho(), reactor=MemoryReactor())

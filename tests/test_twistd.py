@@ -98,6 +98,16 @@ def oneCriticalLine(process: Twistd) -> str:
     return critical[0].split("] ", 1)[1].rstrip("\n")
 
 
+def nobodyUser() -> pwd.struct_passwd:
+    """
+    The unprivileged user C{nobody}; skip the test on a host without one.
+    """
+    try:
+        return pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("this host has no user 'nobody' to run as")
+
+
 # --help
 
 
@@ -320,7 +330,7 @@ def test_privilegedPortThenDropPrivileges(started) -> None:  # type: ignore[no-u
     Port 7 is bound before twistd drops to --uid/--gid: the process runs as
     nobody and still echoes.
     """
-    nobody = pwd.getpwnam("nobody")
+    nobody = nobodyUser()
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
             probe.bind(("127.0.0.7", 7))
@@ -349,15 +359,17 @@ def test_privilegedPortThenDropPrivileges(started) -> None:  # type: ignore[no-u
 
 # Mistakes: one line, a non-zero exit, never a traceback.
 
+#: Config files twistd udpdst (and udpdst check-config) refuse, and a regular
+#: expression for what their one-line error says.
 BAD_CONFIGS = [
-    ("[limits]\nper_source_rat = 5\n", "unknown key 'per_source_rat'"),
-    ("[[listen]]\nport = '7'\n", "must be an integer port number"),
-    ("[[listen]]\naddress = 'eth0'\n", "bad address 'eth0'"),
+    ("[limits]\nper_source_rat = 5\n", r"unknown key 'per_source_rat'"),
+    ("[[listen]]\nport = '7'\n", r"must be an integer port number"),
+    ("[[listen]]\naddress = 'eth0'\n", r"bad address 'eth0'"),
     (
         "[[listen]]\nport = 65536\n",
-        "port = 65536 is out of range; use a port number 0..65535",
+        r"port = 65536 is out of range; use a port number 0\.\.65535",
     ),
-    ("[echo]\nprefix = 'x'\n\n[limits\n", "invalid TOML: "),
+    ("[echo]\nprefix = 'x'\n\n[limits\n", r"invalid TOML: .*\(at line 4, column 8\)"),
 ]
 
 
@@ -366,14 +378,8 @@ def test_badConfigFile(started, tmp_path: Path, text: str, cause: str) -> None: 
     config = tmp_path / "bad.toml"
     config.write_text(text)
     line = oneLineError(started("--config", str(config)))
-    assert cause in line
+    assert re.search(cause, line), line
     assert str(config) in line
-
-
-def test_invalidTomlNamesItsLine(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    config = tmp_path / "bad.toml"
-    config.write_text("[echo]\nprefix = 'x'\n\n[limits\n")
-    assert "(at line 4, column 8)" in oneLineError(started("--config", str(config)))
 
 
 def test_missingConfigFile(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -458,7 +464,7 @@ def test_permissionDenied(started, readableByAnyone: Path) -> None:  # type: ign
         setpriv = shutil.which("setpriv")
         if setpriv is None:
             pytest.skip("running as root and no setpriv to run as nobody")
-        nobody = pwd.getpwnam("nobody")
+        nobody = nobodyUser()
         asNobody = [
             setpriv,
             f"--reuid={nobody.pw_uid}",
@@ -613,10 +619,12 @@ def test_daemonModePortInUse(started, tmp_path: Path) -> None:  # type: ignore[n
         )
         assert process.finish() == 1
     assert "Traceback" not in process.output()
-    assert process.err[0] == (
-        f"An error has occurred: b'cannot listen on 127.0.0.1:{port}: address "
-        "already in use'\n"
-    )
+    # The whole sentence, as in the foreground (not twistd's cut bytes repr).
+    assert process.err == [
+        f"cannot listen on 127.0.0.1:{port}: address already in use; stop the "
+        "other service on that port or choose another port, or set reuse_port "
+        "= true in every process that shares it\n"
+    ]
     log = (tmp_path / "d.log").read_text()
     assert "Traceback" not in log
     assert (

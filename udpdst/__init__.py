@@ -13,10 +13,12 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    __version__: str
     from udpdst.address import Destination, PeerAddress
     from udpdst.application import UDPServer
     from udpdst.interfaces import IDestinationDatagramProtocol, IDestinationTransport
     from udpdst.listening import adoptDatagramPort, listenUDP, patchReactor
+    from udpdst.multicast import DestinationMulticastPort, listenMulticast
     from udpdst.port import DestinationPort, PortCounters
     from udpdst.protocol import DestinationDatagramProtocol
 
@@ -31,12 +33,16 @@ _HOMES = {
     "adoptDatagramPort": "udpdst.listening",
     "listenUDP": "udpdst.listening",
     "patchReactor": "udpdst.listening",
+    "DestinationMulticastPort": "udpdst.multicast",
+    "listenMulticast": "udpdst.multicast",
     "DestinationDatagramProtocol": "udpdst.protocol",
 }
 
 __all__ = [
+    "__version__",
     "Destination",
     "DestinationDatagramProtocol",
+    "DestinationMulticastPort",
     "DestinationPort",
     "IDestinationDatagramProtocol",
     "IDestinationTransport",
@@ -44,13 +50,30 @@ __all__ = [
     "PortCounters",
     "UDPServer",
     "adoptDatagramPort",
+    "listenMulticast",
     "listenUDP",
     "patchReactor",
 ]
-assert sorted(__all__) == sorted(_HOMES)
+assert sorted(__all__) == sorted([*_HOMES, "__version__"])
+
+
+def _version() -> str:
+    """
+    The installed distribution's version: pyproject.toml says it, once.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("udpdst")
+    except PackageNotFoundError:
+        # Imported from a checkout that was never installed.
+        return "0+unknown"
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        globals()[name] = value = _version()
+        return value
     home = _HOMES.get(name)
     if home is None:
         raise AttributeError(f"module 'udpdst' has no attribute {name!r}")
@@ -60,4 +83,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_HOMES))
+    return sorted(set(globals()) | set(__all__))

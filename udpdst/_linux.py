@@ -25,6 +25,10 @@ IPV6_ORIGDSTADDR: int = IPV6_RECVORIGDSTADDR
 IPV6_TRANSPARENT: int = getattr(socket, "IPV6_TRANSPARENT", 75)
 IPV6_FREEBIND: int = getattr(socket, "IPV6_FREEBIND", 78)
 
+IP_RECVERR: int = getattr(socket, "IP_RECVERR", 11)
+IPV6_RECVERR: int = getattr(socket, "IPV6_RECVERR", 25)
+MSG_ERRQUEUE: int = int(getattr(socket, "MSG_ERRQUEUE", 0x2000))
+
 SO_RXQ_OVFL: int = getattr(socket, "SO_RXQ_OVFL", 40)
 SO_REUSEPORT: int = getattr(socket, "SO_REUSEPORT", 15)
 

@@ -1,18 +1,27 @@
 """
-What the udpdst service needs from twistd, in one place: its log observer
-put behind our log level, and a failed start reported the way twistd's
-daemon mode expects (status pipe, pid file).
+What the udpdst service needs from twistd, in one place: the log observer
+twistd would build (put behind our log level, in our format), and a failed
+start reported the way twistd's daemon mode expects (status pipe, pid file).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import select
+import signal
+import sys
+from typing import IO, Any
 
-from twisted.logger import ILogObserver
+from twisted.logger import ILogObserver, textFileLogObserver
 from twisted.python.components import Componentized
+from twisted.python.logfile import LogFile
+from twisted.python.util import untilConcludes
 
 from udpdst import logs
+
+#: The hooks of the twistd run in this process, once L{TwistdHooks.install}
+#: ran (C{twistd --logger} factories find twistd's options there).
+current: TwistdHooks | None = None
 
 
 class TwistdHooks:
@@ -20,31 +29,99 @@ class TwistdHooks:
     The service's ties to the twistd run that started it.
 
     @ivar options: twistd's own options (C{ServerOptions}): C{--logfile},
-        C{--pidfile}, and the C{statusPipe} twistd sets in a daemon.
+        C{--syslog}, C{--nodaemon}, C{--pidfile}, and the C{statusPipe}
+        twistd sets in a daemon.
+    @ivar logFormat: C{"text"} or C{"json"} (C{[log] format}).
     """
 
-    def __init__(self, options: Any) -> None:
+    def __init__(self, options: Any, logFormat: str = "text") -> None:
         self.options = options
+        self.logFormat = logFormat
+        self._output: IO[str] | None = None
+
+    @classmethod
+    def install(cls, options: Any, logFormat: str = "text") -> TwistdHooks:
+        """
+        The hooks for this process's twistd run; twistd's daemon parent
+        from now on prints a failed start in full (L{waitForStart}).
+        """
+        global current
+        current = cls(options, logFormat)
+        _replaceWaitForStart()
+        return current
+
+    def logOutput(self) -> IO[str]:
+        """
+        The file twistd would log to: standard output in the foreground
+        without C{--logfile} (or with C{--logfile -}), else the log file
+        (C{twistd.log} by default), reopened on SIGUSR1 for log rotation.
+
+        @raise SystemExit: With one line, if there is no such file to
+            write (twistd prints it and exits 1).
+        """
+        if self._output is not None:
+            return self._output
+        path = self.options.get("logfile")
+        daemon = not self.options.get("nodaemon")
+        if path == "-" and daemon:
+            raise SystemExit(
+                "twistd udpdst: a daemon cannot log to standard output; give "
+                "--logfile FILE, or run in the foreground with --nodaemon"
+            )
+        if path == "-" or (not daemon and not path):
+            self._output = sys.stdout
+            return sys.stdout
+        path = path or "twistd.log"
+        try:
+            logFile = LogFile.fromFullPath(path)
+        except OSError as e:
+            raise SystemExit(
+                f"twistd udpdst: cannot open the log file {path}: "
+                f"{e.strerror or e}; give a --logfile in a directory that "
+                "exists and that twistd may write to"
+            ) from None
+        if not signal.getsignal(signal.SIGUSR1):
+
+            def rotate(*_: Any) -> None:
+                from twisted.internet import reactor
+
+                reactor.callFromThread(logFile.rotate)  # type: ignore[attr-defined]
+
+            signal.signal(signal.SIGUSR1, rotate)
+        self._output = logFile  # type: ignore[assignment]
+        return self._output  # type: ignore[return-value]
+
+    def logObserver(self) -> ILogObserver:
+        """
+        The observer for twistd's options and our format, behind the log
+        level.
+        """
+        if self.options.get("syslog"):
+            from twisted.python.syslog import SyslogObserver
+
+            prefix = self.options.get("prefix") or "twisted"
+            return logs.filtered(SyslogObserver(prefix).emit)
+        out = self.logOutput()
+        if self.logFormat == "json":
+            return logs.filtered(logs.jsonLinesObserver(out))
+        return logs.filtered(textFileLogObserver(out))
 
     def installLogObserver(self, application: Any) -> None:
         """
-        Give twistd the observer it would build, behind the log level: twistd
-        uses an application's L{ILogObserver} component, if set, instead of
-        building its own (unless C{--logger} was given).
+        Give twistd our observer: it uses an application's L{ILogObserver}
+        component, if set, instead of building its own (unless C{--logger}
+        was given).
         """
         if not isinstance(application, Componentized):
             return
-        if application.getComponent(ILogObserver, None) is not None:
-            return
-        observer = logs.twistdLogObserver(self.options)
-        if observer is not None:
-            application.setComponent(ILogObserver, observer)
+        if application.getComponent(ILogObserver, None) is None:
+            application.setComponent(ILogObserver, self.logObserver())
 
     def failedToStart(self, message: str) -> None:
         """
         The service ends by L{SystemExit} before it ran: tell a waiting
-        daemon parent, and remove the pid file, which twistd removes only
-        after other exceptions.
+        daemon parent why, and remove the pid file, which twistd removes
+        only after other exceptions.
         """
         self._tellDaemonParent(message)
         self._removePidFile()
@@ -53,14 +130,15 @@ class TwistdHooks:
         """
         In daemon mode, twistd's first process waits for a status on a pipe
         and would wait forever for a child that ends by L{SystemExit}: send
-        it the cause (it prints it, at most 100 bytes, and exits 1).
+        it the whole sentence (L{waitForStart} prints it).
         """
         pipe = self.options.get("statusPipe")
         if pipe is None:
             return
-        cause = message.split(";", 1)[0].encode("ascii", "backslashreplace")
+        # Within PIPE_BUF, so that it arrives in one piece.
+        status = (b"1 " + message.encode("utf-8"))[: select.PIPE_BUF]
         try:
-            os.write(pipe, b"1 " + cause[:98])
+            untilConcludes(os.write, pipe, status)
             os.close(pipe)
         except OSError:
             pass
@@ -76,3 +154,37 @@ class TwistdHooks:
                 os.unlink(path)
         except OSError:
             pass
+
+
+def waitForStart(runner: Any, readPipe: int) -> int:
+    """
+    twistd's first process, in daemon mode, waiting for the daemon's status:
+    C{0} once it runs, else C{1} and the daemon's message on standard error
+    as the plain text it is.  twistd's own prints at most 98 bytes of it as
+    a bytes repr (C{An error has occurred: b'cannot listen on ...'}), the
+    hint cut off.
+
+    @return: The exit status for the first process.
+    """
+    # One read: this process holds the pipe's write end too (no EOF), and
+    # the daemon writes its status in one write of less than PIPE_BUF.
+    data = untilConcludes(os.read, readPipe, select.PIPE_BUF)
+    if data == b"0":
+        return 0
+    text = data[2:] if data.startswith(b"1 ") else data
+    message = text.decode("utf-8", "backslashreplace").strip() or (
+        "the daemon ended before it started; see its log file"
+    )
+    stderr = sys.__stderr__
+    if stderr is not None:
+        untilConcludes(stderr.write, message + "\n")
+        stderr.flush()
+    return 1
+
+
+def _replaceWaitForStart() -> None:
+    # No public way: the daemon parent's reader is a private method of
+    # twistd's runner.  tests/test_logs.py fails loudly if it changes.
+    from twisted.scripts._twistd_unix import UnixApplicationRunner
+
+    UnixApplicationRunner._waitForStart = waitForStart  # type: ignore[method-assign, assignment]

@@ -10,10 +10,10 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorFDSet
-from twisted.internet.protocol import AbstractDatagramProtocol
 
 from udpdst.listening import listenUDP
 from udpdst.port import DestinationPort
+from udpdst.protocol import AnyDatagramProtocol
 
 
 class UDPServer(service.Service):
@@ -31,7 +31,7 @@ class UDPServer(service.Service):
     def __init__(
         self,
         port: int,
-        protocol: AbstractDatagramProtocol,
+        protocol: AnyDatagramProtocol,
         interface: str = "",
         maxPacketSize: int = 8192,
         reactor: IReactorFDSet | None = None,

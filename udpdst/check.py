@@ -257,12 +257,14 @@ def askAll(
     payloads: Sequence[bytes],
     timeout: float,
     attempts: int = 3,
+    echoed: bool = True,
 ) -> list[Answer | None]:
     """
     Send each probe its payload and wait, up to C{timeout} seconds in all,
-    for an answer to each: the first reply that contains the payload.
-    Unanswered probes are sent again, up to C{attempts} times in all, spread
-    over the timeout, in case a datagram was lost.
+    for an answer to each: the first reply that contains the payload (any
+    reply, unless C{echoed}).  Unanswered probes are sent again, up to
+    C{attempts} times in all, spread over the timeout, in case a datagram
+    was lost.
 
     @return: Per probe, its answer or L{None}.
     """
@@ -293,7 +295,7 @@ def askAll(
                 i = key.data
                 answer = probes[i].receive(key.fileobj)  # type: ignore[arg-type]
                 if answer is not None and answers[i] is None:
-                    if payloads[i] in answer.data:
+                    if not echoed or payloads[i] in answer.data:
                         answers[i] = answer
     return answers
 
@@ -352,6 +354,25 @@ def sourceFor(address: LocalAddress) -> str:
     return "::1" if address.family == socket.AF_INET6 else "127.0.0.1"
 
 
+def _openProbe(address: LocalAddress, port: int) -> Probe:
+    """
+    A probe of C{address} from L{sourceFor}, or from the kernel's choice of
+    source where that one is missing (a host without C{::1}).
+
+    @raise CheckError: Neither can be opened.
+    """
+    try:
+        return Probe(address.scoped, port, source=sourceFor(address))
+    except OSError:
+        pass
+    try:
+        return Probe(address.scoped, port)
+    except OSError as e:
+        raise CheckError(
+            f"cannot probe {address.describe(port)}: {e.strerror or e}"
+        ) from None
+
+
 def check(
     targets: Iterable[Target], addresses: Sequence[LocalAddress], timeout: float
 ) -> list[Result]:
@@ -368,7 +389,7 @@ def check(
     probes: list[Probe] = []
     try:
         for port, address in pairs:
-            probes.append(Probe(address.scoped, port, source=sourceFor(address)))
+            probes.append(_openProbe(address, port))
         nonce = os.urandom(8).hex()
         payloads = [f"udpdst check {nonce} {i}".encode() for i in range(len(probes))]
         answers = askAll(probes, payloads, timeout)
@@ -443,6 +464,9 @@ def run(targets: Sequence[Target], notes: Sequence[str], timeout: float) -> int:
     served = [a for a in addresses if any(t.serves(a) for t in targets)]
     results = check(targets, served, timeout)
     skipped = [a for a in served if a.unusable is not None]
+    if not results:
+        listeners = ", ".join(formatHostPort(t.address, t.port) for t in targets)
+        notes = [*notes, f"no address of this host is served by {listeners}"]
     for line in formatReport(results, skipped, notes):
         print(line)
     return 0 if results and all(r.verdict == OK for r in results) else 1

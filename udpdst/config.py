@@ -182,6 +182,17 @@ def _listOf(item: _Check) -> _Check:
     return check
 
 
+def _choice(*choices: str) -> _Check:
+    def check(value: Any, where: str) -> str:
+        if value not in choices:
+            raise ConfigError(
+                f"{where}: {value!r} is not one of " + ", ".join(map(repr, choices))
+            )
+        return str(value)
+
+    return check
+
+
 def _workers(value: Any, where: str) -> int | str:
     if value == "auto":
         return "auto"
@@ -350,6 +361,12 @@ class LogConfig:
         "seconds between stats lines; 0 = only at stop",
         option="stats-interval",
     )
+    format: str = _key(
+        "text",
+        _choice("text", "json"),
+        "text, or json: one JSON object per line",
+        option="log-format",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,13 +435,6 @@ TABLES: dict[str, type] = {
 }
 
 _T = TypeVar("_T")
-
-
-def keysOf(table: type) -> list[tuple[str, Any, str]]:
-    """
-    The keys of a table class: C{(name, default, description)}.
-    """
-    return [(f.name, f.default, f.metadata["doc"]) for f in fields(table)]
 
 
 def _fill(table: type[_T], raw: Mapping[str, Any], where: str) -> _T:

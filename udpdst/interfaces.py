@@ -5,8 +5,15 @@ the transport that can reply from it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from twisted.internet.interfaces import IUDPTransport
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from udpdst.address import Destination, PeerAddress
 
 
 class IDestinationDatagramProtocol(Interface):
@@ -18,7 +25,9 @@ class IDestinationDatagramProtocol(Interface):
     C{DatagramProtocol} with C{datagramReceived(data, addr)}.
     """
 
-    def datagramReceived(data: bytes, addr: tuple[str, int], dst: object) -> None:
+    def datagramReceived(
+        data: bytes, addr: PeerAddress, dst: Destination | None
+    ) -> None:
         """
         A datagram arrived.
 
@@ -41,8 +50,10 @@ class IDestinationTransport(IUDPTransport):
     counters = Attribute("A L{udpdst.port.PortCounters} of this port.")
 
     def write(
-        packet: bytes, addr: tuple[str, int] | None = None, dst: object = None
-    ) -> None:  # type: ignore[override]
+        packet: bytes,
+        addr: tuple[str, int] | None = None,
+        dst: Destination | None = None,
+    ) -> None:
         """
         Send a datagram.
 
@@ -60,8 +71,10 @@ class IDestinationTransport(IUDPTransport):
         """
 
     def writeSequence(
-        seq: object, addr: tuple[str, int] | None = None, dst: object = None
-    ) -> None:  # type: ignore[override]
+        seq: Iterable[bytes],
+        addr: tuple[str, int] | None = None,
+        dst: Destination | None = None,
+    ) -> None:
         """
         Send a datagram made of the concatenation of C{seq}; as L{write}.
         """

@@ -20,7 +20,9 @@ The interface, the same for both paths:
     and stops at the first failure, whose C{errno} is that of
     C{items[start + sent]}.
 
-Setting the environment variable C{UDPDST_IO=python} forces the twin.
+L{DEFAULT} is the path ports use; setting the environment variable
+C{UDPDST_IO=python} makes it the twin.  Both are importable (L{BATCHED},
+L{PLAIN}), so tests can compare them in one process.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Hashable, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, NamedTuple
 
 from udpdst import _linux as L
 
@@ -57,8 +59,6 @@ def _cmsgAlign(length: int) -> int:
 
 
 try:
-    if os.environ.get("UDPDST_IO") == "python":
-        raise ImportError("UDPDST_IO=python")
     from udpdst import _mmsg  # type: ignore[attr-defined]
 except ImportError:
     _mmsg = None
@@ -212,17 +212,36 @@ def _tupleTarget(addr: Any) -> Any:
     return tuple(addr)
 
 
+class Path(NamedTuple):
+    """
+    One implementation of the interface above.
+    """
+
+    name: str
+    receive: Callable[[socket.socket, int, int, int], tuple[Batch, int, int]]
+    send: Callable[[socket.socket, list[tuple[bytes, Any, Any]], int], tuple[int, int]]
+    decodeKey: Callable[[Any], tuple[Any, list[Ancillary], Any]]
+    packControl: Callable[[Sequence[Ancillary]], Any]
+    packTarget: Callable[[Sequence[Any]], Any]
+
+
+#: The pure-Python twin; always there.
+PLAIN = Path("recvmsg", _receiveEach, _sendEach, _decodeTupleKey, list, _tupleTarget)
+
+#: The C extension's path, or L{None} where it was not built.
+BATCHED: Path | None = None
 if _mmsg is not None:
-    IO_PATH = "recvmmsg"
-    receive: Any = _mmsg.recv
-    send: Any = _mmsg.send
-    decodeKey = _decodeRawKey
-    packControl: Any = _packRawControl
-    packTarget: Any = _packRawTarget
-else:
-    IO_PATH = "recvmsg"
-    receive = _receiveEach
-    send = _sendEach
-    decodeKey = _decodeTupleKey
-    packControl = list
-    packTarget = _tupleTarget
+    BATCHED = Path(
+        "recvmmsg",
+        _mmsg.recv,
+        _mmsg.send,
+        _decodeRawKey,
+        _packRawControl,
+        _packRawTarget,
+    )
+
+#: What ports use: the C path unless C{UDPDST_IO=python} or it is not built.
+DEFAULT: Path = (
+    PLAIN if BATCHED is None or os.environ.get("UDPDST_IO") == "python" else BATCHED
+)
+IO_PATH = DEFAULT.name

@@ -1,7 +1,7 @@
 """
 How destination-aware ports are built and started: the counterparts of
 C{reactor.listenUDP} and C{reactor.adoptDatagramPort}, and the patch that
-makes a reactor's own methods build them.
+makes a reactor's own methods (those two and C{listenMulticast}) build them.
 
 A port's options are named once, by L{DestinationPort.__init__}; everything
 here passes them through.
@@ -10,21 +10,22 @@ here passes them through.
 from __future__ import annotations
 
 import socket
-import sys
 from collections.abc import Callable
 from functools import partial
 from typing import Any, cast
 
 from twisted.internet import error
 from twisted.internet.interfaces import IReactorFDSet
-from twisted.internet.protocol import AbstractDatagramProtocol
 
+from udpdst.multicast import listenMulticast
 from udpdst.port import DestinationPort
+from udpdst.protocol import AnyDatagramProtocol, asTwistedProtocol
+from udpdst.testing import FakeDestinationTransport, isMemoryReactor
 
 
 def listenUDP(
     port: int,
-    protocol: AbstractDatagramProtocol,
+    protocol: AnyDatagramProtocol,
     interface: str = "",
     maxPacketSize: int = 8192,
     reactor: IReactorFDSet | None = None,
@@ -47,9 +48,7 @@ def listenUDP(
         L{udpdst.testing.FakeDestinationTransport} with the protocol
         connected.
     """
-    if _isMemoryReactor(reactor):
-        from udpdst.testing import FakeDestinationTransport
-
+    if isMemoryReactor(reactor):
         reactor.__dict__.setdefault("udpServers", []).append(
             (port, protocol, interface, maxPacketSize)
         )
@@ -61,7 +60,9 @@ def listenUDP(
             reactor=reactor,
             **options,
         )
-    p = DestinationPort(port, protocol, interface, maxPacketSize, reactor, **options)
+    p = DestinationPort(
+        port, asTwistedProtocol(protocol), interface, maxPacketSize, reactor, **options
+    )
     p.startListening()
     return p
 
@@ -69,7 +70,7 @@ def listenUDP(
 def adoptDatagramPort(
     fileDescriptor: int | socket.socket,
     addressFamily: int,
-    protocol: AbstractDatagramProtocol,
+    protocol: AnyDatagramProtocol,
     maxPacketSize: int = 8192,
     reactor: IReactorFDSet | None = None,
 ) -> DestinationPort:
@@ -92,9 +93,7 @@ def adoptDatagramPort(
     """
     if addressFamily not in (socket.AF_INET, socket.AF_INET6):
         raise error.UnsupportedAddressFamily(addressFamily)
-    if _isMemoryReactor(reactor):
-        from udpdst.testing import FakeDestinationTransport
-
+    if isMemoryReactor(reactor):
         reactor.adoptedPorts.append(  # type: ignore[union-attr]
             (fileDescriptor, addressFamily, protocol, maxPacketSize)
         )
@@ -110,11 +109,15 @@ def adoptDatagramPort(
     if reactor is None:
         from twisted.internet import reactor as globalReactor
 
-        reactor = globalReactor  # type: ignore[assignment]
+        reactor = globalReactor
     p = cast(
         DestinationPort,
         DestinationPort._fromListeningDescriptor(
-            reactor, fileDescriptor, addressFamily, protocol, maxPacketSize
+            reactor,
+            fileDescriptor,
+            addressFamily,
+            asTwistedProtocol(protocol),
+            maxPacketSize,
         ),
     )
     # systemd hands over blocking sockets; the reactor needs non-blocking.
@@ -123,27 +126,20 @@ def adoptDatagramPort(
     return p
 
 
-def _isMemoryReactor(reactor: object) -> bool:
-    """
-    Whether C{reactor} is one of Twisted's memory reactors, which have no
-    sockets.
-    """
-    testing = sys.modules.get("twisted.internet.testing")
-    # Without that module loaded, no memory reactor exists.
-    return testing is not None and isinstance(reactor, testing.MemoryReactor)
-
-
 #: The reactor methods that L{patchReactor} replaces, and what builds the port.
 _PATCHED: dict[str, Callable[..., DestinationPort]] = {
     "listenUDP": listenUDP,
     "adoptDatagramPort": adoptDatagramPort,
+    "listenMulticast": listenMulticast,
 }
 
 
-def patchReactor(reactor: Any) -> Callable[[], None]:
+def patchReactor(reactor: IReactorFDSet) -> Callable[[], None]:
     """
-    Make C{reactor.listenUDP} and C{reactor.adoptDatagramPort} build
-    L{DestinationPort}s, for code that calls the reactor directly.
+    Make C{reactor.listenUDP}, C{reactor.adoptDatagramPort} and
+    C{reactor.listenMulticast} build destination-aware ports (the last a
+    L{udpdst.multicast.DestinationMulticastPort}), for code that calls the
+    reactor directly.
 
     Opt-in and per reactor instance.  The patched methods take the
     reactor's own arguments (and the port's keyword options) unchanged.

@@ -1,39 +1,47 @@
 """
-Log level filtering and log observers for the udpdst service under twistd.
+The udpdst service's log level and log formats: Twisted's
+L{LogLevelFilterPredicate} as the process's level filter, and JSON lines an
+operator's tools read (time, level, namespace, text and the structured
+fields, no Twisted internals).
 
-twistd's own observers write every event whatever its level; the service
-installs a filtered observer instead (see L{twistdLogObserver}), and
-L{jsonLogObserver} is a factory for C{twistd --logger} that writes one JSON
-object per event, structured fields included.
+Where the lines go (standard output, C{--logfile}, syslog) is twistd's
+choice: L{udpdst._twistd} builds the observer from its options.
 """
 
 from __future__ import annotations
 
+import json
 import sys
-from typing import Any
+from datetime import UTC, datetime
+from typing import IO, Any
 
 from twisted.logger import (
+    FileLogObserver,
     FilteringLogObserver,
-    ILogFilterPredicate,
     ILogObserver,
     LegacyLogObserverWrapper,
     LogLevel,
-    PredicateResult,
+    LogLevelFilterPredicate,
+    formatEvent,
     jsonFileLogObserver,
 )
-from zope.interface import implementer
+
+#: Keys of a legacy (C{twisted.python.log}) event that only repeat what the
+#: JSON record already says.
+_LEGACY_KEYS = frozenset({"message", "format", "isError", "system", "time", "why"})
 
 
-@implementer(ILogFilterPredicate)
-class MinimumLevel:
+class LevelFilter(LogLevelFilterPredicate):
     """
-    Drops events below a level; events without a level pass.
+    The process's log level: Twisted's L{LogLevelFilterPredicate}, whose
+    default level is the configured one.
 
     @ivar debug: Whether debug events pass: a plain attribute, for the
         per-datagram paths to test before building an event.
     """
 
     def __init__(self, level: Any = LogLevel.info) -> None:
+        LogLevelFilterPredicate.__init__(self, level)
         self.level = level
 
     @property
@@ -41,22 +49,17 @@ class MinimumLevel:
         """
         The lowest L{LogLevel} that passes.
         """
-        return self._level
+        return self.defaultLogLevel
 
     @level.setter
     def level(self, level: Any) -> None:
-        self._level = level
+        self.defaultLogLevel = level
+        self.clearLogLevels()
         self.debug = bool(level <= LogLevel.debug)
-
-    def __call__(self, event: dict[str, Any]) -> Any:
-        level = event.get("log_level")
-        if level is not None and level < self.level:
-            return PredicateResult.no
-        return PredicateResult.maybe
 
 
 #: The process's log level, set from the configuration by L{setLogLevel}.
-minimumLevel = MinimumLevel()
+minimumLevel = LevelFilter()
 
 
 def setLogLevel(name: str) -> None:
@@ -83,26 +86,49 @@ def filtered(observer: Any) -> ILogObserver:
     return FilteringLogObserver(observer, [minimumLevel])
 
 
-def twistdLogObserver(serverOptions: Any) -> ILogObserver | None:
+def jsonRecord(event: dict[str, Any]) -> str:
     """
-    The observer twistd would build from its options (C{--logfile},
-    C{--syslog}, C{--nodaemon}), behind the log level; L{None} if it cannot
-    be built (twistd then uses its own, unfiltered).
+    An event as one line of JSON: C{time} (ISO 8601, UTC), C{level},
+    C{namespace}, C{text} (the rendered message), C{traceback} if it
+    carries a failure, then its structured fields.
     """
-    try:
-        from twisted.scripts._twistd_unix import UnixAppLogger
+    level = event.get("log_level")
+    record: dict[str, Any] = {
+        "time": datetime.fromtimestamp(event.get("log_time", 0), UTC).isoformat(
+            timespec="milliseconds"
+        ),
+        "level": level.name if level is not None else "info",
+        "namespace": event.get("log_namespace", ""),
+        "text": formatEvent(event),
+    }
+    failure = event.get("log_failure")
+    if failure is not None:
+        record["traceback"] = failure.getTraceback()
+    for key, value in event.items():
+        if key.startswith("log_") or key in _LEGACY_KEYS or key in record:
+            continue
+        record[key] = value
+    # Objects among the fields (a protocol, say) are written as str().
+    return json.dumps(record, default=str, ensure_ascii=False) + "\n"
 
-        observer = UnixAppLogger(serverOptions)._getLogObserver()
-    except Exception:
-        return None
-    return filtered(observer)
+
+def jsonLinesObserver(out: IO[str]) -> ILogObserver:
+    """
+    Write events to C{out} as L{jsonRecord} lines.
+    """
+    return FileLogObserver(out, jsonRecord)
 
 
 def jsonLogObserver() -> ILogObserver:
     """
-    For C{twistd --logger udpdst.logs.jsonLogObserver}: one JSON object per
-    line on standard output (journald keeps them), with every structured
-    field, behind the log level.  No RFC 7464 record separator, so that
-    line-oriented tools read it.
+    For C{twistd --logger udpdst.logs.jsonLogObserver}: Twisted's own event
+    JSON (C{twisted.logger.eventsFromJSONLogFile} reads it back), one
+    object per line, behind the log level, written where twistd would log
+    (C{--logfile} in daemon mode).  For lines meant for people and log
+    collectors, C{[log] format = "json"} is the one to use.
     """
-    return filtered(jsonFileLogObserver(sys.stdout, recordSeparator=""))
+    from udpdst import _twistd
+
+    running = _twistd.current
+    out = running.logOutput() if running is not None else sys.stdout
+    return filtered(jsonFileLogObserver(out, recordSeparator=""))

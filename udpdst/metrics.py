@@ -68,13 +68,6 @@ def _version() -> str:
         return "unknown"
 
 
-def _ioPath() -> str:
-    from udpdst import port
-
-    # Until the port says which I/O path it uses, it is recvmsg.
-    return str(getattr(port, "IO_PATH", "recvmsg"))
-
-
 class SnapshotCollector:
     """
     A C{prometheus_client} collector that reads one L{Snapshot} per scrape.
@@ -90,9 +83,11 @@ class SnapshotCollector:
             InfoMetricFamily,
         )
 
+        from udpdst import port
+
         snapshot = self._snapshot()
         info = InfoMetricFamily("udpdst", "The udpdst version and I/O path.")
-        info.add_metric([], {"version": _version(), "io_path": _ioPath()})
+        info.add_metric([], {"version": _version(), "io_path": port.IO_PATH})
         yield info
 
         families: dict[str, Any] = {}

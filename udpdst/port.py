@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.internet import error, udp
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.interfaces import IReactorFDSet
+from twisted.internet.interfaces import IHalfCloseableDescriptor, IReactorFDSet
 from twisted.internet.protocol import AbstractDatagramProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -36,6 +36,25 @@ _SOURCE_VANISHED = frozenset({errno.EINVAL, errno.EADDRNOTAVAIL, errno.ENETUNREA
 
 _READ_IGNORE = frozenset(udp._sockErrReadIgnore)
 _READ_REFUSE = frozenset(udp._sockErrReadRefuse)
+
+# What an ICMP error about an earlier reply turns into (icmp_err_convert,
+# icmpv6_err_convert): with IP_RECVERR on, the next receive fails once with it
+# and the details wait in the error queue.
+_ICMP_ERRORS = frozenset(
+    {
+        errno.ECONNREFUSED,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.EHOSTDOWN,
+        errno.ENONET,
+        errno.ENOPROTOOPT,
+        errno.EOPNOTSUPP,
+        errno.EMSGSIZE,
+        errno.EPROTO,
+        errno.EACCES,
+        errno.ETIMEDOUT,
+    }
+)
 
 # The largest UDP payload: IPv4 (also IPv4-mapped peers), and IPv6.
 _MAX_V4 = 65507
@@ -63,6 +82,9 @@ class PortCounters:
         source address could not be used (it vanished, or is tentative).
     @ivar unreadable: Datagrams dropped because their peer address could not
         be read (not in C{received}).
+    @ivar icmpErrors: ICMP errors (e.g. port unreachable) that came back for
+        replies already sent, read from the socket's error queue; the
+        replies stay counted in C{replied}.
     @ivar controlTruncated: Datagrams whose control data did not fit; they
         were delivered with an unknown destination.
     @ivar kernelDrops: Datagrams the kernel dropped on this socket (receive
@@ -79,6 +101,7 @@ class PortCounters:
     controlTruncated: int = 0
     kernelDrops: int = 0
     unreadable: int = 0
+    icmpErrors: int = 0
 
     def asDict(self) -> dict[str, int]:
         return asdict(self)
@@ -91,6 +114,22 @@ def _sparse(count: int) -> bool:
     (twistd shows debug events by default).
     """
     return count & (count - 1) == 0
+
+
+def _enableSendErrors(sock: socket.socket) -> None:
+    """
+    Turn on C{IP_RECVERR} (and C{IPV6_RECVERR}): without it the kernel
+    reports a reply dropped by a full queue on the way out (C{ENOBUFS}) to
+    nobody, and the reply would count as replied.
+    """
+    options = [(L.SOL_IP, L.IP_RECVERR)]
+    if sock.family == socket.AF_INET6:
+        options.append((L.SOL_IPV6, L.IPV6_RECVERR))
+    for level, option in options:
+        try:
+            sock.setsockopt(level, option, 1)
+        except OSError:
+            pass
 
 
 def _interfaceName(index: int) -> str:
@@ -120,7 +159,7 @@ def _scopeOf(zone: str, host: str) -> int:
         raise error.InvalidAddressError(host, "no such interface") from None
 
 
-@implementer(IDestinationTransport)
+@implementer(IDestinationTransport, IHalfCloseableDescriptor)
 class DestinationPort(udp.Port):
     """
     A L{udp.Port} whose wildcard socket reports each datagram's destination
@@ -138,7 +177,10 @@ class DestinationPort(udp.Port):
     queued and sent together when the batch is done, in order; a write
     outside a pass is sent at once.  Errors known at C{write} time raise;
     errors of the send itself are counted in C{counters.sendErrors} and
-    logged sparsely.
+    logged sparsely.  C{IP_RECVERR} is on, so that replies the kernel drops
+    on the way out (a full queue: C{ENOBUFS}) are counted there too rather
+    than as replied; the ICMP errors it also reports are read off the error
+    queue and counted in C{counters.icmpErrors}.
 
     @ivar counters: The L{PortCounters}.
     @ivar maxDatagramsPerRead: The most datagrams one C{doRead} handles before
@@ -151,6 +193,9 @@ class DestinationPort(udp.Port):
         every message that can arrive together.
     """
 
+    #: The L{udpdst.io.Path} this port reads and writes with; set it (e.g. to
+    #: L{udpdst.io.PLAIN}) before the port starts listening.
+    ioPath: io.Path = io.DEFAULT
     maxDatagramsPerRead = 256
     peerMapSize = 8192
     peerCacheSize = 4096
@@ -225,6 +270,7 @@ class DestinationPort(udp.Port):
 
     def _bindSocket(self) -> None:
         udp.Port._bindSocket(self)
+        _enableSendErrors(self.socket)
         sockname = self.socket.getsockname()
         host = sockname[0]
         self._family6 = self.socket.family == socket.AF_INET6
@@ -280,6 +326,10 @@ class DestinationPort(udp.Port):
                 want = min(io.BATCH, remaining)
                 received = self._receive(want, size, ancSize)
                 if received is None:
+                    if remaining == self.maxDatagramsPerRead:
+                        # Woken with nothing to read: maybe an error queue
+                        # the select reactor reports as readable.
+                        self._drainErrors()
                     return
                 batch, drops, nbytes = received
                 if drops >= 0:
@@ -306,18 +356,53 @@ class DestinationPort(udp.Port):
         One batch from the socket, or L{None} when there is none (nothing
         queued, or an error that ends the pass).
         """
-        try:
-            received = io.receive(self.socket, count, size, ancSize)
-        except OSError as se:
-            no = se.args[0]
-            if no in _READ_IGNORE:
-                return None
-            if no in _READ_REFUSE:
+        for _attempt in range(2):
+            try:
+                received = self.ioPath.receive(self.socket, count, size, ancSize)
+            except OSError as se:
+                no = se.args[0]
+                if no in _READ_IGNORE:
+                    return None
                 if self._connectedAddr:
-                    self.protocol.connectionRefused()
-                return None
-            raise
-        return received if received[0] else None
+                    if no in _READ_REFUSE:
+                        self.protocol.connectionRefused()
+                        return None
+                    raise
+                if no not in _ICMP_ERRORS:
+                    raise
+                # About an earlier reply, not this read: read the details
+                # off the error queue and go on.
+                self._drainErrors()
+                continue
+            return received if received[0] else None
+        return None
+
+    def _drainErrors(self) -> None:
+        """
+        Read (and count) what waits in the socket's error queue: it takes
+        room from the receive buffer, and makes pollers report an error.
+        """
+        recvmsg = self.socket.recvmsg
+        for _ in range(self.maxDatagramsPerRead):
+            try:
+                recvmsg(0, 256, L.MSG_ERRQUEUE)
+            except OSError:
+                break
+            self.counters.icmpErrors += 1
+
+    def readConnectionLost(self, reason: Any) -> None:
+        """
+        epoll and poll report a queued ICMP error as an error event with
+        nothing to read, and Twisted takes that for the end of input; a UDP
+        socket has no such end, so read the error queue and keep reading.
+        """
+        self._drainErrors()
+        self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if self._reading and self.connected:
+            udp.Port.startReading(self)
+
+    def writeConnectionLost(self, reason: Any) -> None:
+        pass
 
     def _dispatch(self, batch: io.Batch) -> bool:
         """
@@ -327,26 +412,21 @@ class DestinationPort(udp.Port):
             the batch waits in C{_pending} until it reads again.
         """
         peers = self._peers
-        classify = self._classify
-        counters = self.counters
         aware = self._destinationAware
         deliver = self.protocol.datagramReceived
         peerMap = self._peerDestinations
-        done = 0
+        done = dropped = 0
         for data, key, flags in batch:
             done += 1
-            if flags:
-                entry = self._classifyFlagged(data, key, flags)
+            # A cache hit is the whole classification: the key is the peer
+            # and the control data, so equal keys mean equal results.
+            entry = None if flags else peers.get(key)
+            if entry is None:
+                entry = self._classifyNew(key, flags)
                 if entry is None:
+                    dropped += 1
                     continue
-            else:
-                entry = peers.get(key)
-                if entry is None:
-                    entry = classify(key, True)
-                    if entry is None:
-                        continue
             peer, dst = entry
-            counters.received += 1
             try:
                 if aware:
                     deliver(data, peer, dst)
@@ -364,8 +444,9 @@ class DestinationPort(udp.Port):
             if not self._reading:
                 if self.connected:
                     self._pending = batch[done:]
-                return False
-        return True
+                break
+        self.counters.received += done - dropped
+        return self._reading
 
     def _classify(
         self, key: Any, useCache: bool
@@ -377,8 +458,11 @@ class DestinationPort(udp.Port):
         peer address cannot be read; the datagram is then counted and dropped.
         """
         try:
-            addr, ancdata, target = io.decodeKey(key)
+            addr, ancdata, target = self.ioPath.decodeKey(key)
         except (ValueError, OSError):
+            addr = None
+        if addr is None or (len(addr) == 4) != self._family6:
+            # The kernel gives a socket's own family; anything else is junk.
             self.counters.unreadable += 1
             return None
         if not self._wildcard:
@@ -393,9 +477,9 @@ class DestinationPort(udp.Port):
             host = f"{host}%{_interfaceName(addr[3])}"
         peer = PeerAddress(host, addr[1], dst)
         control = (
-            io.packControl(reply_control(self.addressFamily, dst, host))
+            self.ioPath.packControl(reply_control(self.addressFamily, dst, host))
             if self._wildcard
-            else io.packControl(())
+            else self.ioPath.packControl(())
         )
         peer._reply = (self, target, control, self._maxLength(host))
         entry = (peer, dst)
@@ -406,20 +490,23 @@ class DestinationPort(udp.Port):
             peers[key] = entry
         return entry
 
-    def _classifyFlagged(
-        self, data: bytes, key: Any, flags: int
+    def _classifyNew(
+        self, key: Any, flags: int
     ) -> tuple[PeerAddress, Destination | None] | None:
         """
-        L{_classify} for a datagram the kernel flagged: oversized ones are
-        counted and dropped; those whose control data was cut are delivered
-        with an unknown destination (never guessed from what is left).
+        Classify a datagram whose key is not cached, or that the kernel
+        flagged: oversized ones are counted and dropped (L{None}); those whose
+        control data was cut are delivered with an unknown destination (never
+        guessed from what is left).
         """
+        if not flags:
+            return self._classify(key, True)
         if flags & _TRUNCATED:
             counters = self.counters
             counters.oversized += 1
             if _sparse(counters.oversized):
                 try:
-                    peer: Any = io.decodeKey(key)[0]
+                    peer: Any = self.ioPath.decodeKey(key)[0]
                 except (ValueError, OSError):
                     peer = "?"
                 self._log.debug(
@@ -474,7 +561,10 @@ class DestinationPort(udp.Port):
                     self._tooLong()
                 if type(datagram) is not bytes:
                     datagram = bytes(datagram)
-                self._enqueue((datagram, reply[1], reply[2]))
+                queue = self._queue
+                queue.append((datagram, reply[1], reply[2]))
+                if not self._inPass or len(queue) >= io.BATCH:
+                    self._flush()
                 return
         self._writeSlow(datagram, addr, dst)
 
@@ -515,7 +605,7 @@ class DestinationPort(udp.Port):
             control = reply_control(self.addressFamily, dst, host)
         if type(datagram) is not bytes:
             datagram = bytes(datagram)
-        self._enqueue((datagram, target, io.packControl(control)))
+        self._enqueue((datagram, target, self.ioPath.packControl(control)))
 
     def _tooLong(self) -> None:
         self.counters.sendErrors += 1
@@ -535,7 +625,7 @@ class DestinationPort(udp.Port):
         else:
             sockaddr = (host, addr[1])
         try:
-            return io.packTarget(sockaddr)
+            return self.ioPath.packTarget(sockaddr)
         except (OSError, ValueError):
             raise error.InvalidAddressError(host, "not an IP address") from None
 
@@ -583,7 +673,7 @@ class DestinationPort(udp.Port):
         start = 0
         total = len(queue)
         while start < total:
-            sent, no = io.send(self.socket, queue, start)
+            sent, no = self.ioPath.send(self.socket, queue, start)
             counters.replied += sent
             start += sent
             if no:
@@ -600,7 +690,7 @@ class DestinationPort(udp.Port):
         data, target, control = item
         counters = self.counters
         if no == errno.ECONNREFUSED or (control and no in _SOURCE_VANISHED):
-            retry = (data, target, io.packControl(()))
+            retry = (data, target, self.ioPath.packControl(()))
             if control and no != errno.ECONNREFUSED:
                 counters.sendFallbacks += 1
                 if _sparse(counters.sendFallbacks):
@@ -613,7 +703,7 @@ class DestinationPort(udp.Port):
                     )
             else:
                 retry = item
-            sent, no = io.send(self.socket, [retry], 0)
+            sent, no = self.ioPath.send(self.socket, [retry], 0)
             if sent:
                 counters.replied += 1
                 return

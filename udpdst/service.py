@@ -30,7 +30,7 @@ from udpdst.limits import AccessList, RateLimiter
 from udpdst.listening import adoptDatagramPort, listenUDP
 from udpdst.port import DestinationPort
 from udpdst.stats import ListenerStats, Snapshot, takeSnapshot
-from udpdst.systemd import InheritedSocket, socketFamily
+from udpdst.systemd import InheritedSocket, Notifier, socketFamily
 
 
 class ListenError(Exception):
@@ -243,6 +243,7 @@ class EchoService(MultiService):
         reactor: Any = None,
         twistdOptions: Any = None,
         reloader: Callable[[], Config] | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         """
         @param config: The configuration.
@@ -257,14 +258,25 @@ class EchoService(MultiService):
         @param reloader: Reads the configuration again (the file and the
             command line's overrides), raising L{ConfigError} if it is
             wrong; SIGHUP calls L{reload} with it.  L{None}: no reload.
+        @param notifier: Tells systemd when the service is ready (every
+            listener bound and the reactor running), reloading and
+            stopping, and feeds its watchdog; L{None}: nobody to tell.
         """
         MultiService.__init__(self)
         self.config = config
         self._reactor = reactor
-        self._twistd = TwistdHooks(twistdOptions) if twistdOptions is not None else None
+        self._twistd = (
+            TwistdHooks.install(twistdOptions, config.log.format)
+            if twistdOptions is not None
+            else None
+        )
         self._statsCall: LoopingCall | None = None
         self.snapshotProvider: Callable[[], Snapshot] | None = None
+        #: Called with no arguments once a reload is applied (the worker
+        #: processes restart with the new configuration).
+        self.afterReload: list[Callable[[], object]] = []
         self._reloader = reloader
+        self._notifier = notifier if notifier is not None else Notifier({})
         self._reloading: Deferred[None] | None = None
         self._previousHangup: Any = None
         self._access = AccessList(config.limits.allow, config.limits.deny)
@@ -272,17 +284,24 @@ class EchoService(MultiService):
         self.listeners: list[ListenerService] = []
         for listener, inherited in sockets:
             self._addListener(listener, inherited)
+        self.metrics: Service | None = None
+        if config.metrics.listen:
+            self._addMetrics()
 
     def _echo(self) -> EchoProtocol:
         # One protocol per socket (a protocol has one transport); the access
         # list and the rate limiter are shared, so that a source gets one
         # budget however many listeners it reaches.
-        return EchoProtocol.fromConfig(
+        protocol = EchoProtocol.fromConfig(
             self.config.echo.prefixBytes,
             self.config.limits,
             access=self._access,
             rateLimiter=self.limiter,
         )
+        # Twisted's "Starting protocol <... object at 0x...>" lines say less
+        # than the service's own listening and reload lines, at every reload.
+        protocol.noisy = False
+        return protocol
 
     def _addListener(
         self, listener: ListenConfig, inherited: InheritedSocket | None
@@ -297,6 +316,18 @@ class EchoService(MultiService):
             child.disownServiceParent()
             raise
         return child
+
+    def _addMetrics(self) -> None:
+        from udpdst.metrics import MetricsService
+
+        metrics = MetricsService(self.config.metrics, self.snapshot, self._reactor)
+        try:
+            # Binds at once if this service runs (a reload).
+            metrics.setServiceParent(self)
+        except ListenError:
+            metrics.disownServiceParent()
+            raise
+        self.metrics = metrics
 
     def setServiceParent(self, parent: Any) -> None:
         MultiService.setServiceParent(self, parent)
@@ -345,6 +376,7 @@ class EchoService(MultiService):
         self._statsCall = None
 
     def stopService(self) -> Deferred[Any]:
+        self._notifier.stopping()
         self._stopStats()
         if self._previousHangup is not None:
             signal.signal(signal.SIGHUP, self._previousHangup)
@@ -363,6 +395,7 @@ class EchoService(MultiService):
             logLevel=self.config.log.level,
             stats=f"stats every {interval:g} s" if interval > 0 else "stats at stop",
         )
+        self._notifyReady()
 
     def _reloadOnSignal(self) -> None:
         if not self.running or self._reloader is None:
@@ -370,6 +403,7 @@ class EchoService(MultiService):
         if self._reloading is not None:
             self._log.warn("SIGHUP during a reload: ignored; send it again later")
             return
+        self._notifier.reloading()
         try:
             reloading = self.reload(self._reloader())
         except ConfigError as e:
@@ -377,6 +411,7 @@ class EchoService(MultiService):
                 "reload failed, the running configuration is kept: {error}",
                 error=str(e),
             )
+            self._notifyReady()
             return
         self._reloading = reloading
         reloading.addBoth(self._reloaded)
@@ -385,15 +420,22 @@ class EchoService(MultiService):
         self._reloading = None
         if isinstance(result, Failure):
             self._log.failure("reload failed", result)
+        self._notifyReady()
+
+    def _notifyReady(self) -> None:
+        count = len(self.listeners)
+        self._notifier.ready(
+            f"serving {count} {'listener' if count == 1 else 'listeners'}"
+        )
 
     def reload(self, config: Config) -> Deferred[None]:
         """
         Apply a new configuration to the running service: listeners that
         are gone close, new ones bind, and unchanged ones keep their socket
         (no datagram lost); the echo's prefix and limits, the log level and
-        the stats interval change in place.  One info line says what
-        changed; one error line if a new listener cannot bind (the rest is
-        applied, that listener is not served).
+        the stats interval change in place; the metrics endpoint moves.  One
+        info line says what changed; one error line if a new listener or
+        endpoint cannot bind (the rest is applied, that one is not served).
 
         @raise ConfigError: The new configuration cannot be applied while
             running (a systemd listener it did not have); nothing changed.
@@ -417,6 +459,10 @@ class EchoService(MultiService):
             self._stopStats()
             self._startStats()
         stopped = [maybeDeferred(self._removeListener, child) for child in remove]
+        moveMetrics = config.metrics != old.metrics
+        if moveMetrics and self.metrics is not None:
+            stopped.append(maybeDeferred(self.removeService, self.metrics))
+            self.metrics = None
         d: Deferred[Any] = gatherResults(stopped)
 
         def bind(_: Any) -> None:
@@ -427,10 +473,17 @@ class EchoService(MultiService):
                     self._addListener(listener, inherited)
                 except ListenError as e:
                     self._log.error("reload: {message}; not serving it", message=str(e))
+            if moveMetrics and config.metrics.listen:
+                try:
+                    self._addMetrics()
+                except ListenError as e:
+                    self._log.error("reload: {message}; no metrics", message=str(e))
             self._log.info(
                 "reloaded configuration: {changes}",
                 changes="; ".join(changes) or "nothing changed",
             )
+            for hook in self.afterReload:
+                hook()
 
         d.addCallback(bind)
         return d
@@ -543,9 +596,14 @@ def _changes(
             f"stats interval {old.log.stats_interval:g} s -> "
             f"{new.log.stats_interval:g} s"
         )
-    for name in ("service", "metrics"):
-        if getattr(new, name) != getattr(old, name):
-            changes.append(f"[{name}] changed, applies at the next restart")
+    if new.log.format != old.log.format:
+        changes.append("[log] format changed, applies at the next restart")
+    if new.metrics != old.metrics:
+        changes.append(
+            f"metrics {old.metrics.listen or 'off'} -> {new.metrics.listen or 'off'}"
+        )
+    if new.service != old.service:
+        changes.append("[service] changed, applies at the next restart")
     return changes
 
 

@@ -59,17 +59,29 @@ class Options(usage.Options):
 
     def __init__(self, environ: MutableMapping[str, str] | None = None) -> None:
         """
-        @param environ: Where systemd's C{LISTEN_*} variables are read (and
-            removed); L{os.environ} by default.
+        @param environ: Where systemd's C{LISTEN_*}, C{NOTIFY_SOCKET} and
+            C{WATCHDOG_*} variables are read (and removed); L{os.environ} by
+            default.
         """
         usage.Options.__init__(self)
         self["listen"] = []
-        self._environ = os.environ if environ is None else environ
+        self.environ = os.environ if environ is None else environ
 
     def opt_listen(self, value: str) -> None:
         self["listen"].append(value)
 
     opt_listen.__doc__ = LISTEN_HELP
+
+    def opt_version(self) -> None:
+        """
+        Display udpdst's version (and Twisted's) and exit.
+        """
+        from twisted import copyright
+
+        from udpdst import __version__
+
+        print(f"udpdst {__version__} (Twisted {copyright.version})")
+        raise SystemExit(0)
 
     def readConfig(self) -> Config:
         """
@@ -96,7 +108,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         try:
             config = self.readConfig()
-            inherited = listenFds(self._environ)
+            inherited = listenFds(self.environ)
             sockets = assignSockets(config.listen, inherited)
         except ConfigError as e:
             raise _ConfigUsageError(str(e)) from None
@@ -132,6 +144,7 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     """
     from udpdst import logs
     from udpdst.service import EchoService
+    from udpdst.systemd import Notifier
 
     config = options["udpdst"]
     logs.setLogLevel(config.log.level)
@@ -141,11 +154,11 @@ def makeService(options: Options, reactor: Any = None) -> Any:
         reactor,
         twistdOptions=options.parent,
         reloader=options.readConfig,
+        notifier=Notifier(options.environ, reactor),
     )
-    if config.metrics.listen:
-        from udpdst.metrics import MetricsService
+    from udpdst.workers import serveWithWorkers, workerCount
 
-        MetricsService(config.metrics, service.snapshot, reactor).setServiceParent(
-            service
-        )
+    count = workerCount(config.service.workers)
+    if count > 1:
+        serveWithWorkers(service, count, reactor)
     return service

@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Iterable
+import sys
 from typing import Any
 
 from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IListeningPort, IReactorFDSet
-from twisted.internet.protocol import AbstractDatagramProtocol
 from zope.interface import implementer
 
 from udpdst.address import Destination, PeerAddress
 from udpdst.interfaces import IDestinationDatagramProtocol, IDestinationTransport
 from udpdst.port import DestinationPort
+from udpdst.protocol import AnyDatagramProtocol, asTwistedProtocol
 
 _LIMITED_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
@@ -118,12 +118,13 @@ class FakeDestinationTransport(DestinationPort):
     @ivar stopCalls: The names of the stopping methods called
         (C{"stopListening"}, C{"loseConnection"}), in order.
     @ivar counters: The L{udpdst.port.PortCounters}: C{received} counts
-        delivered datagrams, C{replied} written ones.
+        delivered datagrams, C{replied} written ones, C{sendErrors} writes
+        that raised.
     """
 
     def __init__(
         self,
-        protocol: AbstractDatagramProtocol | None = None,
+        protocol: AnyDatagramProtocol | None = None,
         *,
         port: int = 12345,
         interface: str = "",
@@ -149,7 +150,7 @@ class FakeDestinationTransport(DestinationPort):
         DestinationPort.__init__(
             self,
             port,
-            protocol,  # type: ignore[arg-type]
+            asTwistedProtocol(protocol),  # type: ignore[arg-type]
             interface,
             maxPacketSize,
             reactor,
@@ -190,7 +191,7 @@ class FakeDestinationTransport(DestinationPort):
         else:
             self.protocol.datagramReceived(data, addr)
 
-    def write(  # type: ignore[override]
+    def write(
         self,
         datagram: bytes,
         addr: tuple[str, int] | None = None,
@@ -202,22 +203,18 @@ class FakeDestinationTransport(DestinationPort):
         """
         if addr is None:
             addr = self._connectedAddr
-        if addr is None:
-            raise error.InvalidAddressError(None, "write() needs an address")
-        if type(addr) is not PeerAddress:
-            self._checkAddress(addr)
+        try:
+            if addr is None:
+                raise error.InvalidAddressError(None, "write() needs an address")
+            if type(addr) is not PeerAddress:
+                self._checkAddress(addr)
+        except error.InvalidAddressError:
+            self.counters.sendErrors += 1
+            raise
         if dst is None:
             dst = getattr(addr, "destination", None)
         self.written.append((bytes(datagram), addr, dst))
         self.counters.replied += 1
-
-    def writeSequence(  # type: ignore[override]
-        self,
-        seq: Iterable[bytes],
-        addr: tuple[str, int] | None = None,
-        dst: Destination | None = None,
-    ) -> None:
-        self.write(b"".join(seq), addr, dst)
 
     def connect(self, host: str, port: int) -> None:
         if self._connectedAddr:
@@ -272,3 +269,13 @@ class FakeDestinationTransport(DestinationPort):
 
     def doRead(self) -> None:
         pass
+
+
+def isMemoryReactor(reactor: object) -> bool:
+    """
+    Whether C{reactor} is one of Twisted's memory reactors
+    (C{MemoryReactor}, C{MemoryReactorClock}), which have no sockets.
+    """
+    testing = sys.modules.get("twisted.internet.testing")
+    # Without that module loaded, no memory reactor exists.
+    return testing is not None and isinstance(reactor, testing.MemoryReactor)

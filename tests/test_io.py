@@ -1,0 +1,354 @@
+"""
+The two I/O paths of L{udpdst.io} on real loopback sockets: the C extension's
+batched path is built where a compiler is, and both paths deliver the same
+C{(data, addr, dst)} and reply from the same sources; replies written in a
+read pass go out in order, and failed sends are counted, never raised.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import socket
+import time
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from twisted.internet import error
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import DatagramProtocol
+
+import udpdst
+from tests.conftest import HAVE_IPV6
+from udpdst import PeerAddress, io
+from udpdst.port import IO_PATH, DestinationPort
+
+PATHS = [pytest.param(io.PLAIN, id="recvmsg")] + (
+    [pytest.param(io.BATCHED, id="recvmmsg")] if io.BATCHED is not None else []
+)
+
+
+def test_ioPathInUse() -> None:
+    """
+    Where a compiler exists the install builds the C extension, and ports use
+    it unless C{UDPDST_IO=python} asks for the pure-Python path.
+    """
+    if os.environ.get("UDPDST_IO") == "python":
+        assert IO_PATH == io.DEFAULT.name == "recvmsg"
+    elif shutil.which("gcc") or shutil.which("cc"):
+        assert io.BATCHED is not None, "udpdst._mmsg was not built"
+        assert IO_PATH == "recvmmsg"
+    else:
+        assert IO_PATH in ("recvmmsg", "recvmsg")
+    assert DestinationPort.ioPath is io.DEFAULT
+
+
+class Recorder(udpdst.DestinationDatagramProtocol):
+    """
+    Records what it is given and echoes it, naming the destination.
+    """
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[bytes, Any, Any]] = []
+
+    def datagramReceived(self, data: bytes, addr: Any, dst: Any) -> None:
+        self.seen.append((data, addr, dst))
+        self.transport.write(data, addr, dst)
+
+
+def _listen(reactor: Any, path: io.Path, interface: str, proto: Any, **kw: Any) -> Any:
+    port = DestinationPort(0, proto, interface, reactor=reactor, **kw)
+    port.ioPath = path
+    port.startListening()
+    return port
+
+
+def _drain(port: Any, until: Any, timeout: float = 10.0) -> None:
+    """
+    Run read passes until C{until()} holds (loopback delivery is normally
+    immediate; the bound only matters on a loaded machine).
+    """
+    deadline = time.monotonic() + timeout
+    while not until():
+        port.doRead()
+        if time.monotonic() > deadline:
+            raise AssertionError("datagrams did not arrive in time")
+        if not until():
+            time.sleep(0.001)
+
+
+def _replies(sock: socket.socket, count: int, timeout: float = 10.0) -> list[Any]:
+    sock.settimeout(timeout)
+    return [sock.recvfrom(70000) for _ in range(count)]
+
+
+V4_DESTINATIONS = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+
+
+@pytest.mark.skipif(io.BATCHED is None, reason="udpdst._mmsg is not built")
+@pytest.mark.parametrize(
+    "interface",
+    [
+        "0.0.0.0",
+        pytest.param("::", marks=pytest.mark.skipif(not HAVE_IPV6, reason="no IPv6")),
+    ],
+)
+def test_bothPathsAgree(epollReactor: Any, interface: str) -> None:
+    """
+    The same datagrams from the same sockets to the same addresses: both paths
+    deliver identical C{(data, addr, dst)} (up to the server's port number),
+    count the same oversized datagrams, and reply from identical sources.
+    """
+    maxSize = 300
+    servers = {}
+    for path in (io.PLAIN, io.BATCHED):
+        proto = Recorder()
+        servers[path.name] = (
+            proto,
+            _listen(epollReactor, path, interface, proto, maxPacketSize=maxSize),
+        )
+    destinations = V4_DESTINATIONS + (["::1"] if interface == "::" else [])
+    clients = []
+    for host in ("127.0.0.1", "127.0.0.4") + (("::1",) if interface == "::" else ()):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        c = socket.socket(family, socket.SOCK_DGRAM)
+        c.bind((host, 0))
+        clients.append(c)
+
+    @settings(
+        max_examples=25,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
+    )
+    @given(
+        st.lists(
+            st.tuples(
+                st.integers(0, len(clients) - 1),
+                st.sampled_from(destinations),
+                st.binary(max_size=maxSize + 40),
+            ),
+            min_size=1,
+            max_size=40,
+        )
+    )
+    def check(plan: list[tuple[int, str, bytes]]) -> None:
+        results = {}
+        for name, (proto, port) in servers.items():
+            del proto.seen[:]
+            before = port.counters.oversized
+            expected = []
+            for index, host, payload in plan:
+                client = clients[index]
+                if (client.family == socket.AF_INET6) != (":" in host):
+                    continue
+                client.sendto(payload, (host, port.getHost().port))
+                expected.append((index, host, payload))
+            whole = [e for e in expected if len(e[2]) <= maxSize]
+            wanted = before + len(expected)
+            _drain(
+                port,
+                lambda p=proto, q=port, n=wanted: (
+                    len(p.seen) + q.counters.oversized >= n
+                ),
+            )
+            sources = []
+            for index, _host, payload in whole:
+                data, source = _replies(clients[index], 1)[0]
+                assert data == payload
+                sources.append((source[0], source[1] == port.getHost().port))
+            seen = [
+                (
+                    data,
+                    tuple(addr),
+                    (
+                        dst.host,
+                        dst.ifindex,
+                        dst.replyFrom,
+                        dst.port == port.getHost().port,
+                    ),
+                )
+                for data, addr, dst in proto.seen
+            ]
+            results[name] = (seen, sources, port.counters.oversized - before)
+            assert [s[0] for s in seen] == [e[2] for e in whole]
+        assert results["recvmsg"] == results["recvmmsg"]
+
+    try:
+        check()
+    finally:
+        for c in clients:
+            c.close()
+        for _, port in servers.values():
+            port.stopListening()
+
+
+class Burst(DatagramProtocol):
+    """
+    Answers each datagram with three numbered replies.
+    """
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        for i in range(3):
+            self.transport.write(data + b"-%d" % i, addr)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_repliesOfAPassLeaveInOrder(epollReactor: Any, path: io.Path) -> None:
+    """
+    Replies written during a read pass are queued and sent when it ends, all
+    of them, in the order they were written, from the address asked.
+    """
+    port = _listen(epollReactor, path, "0.0.0.0", Burst())
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.connect(("127.0.0.2", port.getHost().port))
+    try:
+        # 180 replies fit the client's default receive buffer.
+        for n in range(60):
+            client.send(b"%d" % n)
+        _drain(port, lambda: port.counters.received >= 60)
+        got = [reply for reply, _ in _replies(client, 180)]
+    finally:
+        client.close()
+        port.stopListening()
+    assert got == [b"%d-%d" % (n, i) for n in range(60) for i in range(3)]
+    assert port.counters.replied == 180
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_sameKeyGivesTheSameAddressObject(epollReactor: Any, path: io.Path) -> None:
+    """
+    The peer address of a known (peer, destination) is reused, not rebuilt;
+    a copy or pickle of it carries the destination but no port state.
+    """
+    proto = Recorder()
+    port = _listen(epollReactor, path, "0.0.0.0", proto)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.connect(("127.0.0.2", port.getHost().port))
+    try:
+        client.send(b"a")
+        client.send(b"b")
+        _drain(port, lambda: len(proto.seen) == 2)
+    finally:
+        client.close()
+        port.stopListening()
+    (_, first, dst1), (_, second, dst2) = proto.seen
+    assert first is second and dst1 is dst2
+    copied = pickle.loads(pickle.dumps(first))
+    assert copied == first and copied.destination == dst1
+    assert copied._reply is None and first._reply is not None
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_sendErrorsAreCountedNotRaised(epollReactor: Any, path: io.Path) -> None:
+    """
+    A reply the kernel refuses (here: to port 0, EINVAL, nothing is sent) is
+    counted in C{sendErrors}, in a read pass and outside one; errors known at
+    C{write} time raise and are counted too.
+    """
+
+    class ToPortZero(DatagramProtocol):
+        def datagramReceived(self, data: bytes, addr: Any) -> None:
+            self.transport.write(data, (addr[0], 0))
+            self.transport.write(data, addr)
+
+    port = _listen(epollReactor, path, "0.0.0.0", ToPortZero())
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.connect(("127.0.0.2", port.getHost().port))
+    try:
+        client.send(b"x")
+        _drain(port, lambda: port.counters.received == 1)
+        assert _replies(client, 1)[0][0] == b"x"
+        port.write(b"y", ("127.0.0.1", 0))
+        with pytest.raises(error.MessageLengthError):
+            port.write(b"z" * 65508, ("127.0.0.1", 9))
+        with pytest.raises(error.InvalidAddressError):
+            port.write(b"z", ("example.invalid", 9))
+    finally:
+        client.close()
+        port.stopListening()
+    assert port.counters.replied == 1
+    assert port.counters.sendErrors == 4
+
+
+@pytest.mark.skipif(not HAVE_IPV6, reason="no IPv6")
+@pytest.mark.parametrize("path", PATHS)
+def test_largestDatagramPerFamily(epollReactor: Any, path: io.Path) -> None:
+    """
+    C{MessageLengthError} is raised at C{write} time exactly above the
+    largest UDP payload of the peer's family (65507 for IPv4, also mapped on
+    a dual-stack socket, 65527 for IPv6), never found only when sending.
+    """
+    proto = Recorder()
+    port = _listen(epollReactor, path, "::", proto, maxPacketSize=65536)
+    receivers = {}
+    for host in ("127.0.0.1", "::1"):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        r = socket.socket(family, socket.SOCK_DGRAM)
+        r.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        r.bind((host, 0))
+        r.sendto(b"hi", ("127.0.0.2" if host[0] == "1" else "::1", port.getHost().port))
+        receivers[host] = r
+    try:
+        _drain(port, lambda: len(proto.seen) == 2)
+        for r in receivers.values():
+            _replies(r, 1)
+        for (_, addr, dst), (host, limit) in zip(
+            proto.seen, [("127.0.0.1", 65507), ("::1", 65527)], strict=True
+        ):
+            port.write(b"x" * limit, addr, dst)
+            assert len(_replies(receivers[host], 1)[0][0]) == limit
+            with pytest.raises(error.MessageLengthError):
+                port.write(b"x" * (limit + 1), addr, dst)
+    finally:
+        for r in receivers.values():
+            r.close()
+        port.stopListening()
+
+
+def test_peerAddressStaysAPlainValue() -> None:
+    """
+    C{PeerAddress(host, port, destination)} is still the public constructor.
+    """
+    peer = PeerAddress("127.0.0.1", 5, None)
+    assert peer == ("127.0.0.1", 5) and peer._reply is None
+
+
+def test_icmpErrorsDoNotStopThePort(anyReactor: Any) -> None:
+    """
+    Replies to clients that are gone come back as ICMP port unreachable;
+    with C{IP_RECVERR} on they land in the error queue, which pollers report
+    as an error event.  The port reads and counts them and keeps answering,
+    on every reactor.
+    """
+    from tests.reactors import runUntil
+    from tests.test_loopback import ask
+
+    class LateEcho(DatagramProtocol):
+        def datagramReceived(self, data: bytes, addr: Any) -> None:
+            anyReactor.callLater(0.05, self.transport.write, data, addr)
+
+    port = udpdst.listenUDP(0, LateEcho(), "0.0.0.0", reactor=anyReactor)
+    number = port.getHost().port
+
+    def run() -> Any:
+        for _ in range(3):
+            gone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            gone.sendto(b"bye", ("127.0.0.2", number))
+            gone.close()
+        d = Deferred()
+        # After the replies to the closed sockets have bounced.
+        anyReactor.callLater(
+            0.5, lambda: ask(anyReactor, "127.0.0.2", number).chainDeferred(d)
+        )
+        return d
+
+    try:
+        answer = runUntil(anyReactor, run)
+    finally:
+        port.stopListening()
+    assert answer == b"ping"
+    assert port.counters.replied == 4
+    assert port.counters.icmpErrors == 3

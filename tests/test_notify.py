@@ -1,0 +1,164 @@
+"""
+systemd C{Type=notify}: a real C{twistd udpdst} tells a fake service manager
+(a C{NOTIFY_SOCKET} bound here) when it is ready, reloading and stopping,
+and feeds the watchdog when C{WATCHDOG_USEC} asks it to.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from tests._service_helpers import DEADLINE, Twistd, echo, freePort
+from udpdst.systemd import Notifier
+
+
+class Manager:
+    """
+    The service manager's end of C{NOTIFY_SOCKET}.
+    """
+
+    def __init__(self, address: str) -> None:
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.socket.bind(address)
+        self.socket.settimeout(DEADLINE)
+        self.messages: list[dict[str, str]] = []
+
+    def next(self, skipWatchdog: bool = True) -> dict[str, str]:
+        """
+        The next notification (a dict of its assignments).
+        """
+        while True:
+            data = self.socket.recv(4096).decode()
+            message = dict(line.split("=", 1) for line in data.split("\n"))
+            self.messages.append(message)
+            if not (skipWatchdog and message == {"WATCHDOG": "1"}):
+                return message
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+@pytest.fixture
+def manager(tmp_path: Path):  # type: ignore[no-untyped-def]
+    m = Manager(str(tmp_path / "notify"))
+    yield m
+    m.close()
+
+
+def test_readyReloadingStopping(manager: Manager, tmp_path: Path) -> None:
+    """
+    READY=1 once every listener answers; RELOADING=1 then READY=1 around a
+    reload (with the new listener bound by then); STOPPING=1 at SIGTERM.
+    """
+    first, second = freePort(), freePort()
+    config = tmp_path / "udpdst.toml"
+    config.write_text(f'[[listen]]\naddress = "127.0.0.1"\nport = {first}\n')
+    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify"))
+    process = Twistd(["--config", str(config)], tmp_path, env=env)
+    try:
+        ready = manager.next()
+        assert ready == {"READY": "1", "STATUS": "serving 1 listener"}
+        assert echo("127.0.0.1", first, b"up") == b"up"
+
+        config.write_text(
+            f'[[listen]]\naddress = "127.0.0.1"\nport = {first}\n'
+            f'[[listen]]\naddress = "127.0.0.1"\nport = {second}\n'
+        )
+        process.proc.send_signal(signal.SIGHUP)
+        reloading = manager.next()
+        assert reloading["RELOADING"] == "1"
+        usec = int(reloading["MONOTONIC_USEC"])
+        assert 0 < usec <= time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        assert manager.next() == {"READY": "1", "STATUS": "serving 2 listeners"}
+        assert echo("127.0.0.1", second, b"new") == b"new"
+
+        # A bad config at reload: still RELOADING=1 then READY=1.
+        config.write_text("[echo\n")
+        process.proc.send_signal(signal.SIGHUP)
+        assert manager.next()["RELOADING"] == "1"
+        assert manager.next() == {"READY": "1", "STATUS": "serving 2 listeners"}
+
+        process.proc.send_signal(signal.SIGTERM)
+        assert manager.next() == {"STOPPING": "1"}
+        assert process.finish() == -signal.SIGTERM
+    finally:
+        process.kill()
+    # Only these were sent, and no watchdog pings (WATCHDOG_USEC unset).
+    assert [m for m in manager.messages if "WATCHDOG" in m] == []
+    assert "Traceback" not in process.output()
+
+
+def test_watchdog(manager: Manager, tmp_path: Path) -> None:
+    """
+    With WATCHDOG_USEC set for this process, WATCHDOG=1 comes every half
+    of it; with WATCHDOG_PID naming another process, never.
+    """
+    env = dict(
+        os.environ,
+        NOTIFY_SOCKET=str(tmp_path / "notify"),
+        WATCHDOG_USEC="200000",
+    )
+    process = Twistd(["--listen", "127.0.0.1:0"], tmp_path, env=env)
+    try:
+        assert manager.next()["READY"] == "1"
+        for _ in range(3):
+            assert manager.next(skipWatchdog=False) == {"WATCHDOG": "1"}
+    finally:
+        process.stop()
+    # The pings stop before STOPPING=1, the last message.
+    assert manager.next() == {"STOPPING": "1"}
+    manager.socket.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        manager.socket.recv(100)
+
+
+def test_watchdogForAnotherProcess(tmp_path: Path) -> None:
+    environ = {
+        "NOTIFY_SOCKET": "@abstract",
+        "WATCHDOG_USEC": "200000",
+        "WATCHDOG_PID": str(os.getpid() + 1),
+    }
+    notifier = Notifier(environ)
+    assert notifier.watchdogInterval == 0
+    assert notifier.address == "\0abstract"
+    # Read and removed, so that child processes do not speak for us.
+    assert environ == {}
+    environ = {"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "200000"}
+    assert Notifier(environ).watchdogInterval == pytest.approx(0.1)
+
+
+def test_abstractSocket(tmp_path: Path) -> None:
+    """
+    An abstract NOTIFY_SOCKET ("@name", as systemd sets it) works too.
+    """
+    name = f"udpdst-test-{os.getpid()}-{time.monotonic_ns()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind("\0" + name)
+        s.settimeout(DEADLINE)
+        Notifier({"NOTIFY_SOCKET": "@" + name}).notify("READY=1", "STATUS=x")
+        assert s.recv(100) == b"READY=1\nSTATUS=x"
+
+
+def test_nobodyListening(tmp_path: Path) -> None:
+    """
+    A NOTIFY_SOCKET nobody reads: one warning, never an exception.
+    """
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    events: list[dict[str, object]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "none")})
+        notifier.notify("READY=1")
+        notifier.notify("READY=1")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    warnings = [e for e in events if e.get("log_level") == LogLevel.warn]
+    assert len(warnings) == 1
+    assert "cannot notify systemd" in str(warnings[0]["log_format"])

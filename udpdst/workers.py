@@ -1,0 +1,802 @@
+"""
+Worker processes for the udpdst service: with C{workers = N} (N >= 2) the
+twistd process binds the listeners (or takes systemd's sockets), then runs N
+worker processes that all serve those same sockets, restarts a worker that
+dies, replaces them all when SIGHUP reloads the configuration, stops them
+all when it stops, and sums the stats they report.
+
+Why one shared socket rather than one C{SO_REUSEPORT} socket per worker (the
+figures are in the README): the parent binds once, before twistd drops
+privileges, so a restarted worker needs no privilege to serve port 53;
+systemd's single socket and port 0 work unchanged; and a worker that dies
+loses nothing still queued in the kernel, where with C{SO_REUSEPORT} the
+datagrams queued on its socket, and those hashed to it until it is back,
+would be lost.
+
+The parent and a worker talk over the worker's standard streams, one JSON
+object per line:
+
+  - parent to worker, on standard input: one C{setup} line (the
+    configuration as a plain document, the descriptor of each listener,
+    the worker's number); standard input then stays open, and its end
+    (the parent is gone) stops the worker;
+  - worker to parent, on standard output: C{{"ready": true}} once it
+    serves, C{{"stats": ..., "final": bool}} every L{REPORT_INTERVAL}
+    seconds and at stop, and C{{"log": ...}} for each log event (as
+    L{twisted.logger.eventAsJSON} writes it), which the parent publishes as
+    its own, so that one log level and one log destination cover all
+    processes.
+
+Standard error is logged by the parent line by line (a worker that cannot
+even start writes its traceback there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields, is_dataclass, replace
+from ipaddress import IPv4Network, IPv6Network
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.error import ConnectionDone, ProcessExitedAlready
+from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import (
+    ILogFilterPredicate,
+    ILogObserver,
+    Logger,
+    LogLevel,
+    PredicateResult,
+    eventAsJSON,
+    eventFromJSON,
+    globalLogPublisher,
+)
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from udpdst.config import Config, ConfigError, ListenConfig, parseConfig
+from udpdst.service import EchoService
+from udpdst.stats import Snapshot
+
+_log = Logger(namespace="udpdst.workers")
+
+#: Seconds between a worker's stats reports to the parent: what a worker
+#: that is killed outright can take with it uncounted.
+REPORT_INTERVAL = 1.0
+
+#: The longest line the parent accepts from a worker; a longer one is cut
+#: off (a worker is our own code, but a runaway one must not exhaust memory).
+MAX_LINE = 1 << 20
+
+
+def cpuCount() -> int:
+    """
+    The CPUs this process may run on (its affinity mask), at least 1: what
+    C{workers = "auto"} means.
+    """
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def workerCount(setting: int | str) -> int:
+    """
+    The number of processes a C{workers} setting means: C{"auto"} is one per
+    CPU, an integer is itself.
+    """
+    return cpuCount() if setting == "auto" else int(setting)
+
+
+# The configuration, sent to the worker as a plain document.
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, IPv4Network | IPv6Network):
+        return str(value)
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    return value
+
+
+def configDocument(config: Any) -> dict[str, Any]:
+    """
+    A L{udpdst.config.Config} as the document (tables of plain values) that
+    L{udpdst.config.parseConfig} reads back to an equal configuration.
+    """
+    document = _plain(config)
+    assert isinstance(document, dict)
+    return document
+
+
+# Backoff for restarts.
+
+
+@dataclass
+class Backoff:
+    """
+    How long to wait before restarting a worker that ended: C{initial}
+    seconds after a worker that served at least C{steady} seconds, and twice
+    as long as last time, up to C{maximum}, after one that did not (it
+    probably cannot start at all: restarting it in a tight loop would only
+    burn a CPU and flood the log).
+    """
+
+    initial: float = 0.5
+    maximum: float = 30.0
+    steady: float = 10.0
+    _next: float = 0.0
+
+    def after(self, served: float) -> float:
+        """
+        The delay before the next start of a worker that served C{served}
+        seconds (0 if it never did).
+        """
+        if served >= self.steady or not self._next:
+            self._next = self.initial
+        else:
+            self._next = min(self._next * 2, self.maximum)
+        return self._next
+
+
+# The parent side.
+
+
+@dataclass(frozen=True)
+class WorkerSocket:
+    """
+    A socket the workers serve: the L{udpdst.config.ListenConfig} it was
+    made for, its descriptor in the parent, and its address for log lines.
+    """
+
+    listener: ListenConfig
+    fd: int
+    name: str
+
+
+def _describeEnd(reason: Failure) -> str:
+    value = reason.value
+    signalNumber = getattr(value, "signal", None)
+    if signalNumber is not None:
+        try:
+            return f"killed by {signal.Signals(signalNumber).name}"
+        except ValueError:
+            return f"killed by signal {signalNumber}"
+    code = getattr(value, "exitCode", None)
+    return "exited normally" if not code else f"exited with status {code}"
+
+
+class _WorkerProtocol(ProcessProtocol):
+    """
+    The parent's end of one worker process: reads its messages and log
+    lines, and tells the pool when it ends.
+    """
+
+    def __init__(self, pool: WorkerPool, number: int, setup: bytes) -> None:
+        self.pool = pool
+        self.number = number
+        self._setup = setup
+        self._buffers = {1: b"", 2: b""}
+        self.pid: int | None = None
+        self.started = 0.0
+        self.ready = False
+        self.readyAt = 0.0
+        self.ended: Deferred[None] = Deferred()
+        #: The worker of an older configuration it takes over from (a
+        #: reload), stopped once this one is ready.
+        self.replaces: _WorkerProtocol | None = None
+        #: Kills it if it is not ready in time.
+        self.readyTimeout: Any = None
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid  # type: ignore[union-attr]
+        self.started = self.pool.clock.seconds()
+        self.transport.write(self._setup)  # type: ignore[union-attr]
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        buffered = self._buffers.get(childFD, b"") + data
+        *lines, rest = buffered.split(b"\n")
+        if len(rest) > MAX_LINE:
+            lines.append(rest[:MAX_LINE])
+            rest = b""
+        self._buffers[childFD] = rest
+        for line in lines:
+            if childFD == 1:
+                self.pool._message(self, line)
+            elif line.strip():
+                self.pool._stderr(self, line)
+
+    def processEnded(self, reason: Failure) -> None:
+        for fd in (1, 2):
+            if self._buffers[fd].strip():
+                self.childDataReceived(fd, b"\n")
+        self.pool._ended(self, reason)
+        self.ended.callback(None)
+
+
+class WorkerPool(Service):
+    """
+    Run C{count} worker processes serving the same sockets; restart each
+    one that ends while the pool runs; replace them all, one by one, on
+    L{reload}; stop them all when it stops.
+
+    @ivar workers: The newest worker of each slot (L{None} while a slot
+        waits for its restart), numbered from 1 in log lines.  During a
+        reload, the one it replaces is its C{replaces}.
+    """
+
+    _log = Logger(namespace="udpdst.workers")
+
+    def __init__(
+        self,
+        count: int,
+        document: Mapping[str, Any],
+        sockets: Callable[[], Sequence[WorkerSocket]],
+        reactor: Any = None,
+        *,
+        backoff: Callable[[], Backoff] = Backoff,
+        stopTimeout: float = 10.0,
+        readyTimeout: float = 60.0,
+        command: Sequence[str] | None = None,
+    ) -> None:
+        """
+        @param count: How many workers.
+        @param document: The configuration for the workers
+            (L{configDocument}).
+        @param sockets: Called at start and at each L{reload}: the sockets
+            to serve (they are bound by then).
+        @param reactor: Spawns the processes and keeps time; the global
+            reactor if L{None}.
+        @param backoff: Makes each slot's restart policy.
+        @param stopTimeout: Seconds a worker has to stop after SIGTERM
+            before it is killed.
+        @param readyTimeout: Seconds a worker has to start serving before
+            it is killed (and restarted, after its backoff).
+        @param command: The worker's command line; L{workerCommand} by
+            default.
+        """
+        self.count = count
+        self.document = dict(document)
+        self._sockets = sockets
+        self._reactor = reactor
+        self._backoffs = [backoff() for _ in range(count)]
+        self._stopTimeout = stopTimeout
+        self._readyTimeout = readyTimeout
+        self._command = list(command) if command is not None else workerCommand()
+        self.workers: list[_WorkerProtocol | None] = [None] * count
+        self._restarts: list[Any] = [None] * count
+        self._fds: list[WorkerSocket] = []
+        self._retiring: list[_WorkerProtocol] = []
+        self._latest: dict[_WorkerProtocol, Snapshot] = {}
+        self._retired = Snapshot()
+        self._announced = False
+        self._stopping = False
+
+    @property
+    def clock(self) -> Any:
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor
+        return self._reactor
+
+    # Starting and restarting
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self._stopping = False
+        self._fds = list(self._sockets())
+        # Spawned once the reactor runs: its child reaper is in place then.
+        self.clock.callWhenRunning(self._startAll)
+
+    def _startAll(self) -> None:
+        if self._stopping:
+            return
+        for slot in range(self.count):
+            if self.workers[slot] is None:
+                self._spawn(slot)
+
+    def _setup(self, number: int) -> bytes:
+        # The document's listeners are those of the sockets, in their order:
+        # systemd may pass several sockets for one listener.
+        document = dict(self.document)
+        document["listen"] = [_plain(s.listener) for s in self._fds]
+        setup = {
+            "worker": number,
+            "config": document,
+            "sockets": [{"fd": 3 + i, "name": s.name} for i, s in enumerate(self._fds)],
+        }
+        return json.dumps({"setup": setup}).encode() + b"\n"
+
+    def _spawn(self, slot: int) -> None:
+        self._restarts[slot] = None
+        previous = self.workers[slot]
+        worker = _WorkerProtocol(self, slot + 1, self._setup(slot + 1))
+        childFDs: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
+        for i, s in enumerate(self._fds):
+            childFDs[3 + i] = s.fd
+        try:
+            self.clock.spawnProcess(
+                worker,
+                self._command[0],
+                self._command,
+                env=dict(os.environ),
+                childFDs=childFDs,
+            )
+        except OSError as e:
+            # fork or exec failed: out of memory or processes, or the user
+            # twistd switched to (--uid) may not run this Python.
+            delay = self._scheduleRestart(slot, 0.0)
+            self._log.error(
+                "cannot start worker {worker} ({command}): {error}; retrying in "
+                "{delay:g} s",
+                worker=slot + 1,
+                command=self._command[0],
+                error=e.strerror or e,
+                delay=delay,
+            )
+            return
+        self.workers[slot] = worker
+        worker.readyTimeout = self.clock.callLater(
+            self._readyTimeout, self._notReady, worker
+        )
+        if previous is not None:
+            # A reload: the worker of the older configuration serves until
+            # this one is ready.  One that was itself still starting goes.
+            if previous.replaces is not None:
+                worker.replaces, previous.replaces = previous.replaces, None
+                self._retire(previous)
+            else:
+                worker.replaces = previous
+        self._log.debug(
+            "worker {worker} started (pid {pid})", worker=slot + 1, pid=worker.pid
+        )
+
+    def _scheduleRestart(self, slot: int, served: float) -> float:
+        delay = self._backoffs[slot].after(served)
+        self._restarts[slot] = self.clock.callLater(delay, self._spawn, slot)
+        return delay
+
+    def _retire(self, worker: _WorkerProtocol) -> None:
+        self._retiring.append(worker)
+        self._signal(worker, "TERM")
+
+    def _notReady(self, worker: _WorkerProtocol) -> None:
+        worker.readyTimeout = None
+        self._kill(worker, "start serving", self._readyTimeout)
+
+    def _kill(self, worker: _WorkerProtocol, what: str, timeout: float) -> None:
+        """
+        Kill a worker that did not do C{what} within C{timeout} seconds.
+        """
+        self._log.error(
+            "worker {worker} (pid {pid}) did not {what} within {timeout:g} s; "
+            "killing it",
+            worker=worker.number,
+            pid=worker.pid,
+            what=what,
+            timeout=timeout,
+        )
+        self._signal(worker, "KILL")
+
+    def _ended(self, worker: _WorkerProtocol, reason: Failure) -> None:
+        if worker.readyTimeout is not None:
+            worker.readyTimeout.cancel()
+            worker.readyTimeout = None
+        # What it reported last stays in the totals.
+        last = self._latest.pop(worker, None)
+        if last is not None:
+            self._retired = self._retired + last
+        if worker in self._retiring:
+            # Replaced by a reload, or stopped.
+            self._retiring.remove(worker)
+            return
+        slot = worker.number - 1
+        newest = self.workers[slot]
+        how = _describeEnd(reason)
+        if newest is not None and newest.replaces is worker:
+            # The older worker ended while its successor starts.
+            newest.replaces = None
+        elif newest is worker:
+            # An older worker, if any, serves on until the restart is ready.
+            self.workers[slot], worker.replaces = worker.replaces, None
+        if self._stopping:
+            return
+        if newest is not worker:
+            self._log.error(
+                "worker {worker} (pid {pid}) {how}; its successor is starting",
+                worker=worker.number,
+                pid=worker.pid,
+                how=how,
+            )
+            return
+        now = self.clock.seconds()
+        ranFor = now - worker.started
+        delay = self._scheduleRestart(slot, now - worker.readyAt if worker.ready else 0)
+        self._log.error(
+            "worker {worker} (pid {pid}) {how} after {ranFor:.1f} s{ready}; "
+            "restarting it in {delay:g} s",
+            worker=worker.number,
+            pid=worker.pid,
+            how=how,
+            ranFor=ranFor,
+            ready="" if worker.ready else " before it was ready",
+            delay=delay,
+        )
+
+    def reload(self, document: Mapping[str, Any]) -> None:
+        """
+        Serve a new configuration: take the sockets again and replace each
+        worker by one started with C{document}; each old worker stops once
+        its successor is ready, so that the sockets are served throughout.
+        """
+        self.document = dict(document)
+        if not self.running or self._stopping:
+            return
+        self._fds = list(self._sockets())
+        for slot in range(self.count):
+            # A slot waiting for its restart gets the new setup then.
+            if self._restarts[slot] is None:
+                self._spawn(slot)
+
+    # Messages from workers
+
+    def _message(self, worker: _WorkerProtocol, line: bytes) -> None:
+        try:
+            message = json.loads(line)
+            if not isinstance(message, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            self._stderr(worker, line)
+            return
+        if "log" in message:
+            self._publish(worker, message["log"])
+        elif "stats" in message:
+            try:
+                self._latest[worker] = Snapshot.fromDict(message["stats"])
+            except (KeyError, TypeError, ValueError, AttributeError):
+                self._stderr(worker, line)
+        elif message.get("ready"):
+            self._ready(worker)
+
+    def _publish(self, worker: _WorkerProtocol, text: Any) -> None:
+        try:
+            event = eventFromJSON(text)
+        except (ValueError, TypeError, KeyError):
+            self._stderr(worker, str(text).encode())
+            return
+        event["udpdstWorker"] = worker.number
+        event["udpdstWorkerPid"] = worker.pid
+        if isinstance(event.get("log_format"), str):
+            # Literal text: the event's fields are already flattened.
+            event["log_format"] = f"worker {worker.number}: " + event["log_format"]
+        globalLogPublisher(event)
+
+    def _stderr(self, worker: _WorkerProtocol, line: bytes) -> None:
+        self._log.warn(
+            "worker {worker} (pid {pid}): {line}",
+            worker=worker.number,
+            pid=worker.pid,
+            line=line.decode("utf-8", "backslashreplace").rstrip(),
+        )
+
+    def _ready(self, worker: _WorkerProtocol) -> None:
+        worker.ready = True
+        worker.readyAt = self.clock.seconds()
+        if worker.readyTimeout is not None:
+            worker.readyTimeout.cancel()
+            worker.readyTimeout = None
+        old, worker.replaces = worker.replaces, None
+        if old is not None:
+            self._retire(old)
+            self._log.info(
+                "worker {worker} reloaded (pid {pid}, was {old})",
+                worker=worker.number,
+                pid=worker.pid,
+                old=old.pid,
+            )
+        elif self._announced:
+            self._log.info(
+                "worker {worker} restarted (pid {pid})",
+                worker=worker.number,
+                pid=worker.pid,
+            )
+        if self._announced:
+            return
+        live = [w for w in self.workers if w is not None]
+        if len(live) == self.count and all(w.ready for w in live):
+            self._announced = True
+            self._log.info(
+                "udpdst workers: {count} running (pids {pids})",
+                count=self.count,
+                pids=", ".join(str(w.pid) for w in live),
+            )
+
+    # Stats
+
+    def total(self) -> Snapshot:
+        """
+        The sum of what the workers reported: the last report of every
+        worker that ended, and the latest of each running one.  It covers
+        everything the workers counted, except what a worker killed
+        outright counted in its last L{REPORT_INTERVAL}.
+        """
+        total = self._retired
+        for snapshot in self._latest.values():
+            total = total + snapshot
+        return total
+
+    # Stopping
+
+    def stopService(self) -> Deferred[Any]:
+        Service.stopService(self)
+        self._stopping = True
+        for slot, call in enumerate(self._restarts):
+            if call is not None and call.active():
+                call.cancel()
+            self._restarts[slot] = None
+        newest = [w for w in self.workers if w is not None]
+        older = [w.replaces for w in newest if w.replaces is not None]
+        for worker in newest + older:
+            self._retire(worker)
+        live = list(self._retiring)
+        if not live:
+            return succeed(None)
+        timeout = self.clock.callLater(self._stopTimeout, self._killAll, live)
+        d = DeferredList([w.ended for w in live])
+
+        def done(result: Any) -> None:
+            if timeout.active():
+                timeout.cancel()
+
+        d.addCallback(done)
+        return d
+
+    def _killAll(self, workers: Sequence[_WorkerProtocol]) -> None:
+        for worker in workers:
+            if not worker.ended.called:
+                self._kill(worker, "stop", self._stopTimeout)
+
+    def _signal(self, worker: _WorkerProtocol, name: str) -> None:
+        try:
+            worker.transport.signalProcess(name)  # type: ignore[union-attr]
+        except (ProcessExitedAlready, OSError):
+            pass
+
+
+def serveWithWorkers(
+    service: EchoService, count: int, reactor: Any = None
+) -> WorkerPool:
+    """
+    Make an L{udpdst.service.EchoService} serve its sockets with C{count}
+    worker processes: it still binds them (or takes systemd's), but stops
+    reading them itself, and reports the sum of what its workers count.
+
+    @return: The L{WorkerPool}, added as a child of C{service}.
+    """
+
+    def sockets() -> list[WorkerSocket]:
+        found = []
+        for child in service.listeners:
+            port = child.port
+            assert port is not None, "serving starts after binding"
+            # The parent only holds the sockets; the workers read them.
+            port.stopReading()
+            found.append(WorkerSocket(child.listener, port.fileno(), child.address))
+        return found
+
+    pool = WorkerPool(count, configDocument(service.config), sockets, reactor)
+
+    def total() -> Snapshot:
+        # The parent's own (all zero) first, so that every listener and the
+        # limiter show even before the first report.
+        return service.localSnapshot() + pool.total()
+
+    service.snapshotProvider = total
+    service.afterReload.append(lambda: pool.reload(configDocument(service.config)))
+    service.addService(pool)
+    return pool
+
+
+def workerCommand() -> list[str]:
+    """
+    The command line that runs a worker: this Python, this module.
+    """
+    return [
+        sys.executable,
+        "-c",
+        "from udpdst.workers import runWorker; raise SystemExit(runWorker())",
+    ]
+
+
+# The worker side.
+
+
+@implementer(IReadDescriptor)
+class _ParentWatch:
+    """
+    Standard input, on which the parent never writes again: its end means
+    the parent is gone, and the worker stops.
+    """
+
+    def __init__(self, fd: int, gone: Callable[[], None]) -> None:
+        self._fd = fd
+        self._gone = gone
+        os.set_blocking(fd, False)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def logPrefix(self) -> str:
+        return "udpdst parent"
+
+    def doRead(self) -> Any:
+        try:
+            data = os.read(self._fd, 4096)
+        except BlockingIOError:
+            return None
+        except OSError:
+            data = b""
+        return None if data else ConnectionDone()
+
+    def connectionLost(self, reason: Any) -> None:
+        self._gone()
+
+
+#: Where the info lines that every worker would repeat come from: Twisted's
+#: own (protocol started, SIGTERM received), the service's (where it
+#: listens, that it runs), which the parent logs once for all.
+_REPEATED = ("log_legacy", "twisted.", "udpdst.service.", "udpdst.workers.")
+
+
+@implementer(ILogFilterPredicate)
+class _Forwarded:
+    """
+    Which of a worker's log events go to the parent: all but the info lines
+    that every worker would repeat.
+    """
+
+    def __call__(self, event: dict[str, Any]) -> PredicateResult:
+        if event.get("log_level") == LogLevel.info and str(
+            event.get("log_namespace", "")
+        ).startswith(_REPEATED):
+            return PredicateResult.no
+        return PredicateResult.maybe
+
+
+class _WorkerEchoService(EchoService):
+    """
+    The echo service as a worker runs it: it reports its stats to the
+    parent, which logs the sum over all workers.
+    """
+
+    def __init__(self, channel: _Channel, *args: Any, **kwargs: Any) -> None:
+        EchoService.__init__(self, *args, **kwargs)
+        self._channel = channel
+
+    def logStats(self, final: bool = False) -> None:
+        self._channel.send({"stats": self.localSnapshot().asDict(), "final": final})
+
+
+@implementer(ILogObserver)
+class _Channel:
+    """
+    The worker's end of the line protocol: one JSON object per line on the
+    original standard output.
+    """
+
+    def __init__(self, out: Any) -> None:
+        self._out = out
+
+    def send(self, message: Mapping[str, Any]) -> None:
+        try:
+            self._out.write(json.dumps(message).encode() + b"\n")
+            self._out.flush()
+        except (OSError, ValueError):
+            # The parent is gone; its end of standard input says so too.
+            pass
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.send({"log": eventAsJSON(event)})
+
+
+def workerConfig(document: Mapping[str, Any]) -> Config:
+    """
+    The configuration a worker runs from its parent's document: the same,
+    except that it runs no workers of its own, serves no metrics (the
+    parent does, for all) and reports its stats every L{REPORT_INTERVAL}.
+    """
+    config = parseConfig(document, "the parent's configuration")
+    return replace(
+        config,
+        log=replace(config.log, stats_interval=REPORT_INTERVAL),
+        service=replace(config.service, workers=1),
+        metrics=replace(config.metrics, listen=""),
+    )
+
+
+def runWorker(stdin: int = 0, stdout: int = 1) -> int:
+    """
+    Run one worker: read the setup from C{stdin}, serve the descriptors it
+    names until SIGTERM or until the parent is gone.
+
+    @return: The exit status.
+    """
+    with os.fdopen(os.dup(stdin), "rb") as setupFile:
+        line = setupFile.readline()
+    try:
+        setup = json.loads(line)["setup"]
+        config = workerConfig(setup["config"])
+    except (ValueError, KeyError, TypeError):
+        sys.stderr.write(
+            "udpdst.workers: no setup on standard input; workers are started "
+            "by twistd udpdst with workers >= 2, not by hand\n"
+        )
+        return 2
+    except ConfigError as e:
+        # The parent checked this configuration: a different udpdst?
+        sys.stderr.write(f"udpdst.workers: {e}\n")
+        return 2
+    out = os.fdopen(os.dup(stdout), "wb")
+    # Stray prints must not corrupt the line protocol: they go to standard
+    # error, which the parent logs line by line.
+    os.dup2(2, stdout)
+    channel = _Channel(out)
+
+    from twisted.internet import reactor
+    from twisted.logger import FilteringLogObserver, globalLogBeginner
+
+    from udpdst import logs
+    from udpdst.systemd import InheritedSocket
+
+    logs.setLogLevel(config.log.level)
+    globalLogBeginner.beginLoggingTo(
+        [FilteringLogObserver(channel, [logs.minimumLevel, _Forwarded()])],
+        redirectStandardIO=False,
+    )
+
+    sockets = [
+        (listener, InheritedSocket(s["fd"], s["name"]))
+        for listener, s in zip(config.listen, setup["sockets"], strict=True)
+    ]
+    service = _WorkerEchoService(channel, config, sockets, reactor)
+    status = [0]
+
+    def start() -> None:
+        try:
+            service.privilegedStartService()
+            service.startService()
+        except SystemExit as e:
+            # A listener could not start: its one critical line is logged.
+            status[0] = e.code if isinstance(e.code, int) else 1
+            reactor.stop()
+            return
+        except Exception:
+            _log.failure("worker could not start")
+            status[0] = 1
+            reactor.stop()
+            return
+        reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+        # The parent stops its workers with SIGTERM; an interrupt from the
+        # terminal reaches the parent too, which then does so.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # The parent reloads on SIGHUP and replaces its workers.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        reactor.addReader(_ParentWatch(stdin, _parentGone))
+        channel.send({"ready": True})
+
+    def _parentGone() -> None:
+        if reactor.running:
+            reactor.stop()
+
+    reactor.callWhenRunning(start)
+    reactor.run()
+    return status[0]

@@ -35,7 +35,7 @@ PORT = 12345
 
 #: The README's bound on what a flood of spoofed sources adds to the
 #: service's peak memory (rate limiter at max_sources, loop guard, caches).
-FLOOD_MEMORY_BOUND = 15 * 2**20
+FLOOD_MEMORY_BOUND = 20 * 2**20
 
 
 @pytest.fixture

@@ -241,7 +241,7 @@ def test_notABounceWhenSlowOrDifferent() -> None:
 
 def test_memoryBounded() -> None:
     """
-    At most maxPeers peers, and the README's 3.5 MB at worst: IPv6 peers
+    At most maxPeers peers, and the README's 2.5 MB at worst: IPv6 peers
     with a destination each, replies of exactUpTo bytes kept whole.
     """
     guard = LoopGuard()
@@ -257,7 +257,7 @@ def test_memoryBounded() -> None:
         peak = tracemalloc.get_traced_memory()[1] - before
     finally:
         tracemalloc.stop()
-    assert peak < 3.5e6
+    assert peak < 2.5e6
 
 
 def test_echoRefusesTheBounce() -> None:

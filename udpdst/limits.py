@@ -194,13 +194,15 @@ class LoopGuard:
     for L{maxDuration} seconds: that datagram gets no reply, which ends the
     loop, and the peer is forgotten, so its next datagram is answered.
 
-    So every loop whose round trip is shorter than L{window} ends within
-    C{max(maxDuration, maxBounces * round trip)}, under a second.  A client
-    that repeats the same payload from one port, each time less than
-    L{window} after our reply (at full speed, or several in flight), loses
-    one datagram in C{maxBounces + 1}, or one each L{maxDuration} seconds if
-    slower; one that repeats it at longer intervals, or whose datagrams
-    differ (a sequence number, a time stamp), is never refused.
+    So every loop whose round trip is shorter than L{window} ends after
+    L{maxBounces} round trips or L{maxDuration} seconds (and one round
+    trip), whichever comes first: under a second.  A client that repeats the
+    same payload from one port, each time less than L{window} after our
+    reply (at full speed, or several in flight), loses one datagram in
+    C{maxBounces + 1}, or one each L{maxDuration} seconds if slower; one
+    that repeats it at longer intervals, or whose datagrams differ (a
+    sequence number, a time stamp), is never refused, nor is any client of
+    an echo with a prefix (its datagrams do not end with our replies).
 
     Memory is bounded: at most L{maxPeers} peers are remembered (all
     forgotten when full), each with its last reply if that is at most
@@ -235,9 +237,9 @@ class LoopGuard:
             peers = self._peers
             if len(peers) >= self.maxPeers:
                 peers.clear()
-            # Keyed by the peer address as given: a port that reuses one
-            # object per peer makes the lookup an identity check.
-            peers[peer] = [self._remembered(reply), now, 0, now]
+            # A plain tuple key: a port's peer address object keeps more
+            # (its destination, its reply's socket address and control data).
+            peers[(peer[0], peer[1])] = [self._remembered(reply), now, 0, now]
             return True
         if now - state[1] < self.window:
             last = state[0]

@@ -45,6 +45,7 @@ BATCH = 64
 _FAMILY = struct.Struct("=H")
 _PORT = struct.Struct("!H")
 _SCOPE = struct.Struct("=I")
+_FLOWINFO = struct.Struct("!I")  # network order; socket.recvmsg gives ntohl()
 _CMSGHDR = struct.Struct("@Nii")  # size_t cmsg_len, int level, int type
 _V6_ADDR_LEN = 28
 _V4_ADDR_LEN = 16
@@ -87,7 +88,7 @@ def _decodeRawKey(key: bytes) -> tuple[Any, list[Ancillary], bytes]:
         addr = (
             socket.inet_ntop(socket.AF_INET6, key[8:24]),
             _PORT.unpack_from(key, 2)[0],
-            _SCOPE.unpack_from(key, 4)[0],
+            _FLOWINFO.unpack_from(key, 4)[0],
             scope,
         )
         # The flow label is the peer's; a reply sets its own.

@@ -340,7 +340,8 @@ def test_withoutPyroute2(pair: Pair, tmp_path: Path) -> None:
     assert result.stdout == ""
     assert result.stderr == (
         "udpdst check: listing this host's addresses needs pyroute2; install it "
-        "with pip install 'udpdst[check]'\n"
+        "with pip install '/path/to/udpdst-checkout[check]' (or pip install "
+        "pyroute2)\n"
     )
 
 

@@ -147,8 +147,8 @@ def test_missingExtraIsOneLine(started, tmp_path: Path) -> None:  # type: ignore
     assert process.out == []
     assert process.err == [
         "twistd udpdst: [metrics] listen (--metrics) needs the optional extra: "
-        "install it with pip install 'udpdst[metrics]' (prometheus_client), or "
-        "remove the setting\n"
+        "install it with pip install '/path/to/udpdst-checkout[metrics]' (or pip "
+        "install prometheus_client), or remove the setting\n"
     ]
     without = started("--listen", "127.0.0.1:0", env=env)
     without.listening()

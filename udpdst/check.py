@@ -103,7 +103,7 @@ def localAddresses() -> list[LocalAddress]:
     except ImportError:
         raise CheckError(
             "listing this host's addresses needs pyroute2; install it with "
-            "pip install 'udpdst[check]'"
+            "pip install '/path/to/udpdst-checkout[check]' (or pip install pyroute2)"
         ) from None
     found = []
     try:

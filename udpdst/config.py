@@ -392,7 +392,7 @@ class MetricsConfig:
     listen: str = _key(
         "",
         _endpoint,
-        'ADDRESS:PORT serving /metrics (needs udpdst[metrics]); "" = none',
+        'ADDRESS:PORT serving /metrics (needs the metrics extra); "" = none',
         option="metrics",
     )
 

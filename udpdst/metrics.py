@@ -3,7 +3,7 @@ The Prometheus endpoint of the udpdst service: C{/metrics} served by
 twisted.web in the service's own reactor, read from the same L{Snapshot} as
 the stats lines.
 
-It needs the optional extra C{udpdst[metrics]} (C{prometheus_client}): the
+It needs the optional extra C{metrics} (C{prometheus_client}): the
 exposition format (escaping, types, C{_total} suffixes, OpenMetrics
 negotiation) is that library's job, and its parser is what the tests read
 the output with.
@@ -30,7 +30,8 @@ from udpdst.stats import Snapshot
 #: What to tell an operator whose config asks for metrics without the extra.
 MISSING_EXTRA = (
     "[metrics] listen (--metrics) needs the optional extra: install it with "
-    "pip install 'udpdst[metrics]' (prometheus_client), or remove the setting"
+    "pip install '/path/to/udpdst-checkout[metrics]' (or pip install "
+    "prometheus_client), or remove the setting"
 )
 
 #: The help text of the per-listener counters the port has today; a counter

@@ -49,6 +49,14 @@ def checkServiceRecords(found: list[dict[str, Any]], port: int) -> None:
     (start,) = [r for r in found if r["text"].startswith("udpdst echo listening")]
     assert start["namespace"] == "udpdst.service.ListenerService"
     assert start["address"] == f"127.0.0.1:{port}"
+    # Every field means something on its own: no pieces of the text.
+    assert (start["amplification"], start["reusePort"]) == (0, False)
+    assert "how" not in start
+    (running,) = [r for r in found if r["text"].startswith("udpdst echo service")]
+    assert running["text"].startswith("udpdst echo service running: 1 listener, ")
+    assert (running["count"], running["logLevel"]) == (1, "info")
+    assert running["statsInterval"] == 60
+    assert "listeners" not in running and "stats" not in running
     (final,) = [r for r in found if r.get("final") is True]
     assert final["text"].startswith(
         f"final stats 127.0.0.1:{port}: received 1, replied 1, refused 0 (none)"

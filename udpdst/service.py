@@ -202,13 +202,16 @@ class ListenerService(Service):
         self.port = self._lastPort = port
         host = port.getHost()
         self._address = formatHostPort(host.host, host.port)
+        # The detail is text of the message, not a field: a JSON line
+        # carries only fields that mean something on their own.
         self._log.info(
-            "udpdst echo listening on {address}{how}; replies at most "
-            "{amplification} bytes larger than requests",
+            "udpdst echo listening on {address}"
+            + (f" ({_literal(how)})" if how else "")
+            + "; replies at most {amplification} bytes larger than requests",
             address=self.address,
-            how=f" ({how})" if how else "",
             amplification=self.protocol.amplification,
             maxPacketSize=listener.max_packet_size,
+            reusePort=listener.reuse_port,
         )
         return port
 
@@ -387,13 +390,15 @@ class EchoService(MultiService):
 
     def _logRunning(self) -> None:
         interval = self.config.log.stats_interval
+        count = len(self.listeners)
         self._log.info(
-            "udpdst echo service running: {count} {listeners}, log level "
-            "{logLevel}, {stats}",
-            count=len(self.listeners),
-            listeners="listener" if len(self.listeners) == 1 else "listeners",
+            "udpdst echo service running: {count} "
+            + _listenerNoun(count)
+            + ", log level {logLevel}, "
+            + ("stats every {statsInterval:g} s" if interval > 0 else "stats at stop"),
+            count=count,
             logLevel=self.config.log.level,
-            stats=f"stats every {interval:g} s" if interval > 0 else "stats at stop",
+            statsInterval=interval,
         )
         self._notifyReady()
 
@@ -424,9 +429,7 @@ class EchoService(MultiService):
 
     def _notifyReady(self) -> None:
         count = len(self.listeners)
-        self._notifier.ready(
-            f"serving {count} {'listener' if count == 1 else 'listeners'}"
-        )
+        self._notifier.ready(f"serving {count} {_listenerNoun(count)}")
 
     def reload(self, config: Config) -> Deferred[None]:
         """
@@ -610,6 +613,17 @@ def _changes(
 #: The counters a stats line starts with, in this order; the port's other
 #: counters follow in the order it lists them.
 _LEADING = ("received", "replied", "refused", "sendErrors", "kernelDrops")
+
+
+def _listenerNoun(count: int) -> str:
+    return "listener" if count == 1 else "listeners"
+
+
+def _literal(text: str) -> str:
+    """
+    C{text} as a part of a L{Logger} format string that renders as itself.
+    """
+    return text.replace("{", "{{").replace("}", "}}")
 
 
 def _words(name: str) -> str:

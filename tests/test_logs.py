@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import re
 import socket
 from collections.abc import Callable, Iterator
@@ -20,7 +21,8 @@ from twisted.logger import LogLevel, LogLevelFilterPredicate, PredicateResult
 
 from tests._service_helpers import Twistd, echo, startedTwistd, stopDaemon
 from tests.conftest import pidFileRemoved
-from udpdst import logs
+from udpdst import io, logs
+from udpdst.port import IO_PATH
 
 
 @pytest.fixture
@@ -55,6 +57,7 @@ def checkServiceRecords(found: list[dict[str, Any]], port: int) -> None:
     (running,) = [r for r in found if r["text"].startswith("udpdst echo service")]
     assert running["text"].startswith("udpdst echo service running: 1 listener, ")
     assert (running["count"], running["logLevel"]) == (1, "info")
+    assert running["ioPath"] == IO_PATH
     assert running["statsInterval"] == 60
     assert "listeners" not in running and "stats" not in running
     (final,) = [r for r in found if r.get("final") is True]
@@ -156,6 +159,27 @@ def test_twistedJsonLoggerInDaemonMode(started, tmp_path: Path) -> None:  # type
     events = [json.loads(line) for line in logfile.read_text().splitlines()]
     assert [e for e in events if e.get("final") is True]
     assert any("udpdst echo listening" in e.get("log_format", "") for e in events)
+
+
+@pytest.mark.parametrize("forced", [False, True], ids=["default", "UDPDST_IO=python"])
+def test_runningLineNamesTheIOPath(started, forced: bool) -> None:  # type: ignore[no-untyped-def]
+    """
+    The service's start line says which I/O path its ports use: the C
+    extension's where it is built, the pure-Python one where it is not or
+    C{UDPDST_IO=python} forces it.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "UDPDST_IO"}
+    if forced:
+        env["UDPDST_IO"] = "python"
+    expected = "recvmsg" if forced or io.BATCHED is None else "recvmmsg"
+    process = started("--listen", "127.0.0.1:0", env=env)
+    process.listening()
+    process.waitFor(
+        r"udpdst echo service running: 1 listener, I/O path "
+        + re.escape(expected)
+        + ", log level info, stats every 60 s$"
+    )
+    process.stop()
 
 
 def test_levelFilterIsTwisteds() -> None:

@@ -28,7 +28,7 @@ from udpdst.config import Config, ConfigError, LimitsConfig, ListenConfig
 from udpdst.echo import EchoProtocol
 from udpdst.limits import AccessList, RateLimiter
 from udpdst.listening import adoptDatagramPort, listenUDP
-from udpdst.port import DestinationPort
+from udpdst.port import IO_PATH, DestinationPort
 from udpdst.stats import ListenerStats, Snapshot, takeSnapshot
 from udpdst.systemd import InheritedSocket, Notifier, socketFamily
 
@@ -394,9 +394,10 @@ class EchoService(MultiService):
         self._log.info(
             "udpdst echo service running: {count} "
             + _listenerNoun(count)
-            + ", log level {logLevel}, "
+            + ", I/O path {ioPath}, log level {logLevel}, "
             + ("stats every {statsInterval:g} s" if interval > 0 else "stats at stop"),
             count=count,
+            ioPath=IO_PATH,
             logLevel=self.config.log.level,
             statsInterval=interval,
         )

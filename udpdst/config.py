@@ -325,7 +325,9 @@ class LimitsConfig:
         2000, _integer(1), "datagrams a source may send at once above the rate"
     )
     max_sources: int = _key(
-        65536, _integer(1), "sources whose rate is tracked; least recent forgotten"
+        65536,
+        _integer(1),
+        "sources whose rate is tracked; the longest unseen are forgotten",
     )
     allow: tuple[_Network, ...] = _key(
         (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")),

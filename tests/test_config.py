@@ -420,6 +420,8 @@ def test_optionsHelpIsTheSchemasDescription() -> None:
                 # usage.Options wraps help text: compare the words.
                 words = f.metadata["doc"].split()
                 assert " ".join(words[1:]) in " ".join(help.split()), f.name
+    # --config is not a key: its help points at the example every install has.
+    assert "(udpdst example-config prints a commented one)" in " ".join(help.split())
     assert {option.name for option in OPTIONS} == {
         "prefix",
         "log-level",

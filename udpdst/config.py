@@ -366,7 +366,7 @@ class LogConfig:
     format: str = _key(
         "text",
         _choice("text", "json"),
-        "text, or json: one JSON object per line",
+        "format: text (default) or json, one JSON object per line",
         option="log-format",
     )
 

@@ -51,7 +51,7 @@ class Options(usage.Options):
             "config",
             None,
             None,
-            "TOML config file (example: udpdst/data/udpdst.toml in the package).",
+            "TOML config file (udpdst example-config prints a commented one).",
         ],
         # One per key that has an option, with the key's own description.
         *([option.name, None, None, option.help] for option in OPTIONS),

@@ -404,7 +404,8 @@ def test_checkConfigValid(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "text, cause", [*BAD_CONFIGS, (None, r"cannot read config file")]
+    "text, cause",
+    [*BAD_CONFIGS, (None, r"cannot read config file \S+: No such file or directory$")],
 )
 def test_checkConfigInvalid(tmp_path: Path, text: str | None, cause: str) -> None:
     """

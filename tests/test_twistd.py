@@ -386,7 +386,7 @@ def test_missingConfigFile(started, tmp_path: Path) -> None:  # type: ignore[no-
     line = oneLineError(started("--config", str(tmp_path / "nope.toml")))
     assert line == (
         f"twistd udpdst: cannot read config file {tmp_path / 'nope.toml'}: "
-        "No such file or directory; check the --config path"
+        "No such file or directory"
     )
 
 

@@ -524,9 +524,8 @@ def loadConfig(path: str | None = None) -> Config:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise ConfigError(
-            f"cannot read config file {path}: {e.strerror}; check the --config path"
-        ) from None
+        # No "--config" here: udpdst check-config names the file as an argument.
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     try:
         document = tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:

@@ -80,6 +80,8 @@ def test_scrapeAfterKnownTraffic(started) -> None:  # type: ignore[no-untyped-de
         "udpdst_oversized_total",
         "udpdst_control_truncated_total",
         "udpdst_kernel_drops_total",
+        "udpdst_unreadable_total",
+        "udpdst_icmp_errors_total",
     ):
         assert samples[(name, listener)] == 0, name
     for reason in REFUSAL_REASONS:

@@ -44,6 +44,8 @@ _HELP = {
     "oversized": "Datagrams larger than max_packet_size, dropped.",
     "controlTruncated": "Datagrams whose destination was unknown (control data cut).",
     "kernelDrops": "Datagrams the kernel dropped on the socket (buffer full).",
+    "unreadable": "Datagrams dropped because their peer address was unusable.",
+    "icmpErrors": "ICMP errors (e.g. port unreachable) about replies sent.",
 }
 
 

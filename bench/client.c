@@ -19,7 +19,9 @@
  *   kernel dropped on our own sockets, from SO_RXQ_OVFL), elapsed (s, from
  *   the first send to the last reply), rate (received/elapsed) and the
  *   client's own cpu_s (getrusage), so the reader can check that the client
- *   was not the bottleneck.
+ *   was not the bottleneck, and rtt_p50_us / rtt_p99_us, the round-trip
+ *   times of answered requests (µs; with --sockets 1 --window 1 the latency
+ *   of one request at a time).
  *
  * Build: gcc -O2 -Wall -o client.bin client.c
  */
@@ -52,7 +54,36 @@ struct hdr {
     uint32_t magic;
     uint32_t sock;
     uint64_t seq;
+    uint64_t sent_ns; /* when the request left, for the round-trip time */
 };
+
+/* Round-trip times of answered requests, in µs buckets (the last one holds
+ * everything slower), for the p50/p99 in the JSON. */
+#define HIST 200000
+static uint32_t rtt_hist[HIST];
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* The q-quantile (0..1) of the recorded round trips, in µs; -1 if none. */
+static long rtt_quantile(double q)
+{
+    uint64_t total = 0, seen = 0;
+    for (long i = 0; i < HIST; i++)
+        total += rtt_hist[i];
+    if (total == 0)
+        return -1;
+    for (long i = 0; i < HIST; i++) {
+        seen += rtt_hist[i];
+        if (seen >= (uint64_t)(q * total) && seen > 0)
+            return i;
+    }
+    return HIST - 1;
+}
 
 struct sockstate {
     int fd;
@@ -99,7 +130,7 @@ static int send_requests(struct sockstate *s, int idx, int n)
     while (n > 0) {
         int k = n > BATCH ? BATCH : n;
         for (int i = 0; i < k; i++) {
-            struct hdr h = {MAGIC, (uint32_t)idx, s->next_seq + i};
+            struct hdr h = {MAGIC, (uint32_t)idx, s->next_seq + i, now_ns()};
             memcpy(txbuf[idx][i], &h, sizeof h);
             iov[i].iov_base = txbuf[idx][i];
             iov[i].iov_len = size;
@@ -178,6 +209,8 @@ static int read_replies(struct sockstate *s, int idx)
             } else {
                 s->outstanding--;
                 answered++;
+                uint64_t us = (now_ns() - h.sent_ns) / 1000u;
+                rtt_hist[us < HIST ? us : HIST - 1]++;
             }
         }
         if (r < BATCH)
@@ -319,11 +352,12 @@ int main(int argc, char **argv)
     printf("{\"sent\": %llu, \"received\": %llu, \"lost\": %lld, \"late\": %llu, "
            "\"timeouts\": %llu, \"bad\": %llu, \"rcvbuf_drops\": %llu, "
            "\"elapsed\": %.6f, \"rate\": %.1f, \"cpu_s\": %.6f, "
-           "\"sockets\": %d, \"window\": %d, \"size\": %zu}\n",
+           "\"sockets\": %d, \"window\": %d, \"size\": %zu, "
+           "\"rtt_p50_us\": %ld, \"rtt_p99_us\": %ld}\n",
            (unsigned long long)sent, (unsigned long long)received,
            (long long)(sent - received), (unsigned long long)late,
            (unsigned long long)timeouts, (unsigned long long)bad,
            (unsigned long long)rcvbuf_drops, elapsed, received / elapsed, cpu,
-           nsock, window, size);
+           nsock, window, size, rtt_quantile(0.5), rtt_quantile(0.99));
     return 0;
 }

@@ -51,6 +51,8 @@ class Variant:
     exercisesDestination: bool = False
     #: Another udpdst tree to import instead of the checkout's (--tree).
     tree: Path | None = None
+    #: Extra environment for the server (e.g. UDPDST_IO=python).
+    env: dict = field(default_factory=dict)
     process: subprocess.Popen | None = field(default=None, repr=False)
     port: int | None = None
     error: str | None = None
@@ -104,11 +106,43 @@ def variants(python: str) -> dict[str, Variant]:
             True,
         ),
         Variant(
+            "udpdst-plain6",
+            "udpdst + plain DatagramProtocol echo, '::'",
+            servers + ["udpdst-plain", "::", "0"],
+            "127.0.0.2",
+            True,
+        ),
+        Variant(
             "udpdst-echo6",
             "udpdst.echo.EchoProtocol (service), '::'",
             servers + ["udpdst-echo", "::", "0"],
             "127.0.0.2",
             True,
+        ),
+        # The pure-Python I/O path (what runs where udpdst._mmsg is not built).
+        Variant(
+            "py-dst4",
+            "as udpdst-dst4, UDPDST_IO=python (recvmsg/sendmsg)",
+            servers + ["udpdst-dst", "0.0.0.0", "0"],
+            "127.0.0.2",
+            True,
+            env={"UDPDST_IO": "python"},
+        ),
+        Variant(
+            "py-plain4",
+            "as udpdst-plain4, UDPDST_IO=python (recvmsg/sendmsg)",
+            servers + ["udpdst-plain", "0.0.0.0", "0"],
+            "127.0.0.2",
+            True,
+            env={"UDPDST_IO": "python"},
+        ),
+        Variant(
+            "py-echo6",
+            "as udpdst-echo6, UDPDST_IO=python (recvmsg/sendmsg)",
+            servers + ["udpdst-echo", "::", "0"],
+            "127.0.0.2",
+            True,
+            env={"UDPDST_IO": "python"},
         ),
         # Not in the default set: IPv6 proper, through ::1.
         Variant(
@@ -128,7 +162,11 @@ DEFAULT_VARIANTS = [
     "udpdst-dst6",
     "udpdst-dst4",
     "udpdst-plain4",
+    "udpdst-plain6",
     "udpdst-echo6",
+    "py-dst4",
+    "py-plain4",
+    "py-echo6",
 ]
 
 
@@ -251,7 +289,11 @@ def startServers(chosen: list[Variant], cpu: int | None, env: dict) -> None:
             stderr=subprocess.PIPE,
             text=True,
             bufsize=1,
-            env=env if v.tree is None else {**env, "PYTHONPATH": str(v.tree)},
+            env={
+                **env,
+                **({"PYTHONPATH": str(v.tree)} if v.tree is not None else {}),
+                **v.env,
+            },
             preexec_fn=pinner(cpu),
         )
     for v in chosen:
@@ -279,7 +321,13 @@ def stopServer(v: Variant) -> None:
 
 
 def runClient(
-    v: Variant, args, duration: float, cpu: int | None, timeoutMs: float | None = None
+    v: Variant,
+    args,
+    duration: float,
+    cpu: int | None,
+    timeoutMs: float | None = None,
+    sockets: int | None = None,
+    window: int | None = None,
 ) -> dict:
     cmd = [
         str(BENCH / "client.bin"),
@@ -288,9 +336,9 @@ def runClient(
         "--port",
         str(v.port),
         "--sockets",
-        str(args.sockets),
+        str(sockets or args.sockets),
         "--window",
-        str(args.window),
+        str(window or args.window),
         "--size",
         str(args.size),
         "--duration",
@@ -367,6 +415,50 @@ def measure(
         else None,
         "cpu_us_per_dgram": cpu / received * 1e6 if received else None,
     }
+
+
+def serverRss(v: Variant) -> int | None:
+    try:
+        return json.loads(ask(v.process, "s", "s", 10.0)[2:]).get("rss_kb")
+    except (TimeoutError, EOFError, ValueError):
+        return None
+
+
+def memoryPhase(chosen: list[Variant], peers: int, passes: int = 3) -> dict:
+    """
+    Send one datagram from each of C{peers} distinct sources (a fresh socket
+    bound to a random 127/8 address), C{passes} times with new sources each
+    time, and read each server's RSS before and after each pass: once every
+    cache is full (12,288 peers fill the port's), RSS stays flat, so the last
+    pass adds about nothing.  (The replies go to closed sockets; the ICMP
+    errors they cause are part of the load.)
+    """
+    import random
+    import socket
+
+    rng = random.Random(1)
+    out = {}
+    for v in chosen:
+        rss = [serverRss(v)]
+        for _ in range(passes):
+            for n in range(peers):
+                host = f"127.{rng.randrange(1, 255)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    s.bind((host, 0))
+                    s.sendto(b"m" * 32, (v.target, v.port))
+                if n % 256 == 255:
+                    time.sleep(0.002)  # let the server keep up
+            time.sleep(0.2)
+            rss.append(serverRss(v))
+        out[v.name] = {
+            "peers_per_pass": peers,
+            "rss_kb": rss,
+            # Once every cache is full (a pass or two), RSS must not grow.
+            "growth_last_pass_kb": (
+                rss[-1] - rss[-2] if None not in (rss[-2], rss[-1]) else None
+            ),
+        }
+    return out
 
 
 def median(xs):
@@ -553,6 +645,18 @@ def parseArgs(argv):
         "PATH (a directory holding udpdst/), as VARIANT@LABEL, interleaved with "
         "the checkout's: an A/B of a patch",
     )
+    p.add_argument(
+        "--latency",
+        type=float,
+        help="seconds per window-1 latency window (one request in flight; "
+        "default 1, quick 0.3; 0 skips)",
+    )
+    p.add_argument(
+        "--peers",
+        type=int,
+        help="distinct sources per pass of the memory check (default 20000, "
+        "quick 2000; 0 skips)",
+    )
     p.add_argument("--python", default=sys.executable, help="interpreter for servers")
     p.add_argument("--out", type=Path, default=OUT, help="directory for the JSON")
     args = p.parse_args(argv)
@@ -562,6 +666,10 @@ def parseArgs(argv):
         args.duration = 0.5 if args.quick else 3.0
     if args.warmup is None:
         args.warmup = 0.2 if args.quick else 0.5
+    if args.latency is None:
+        args.latency = 0.3 if args.quick else 1.0
+    if args.peers is None:
+        args.peers = 2000 if args.quick else 20000
     return args
 
 
@@ -622,6 +730,7 @@ def main(argv=None) -> int:
                         v.target,
                         v.exercisesDestination,
                         tree=tree,
+                        env=v.env,
                     )
                 )
     env0 = environment()
@@ -629,6 +738,8 @@ def main(argv=None) -> int:
     started = time.monotonic()
     records: list[dict] = []
     control = None
+    latency: dict[str, list] = {}
+    memory: dict = {}
     try:
         startServers(allVariants, serverCore, env)
         chosen = [v for v in allVariants if v.error is None]
@@ -658,6 +769,24 @@ def main(argv=None) -> int:
                 rec["round"] = rnd
                 records.append(rec)
 
+        # Window 1: one request in flight, so the round trip is latency.
+        latency: dict[str, list] = {}
+        if args.latency > 0:
+            for rnd in range(args.rounds):
+                shift = rnd % len(chosen)
+                for v in chosen[shift:] + chosen[:shift]:
+                    r = runClient(
+                        v, args, args.latency, clientCore, sockets=1, window=1
+                    )
+                    latency.setdefault(v.name, []).append(r.get("rtt_p50_us"))
+
+        memory = {}
+        if args.peers > 0:
+            memory = memoryPhase(
+                [v for v in chosen if v.name != "c-mmsg" and v.name != "asyncio"],
+                args.peers,
+            )
+
         stats = {}
         for v in chosen:
             try:
@@ -669,6 +798,14 @@ def main(argv=None) -> int:
             stopServer(v)
 
     summary = summarise(records, [v.name for v in chosen])
+    for name, values in latency.items():
+        if name in summary:
+            summary[name]["rtt_p50_us_window1"] = median(
+                [x for x in values if x is not None and x >= 0]
+            )
+    for name, m in memory.items():
+        if name in summary:
+            summary[name]["memory"] = m
     elapsed = time.monotonic() - started
     print(
         f"udpdst echo benchmark: {args.rounds} rounds x {args.duration:g} s, "
@@ -700,6 +837,25 @@ def main(argv=None) -> int:
             f"{env0['loadavg_start'][0]:.1f}): replies/s is unreliable; µs/dgram and "
             "the ratios still compare."
         )
+    if latency:
+        base = summary.get(BASELINE, {}).get("rtt_p50_us_window1")
+        print("window-1 p50 round trip (µs, median of rounds; one request in flight):")
+        for v in chosen:
+            p50 = summary.get(v.name, {}).get("rtt_p50_us_window1")
+            ratio = f"  ×twisted {p50 / base:.2f}" if p50 and base else ""
+            print(f"  {v.name:<15} {fmt(p50, '6.0f')}{ratio}")
+    if memory:
+        print(
+            f"memory with many peers (server RSS in MB: start, then after each pass "
+            f"of {args.peers} new distinct sources; bounded caches keep it flat):"
+        )
+        for name, m in memory.items():
+            rss = " ".join(fmt(x and x / 1024, ".1f") for x in m["rss_kb"])
+            growth = m["growth_last_pass_kb"]
+            print(
+                f"  {name:<15} {rss}   last pass: "
+                f"{fmt(growth and growth / 1024, '+.1f')} MB"
+            )
     print(f"total {elapsed:.1f} s")
 
     result = {
@@ -722,6 +878,8 @@ def main(argv=None) -> int:
         "summary": summary,
         "server_stats": stats,
         "wrong_source_check": control,
+        "latency_rtt_p50_us": latency,
+        "memory": memory,
         "records": records,
         "elapsed_s": elapsed,
     }

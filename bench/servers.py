@@ -22,7 +22,7 @@ the server process, around the measured window:
 
   -> (stdout)  "ready PORT"                once listening
   <- "m"       -> "m UTIME STIME - -"       own rusage (seconds)
-  <- "s"       -> "s JSON"                 extra facts (e.g. udpdst counters)
+  <- "s"       -> "s JSON"                 extra facts (udpdst counters, rss_kb)
   <- "prof-start"                           start cProfile
   <- "prof-stop PATH"  -> "p PATH"          stop it and dump stats to PATH
   stdin closed: exit.
@@ -38,6 +38,14 @@ import json
 import os
 import resource
 import sys
+
+
+def _rssKb() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
 
 
 def _rusage() -> str:
@@ -64,7 +72,8 @@ class _Control:
         if cmd == "m":
             self._write(_rusage())
         elif cmd == "s":
-            self._write("s " + json.dumps(self._stats(), default=str))
+            stats = {**self._stats(), "rss_kb": _rssKb()}
+            self._write("s " + json.dumps(stats, default=str))
         elif cmd == "prof-start":
             import cProfile
 

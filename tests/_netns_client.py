@@ -15,8 +15,10 @@ where QUERIES is a JSON list of objects::
 
 It prints one JSON list with, per query: ok, source [host, port] of the reply
 (host without scope, the scope id separately), the reply decoded as JSON when
-it is JSON, and error ("timeout" or the exception) when there was no reply.
-Standard library only, so it starts fast.
+it is JSON, and error when there was no right reply: "timeout", "wrong
+source" (a connected query answered from another address, which source
+names: the tests' connected client, L{udpdst.check.Probe}, catches it), or
+the exception.
 """
 
 from __future__ import annotations
@@ -27,13 +29,50 @@ import sys
 import time
 from typing import Any
 
+from udpdst.check import Probe, askAll
+
 
 def _query(spec: dict[str, Any]) -> dict[str, Any]:
+    result: dict[str, Any] = {"query": spec, "ok": False, "error": None}
+    payload = spec.get("payload", "query").encode()
+    try:
+        if spec.get("connected", True):
+            _askConnected(spec, payload, result)
+        else:
+            _askUnconnected(spec, payload, result)
+    except TimeoutError:
+        result["error"] = "timeout"
+    except OSError as e:
+        result["error"] = f"{type(e).__name__}: {e}"
+    return result
+
+
+def _askConnected(spec: dict[str, Any], payload: bytes, result: dict[str, Any]) -> None:
+    """
+    Ask from the tests' connected client (L{udpdst.check.Probe}): a reply
+    from another source is caught and reported as C{"wrong source"}.
+    """
+    with Probe(spec["host"], spec["port"], source=spec.get("bind")) as probe:
+        result["local"] = list(probe.local)
+        started = time.monotonic()
+        (answer,) = askAll(
+            [probe], [payload], spec.get("timeout", 2.0), attempts=1, echoed=False
+        )
+    if answer is None:
+        raise TimeoutError
+    host, _, scope = answer.source[0].partition("%")
+    _report(result, answer.data, host, answer.source[1], scope, started)
+    if not answer.fromTarget:
+        result["ok"] = False
+        result["error"] = "wrong source"
+
+
+def _askUnconnected(
+    spec: dict[str, Any], payload: bytes, result: dict[str, Any]
+) -> None:
     host = spec["host"]
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    result: dict[str, Any] = {"query": spec, "ok": False, "error": None}
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
         sockaddr = socket.getaddrinfo(host, spec["port"], family, socket.SOCK_DGRAM)[0][
             4
         ]
@@ -52,31 +91,39 @@ def _query(spec: dict[str, Any]) -> dict[str, Any]:
                 0
             ][4]
             sock.bind(bindaddr)
-        payload = spec.get("payload", "query").encode()
-        if spec.get("connected", True):
-            sock.connect(sockaddr)
-            sock.send(payload)
-        else:
-            sock.sendto(payload, sockaddr)
+        sock.sendto(payload, sockaddr)
         result["local"] = list(sock.getsockname()[:2])
         sock.settimeout(spec.get("timeout", 2.0))
         started = time.monotonic()
         data, source = sock.recvfrom(65535)
-        result["elapsed"] = round(time.monotonic() - started, 4)
-        result["ok"] = True
-        result["source"] = [source[0].partition("%")[0], source[1]]
-        result["sourceScope"] = source[3] if family == socket.AF_INET6 else 0
-        try:
-            result["reply"] = json.loads(data)
-        except ValueError:
-            result["reply"] = data.decode("utf-8", "replace")
-    except TimeoutError:
-        result["error"] = "timeout"
-    except OSError as e:
-        result["error"] = f"{type(e).__name__}: {e}"
-    finally:
-        sock.close()
-    return result
+    scope = (
+        socket.if_indextoname(source[3])
+        if family == socket.AF_INET6 and source[3]
+        else ""
+    )
+    _report(result, data, source[0].partition("%")[0], source[1], scope, started)
+
+
+def _report(
+    result: dict[str, Any],
+    data: bytes,
+    host: str,
+    port: int,
+    scope: str,
+    started: float,
+) -> None:
+    """
+    Record a reply: its source (host without scope, the scope id apart) and
+    the reply, decoded as JSON when it is JSON.
+    """
+    result["elapsed"] = round(time.monotonic() - started, 4)
+    result["ok"] = True
+    result["source"] = [host, port]
+    result["sourceScope"] = socket.if_nametoindex(scope) if scope else 0
+    try:
+        result["reply"] = json.loads(data)
+    except ValueError:
+        result["reply"] = data.decode("utf-8", "replace")
 
 
 def main(argv: list[str]) -> int:

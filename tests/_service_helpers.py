@@ -21,6 +21,9 @@ from typing import Any
 
 from twisted.logger import eventFromJSON, formatEvent
 
+# The tests' one connected client; the service tests import it from here too.
+from tests.clients import echo  # noqa: F401
+
 #: The twistd of the Python running the tests (the venv the project is
 #: installed in).
 TWISTD = str(Path(sys.executable).parent / "twistd")
@@ -195,34 +198,6 @@ class Twistd:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
-
-
-def echo(
-    target: str,
-    port: int,
-    data: bytes,
-    source: str | None = None,
-    sourcePort: int = 0,
-) -> bytes:
-    """
-    Send C{data} from a socket connected to C{target}:C{port} (so a reply
-    from any other address is dropped by the kernel) and return the reply.
-
-    @raise socket.timeout: No reply within L{DEADLINE} / 3 seconds.
-    """
-    family = socket.AF_INET6 if ":" in target else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as s:
-        s.settimeout(DEADLINE / 3)
-        if source is not None or sourcePort:
-            s.bind(
-                (
-                    source or ("::" if family == socket.AF_INET6 else "0.0.0.0"),
-                    sourcePort,
-                )
-            )
-        s.connect((target, port))
-        s.send(data)
-        return s.recv(70000)
 
 
 def freePort(host: str = "127.0.0.1") -> int:

@@ -5,7 +5,9 @@ Shared fixtures: private reactors of each kind, and loopback checks.
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -46,3 +48,17 @@ def _canBind(host: str) -> bool:
 
 HAVE_IPV6 = _canBind("::1")
 requiresIPv6 = pytest.mark.skipif(not HAVE_IPV6, reason="no IPv6 on loopback (::1)")
+
+
+def pidFileRemoved(path: Path, timeout: float = 30.0) -> bool:
+    """
+    Whether C{path} is gone, or goes within C{timeout} seconds: a twistd
+    daemon removes its pid file as it ends, which can be after the process
+    that launched it has exited with the daemon's status.
+    """
+    deadline = time.monotonic() + timeout
+    while path.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

@@ -19,6 +19,7 @@ import pytest
 from twisted.logger import LogLevel, LogLevelFilterPredicate, PredicateResult
 
 from tests._service_helpers import Twistd, echo, startedTwistd, stopDaemon
+from tests.conftest import pidFileRemoved
 from udpdst import logs
 
 
@@ -121,7 +122,7 @@ def test_jsonDaemonBindFailure(started, tmp_path: Path) -> None:  # type: ignore
         r for r in records(logfile.read_text().splitlines()) if r["level"] != "info"
     ]
     assert (critical["level"], critical["text"]) == ("critical", sentence)
-    assert not pidfile.exists()
+    assert pidFileRemoved(pidfile)
 
 
 def test_twistedJsonLoggerInDaemonMode(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -16,54 +16,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import DatagramProtocol
 
 import udpdst
+from tests.clients import ask
 from tests.conftest import requiresIPv6
 from tests.reactors import runUntil
 from udpdst import Destination, DestinationPort, PeerAddress
-
-REPLY_WAIT = 1.0
-
-
-class Answer(DatagramProtocol):
-    """
-    A client on a stock Twisted port, I{connected} to one server address, so
-    the kernel drops any reply from another source.
-    """
-
-    def __init__(self) -> None:
-        self.reply: Deferred[bytes | None] = Deferred()
-
-    def datagramReceived(self, data: bytes, addr: Any) -> None:
-        if not self.reply.called:
-            self.reply.callback(data)
-
-    def connectionRefused(self) -> None:
-        if not self.reply.called:
-            self.reply.callback(None)
-
-
-def ask(
-    reactor: Any, target: str, port: int, payload: bytes = b"ping"
-) -> Deferred[bytes | None]:
-    """
-    Send C{payload} from a connected socket to C{target}:C{port}; fire with the
-    reply, or L{None} if none came within L{REPLY_WAIT} seconds.
-    """
-    client = Answer()
-    clientPort = reactor.listenUDP(0, client, interface="::1" if ":" in target else "")
-    clientPort.connect(target, port)
-    clientPort.write(payload)
-    timer = reactor.callLater(
-        REPLY_WAIT, lambda: client.reply.called or client.reply.callback(None)
-    )
-
-    def done(result: bytes | None) -> Deferred[bytes | None]:
-        if timer.active():
-            timer.cancel()
-        return defer.maybeDeferred(clientPort.stopListening).addCallback(
-            lambda _: result
-        )
-
-    return client.reply.addCallback(done)
 
 
 class PlainEcho(DatagramProtocol):

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import deferLater
 from twisted.names import authority, common, dns, server
 
 import udpdst
+from tests.clients import client, send
 from tests.conftest import requiresIPv6
 from tests.reactors import runUntil
 
@@ -64,55 +64,32 @@ def query(ident: int) -> bytes:
     return message.toStr()  # type: ignore[no-any-return]
 
 
-class DNSClient(DatagramProtocol):
-    """
-    Collects replies by query id, with the address each came from.
-    """
-
-    def __init__(self, expected: int) -> None:
-        self.replies: dict[int, tuple[Any, list[str]]] = {}
-        self.expected = expected
-        self.done: Deferred[None] = Deferred()
-
-    def datagramReceived(self, data: bytes, addr: Any) -> None:
-        message = dns.Message()
-        message.fromStr(data)
-        answers = [a.payload.dottedQuad() for a in message.answers if a.type == dns.A]
-        self.replies[message.id] = (addr, answers)
-        if len(self.replies) == self.expected and not self.done.called:
-            self.done.callback(None)
-
-    def connectionRefused(self) -> None:
-        pass
-
-
 def askDNS(
     reactor: Any, asks: list[tuple[int, str]], port: int, connectTo: str | None
 ) -> Deferred[Any]:
     """
     Send one query per C{(id, address)}; with C{connectTo} from a socket
     connected there, else from one unconnected socket.  Fire with the replies
-    that came within two seconds.
+    that came within two seconds, by query id: the address each came from
+    and its A records.
     """
-    client = DNSClient(len(asks))
     family6 = ":" in (connectTo or asks[0][1])
-    clientPort = reactor.listenUDP(0, client, interface="::1" if family6 else "")
-    if connectTo is not None:
-        clientPort.connect(connectTo, port)
+    c = client(reactor, "::1" if family6 else "", connectTo, port)
     for ident, target in asks:
-        clientPort.write(query(ident), None if connectTo else (target, port))
-    timer = reactor.callLater(
-        2.0, lambda: client.done.called or client.done.callback(None)
-    )
+        send(c, query(ident), None if connectTo else (target, port))
 
     def finish(_: None) -> Deferred[Any]:
-        if timer.active():
-            timer.cancel()
-        return defer.maybeDeferred(clientPort.stopListening).addCallback(
-            lambda _: client.replies
-        )
+        replies = {}
+        for data, addr in c.received:
+            message = dns.Message()
+            message.fromStr(data)
+            answers = [
+                a.payload.dottedQuad() for a in message.answers if a.type == dns.A
+            ]
+            replies[message.id] = (addr, answers)
+        return defer.maybeDeferred(c.port.stopListening).addCallback(lambda _: replies)
 
-    return client.done.addCallback(finish)
+    return c.waitFor(len(asks), 2.0).addCallback(finish)
 
 
 @pytest.mark.parametrize("delay", [0, 0.2], ids=["authority", "delayed-resolver"])

@@ -23,7 +23,7 @@ import pytest
 
 from tests._service_helpers import DEADLINE, TWISTD, Twistd, freePort
 from tests.clients import REPLY_TIMEOUT, echo
-from tests.conftest import HAVE_IPV6, requiresIPv6
+from tests.conftest import HAVE_IPV6, pidFileRemoved, requiresIPv6
 from udpdst.check import Answer, Probe, askAll
 
 REPO = Path(__file__).resolve().parent.parent
@@ -631,7 +631,7 @@ def test_daemonModePortInUse(started, tmp_path: Path) -> None:  # type: ignore[n
         f"[udpdst.service.EchoService#critical] cannot listen on 127.0.0.1:{port}"
         in log
     )
-    assert not (tmp_path / "d.pid").exists()
+    assert pidFileRemoved(tmp_path / "d.pid")
 
 
 def test_daemonMode(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -20,8 +20,8 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import LogLevel, globalLogPublisher
 
 from tests._raw import requiresRawSockets, spoof
-from tests._service_helpers import DEADLINE, Twistd, echo, freePort
-from tests.clients import client, send
+from tests._service_helpers import DEADLINE, Twistd, freePort
+from tests.clients import client, echo, send
 from tests.netns import REPO
 from tests.test_echo import portCounters, run, server
 from udpdst.address import Destination, PeerAddress

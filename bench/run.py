@@ -429,7 +429,7 @@ def memoryPhase(chosen: list[Variant], peers: int, passes: int = 3) -> dict:
     Send one datagram from each of C{peers} distinct sources (a fresh socket
     bound to a random 127/8 address), C{passes} times with new sources each
     time, and read each server's RSS before and after each pass: once every
-    cache is full (12,288 peers fill the port's), RSS stays flat, so the last
+    cache is full (9,216 peers fill the port's), RSS stays flat, so the last
     pass adds about nothing.  (The replies go to closed sockets; the ICMP
     errors they cause are part of the load.)
     """

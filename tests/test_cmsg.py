@@ -204,8 +204,34 @@ def test_parseNeverRaises(anc: list, port: int) -> None:  # type: ignore[type-ar
     st.binary(min_size=20, max_size=20),
 )
 def test_parseAnyPktinfoBytes(kind: int, data: bytes) -> None:
+    """
+    Any pktinfo of its size gives the address it carries (an IPv4-mapped
+    one as IPv4) with the interface it names, or nothing for the wildcard.
+    """
     level = L.SOL_IP if kind == L.IP_PKTINFO else L.SOL_IPV6
-    parse_destination([(level, kind, data)], 1)
+    dst, drops = parse_destination([(level, kind, data)], 1)
+    assert drops is None
+    if kind == L.IPV6_PKTINFO:
+        addr, ifindex = struct.unpack_from("=16sI", data)
+        if addr == b"\0" * 16:
+            assert dst is None
+            return
+        mapped = addr.startswith(b"\0" * 10 + b"\xff\xff")
+        host = (
+            socket.inet_ntoa(addr[12:])
+            if mapped
+            else socket.inet_ntop(socket.AF_INET6, addr)
+        )
+    else:
+        ifindex, _, addr = struct.unpack_from("=i4s4s", data)
+        ifindex = max(ifindex, 0)
+        if addr == b"\0" * 4:
+            # No address: the destination is spec_dst or nothing.
+            assert dst is None or dst.host == dst.replyFrom
+            return
+        host = socket.inet_ntoa(addr)
+    assert dst is not None
+    assert (dst.host, dst.port, dst.ifindex) == (host, 1, ifindex)
 
 
 # The reply-source rules.

@@ -299,3 +299,11 @@ def test_statsLineAddsUp(pair: Pair, tmp_path: Path) -> None:
     assert final["received"] == (
         final["replied"] + final["refused"] + final["sendErrors"]
     )
+    # The rate limiter's figures are reported too: the two sources that got
+    # past the access list (denied ones never reach it).
+    (limiter,) = [
+        json.loads(line)
+        for line in process.out
+        if '"final stats"' in line and '"limiterEvictions"' in line
+    ]
+    assert (limiter["rateLimitedSources"], limiter["limiterEvictions"]) == (2, 0)

@@ -20,8 +20,8 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import LogLevel, globalLogPublisher
 
 from tests._raw import requiresRawSockets, spoof
-from tests._service_helpers import DEADLINE, Twistd, echo, freePort
-from tests.clients import client, send
+from tests._service_helpers import DEADLINE, Twistd, freePort
+from tests.clients import client, echo, send
 from tests.netns import REPO
 from tests.test_echo import portCounters, run, server
 from udpdst.address import Destination, PeerAddress
@@ -325,16 +325,26 @@ def test_slowLoopEndsOnRealSockets(epollReactor: Any) -> None:
 
 
 @requiresRawSockets
-def test_loopBetweenTwoServicesEnds(tmp_path: Any) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_loopBetweenTwoServicesEnds(workers: str) -> None:
     """
     Two C{twistd udpdst} services with their default limits on two ports,
     one spoofed datagram between them: the loop ends, counted once under
-    C{loop} and logged once at info level, and both still answer.
+    C{loop} and logged once at info level, and both still answer.  With two
+    workers sharing each socket, consecutive bounces reach either worker;
+    each still sees its own reply come back (or one it also sent).
     """
     ports = [freePort(), freePort()]
     services = [
         Twistd(
-            ["--listen", f"127.0.0.1:{p}", "--stats-interval", "0"],
+            [
+                "--listen",
+                f"127.0.0.1:{p}",
+                "--stats-interval",
+                "0",
+                "--workers",
+                workers,
+            ],
             REPO,
             twistdArgs=["-n", "--pidfile=", "--logger", "udpdst.logs.jsonLogObserver"],
         )

@@ -2,7 +2,8 @@
 Parsing and building of the control messages that carry a datagram's
 destination and a reply's source: pure functions, no sockets.
 
-The reply-source rules of DESIGN.md live in L{reply_control} and nowhere else.
+The reply-source rules (listed in the README's "Reply-source rules") live in
+L{reply_control} and nowhere else.
 """
 
 from __future__ import annotations
@@ -139,7 +140,10 @@ def reply_control(
 ) -> list[Ancillary]:
     """
     The control message that makes a reply to C{peer_host} leave from
-    C{dst.replyFrom}; the reply-source rules of DESIGN.md.
+    C{dst.replyFrom}: IPv4 from C{spec_dst} with ifindex 0 (also as
+    C{::ffff:spec_dst} on a dual-stack socket), IPv6 from the destination
+    with ifindex 0 except for link-local and multicast (source C{::}), which
+    need the interface.
 
     @param family: The sending socket's family.
     @param dst: Where the request went; L{None} or no C{replyFrom} leaves

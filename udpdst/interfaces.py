@@ -32,7 +32,7 @@ class IDestinationDatagramProtocol(Interface):
         A datagram arrived.
 
         @param data: The datagram, whole (a datagram larger than the port's
-            C{maxPacketSize} is counted as truncated and never delivered).
+            C{maxPacketSize} is counted as oversized and never delivered).
         @param addr: The peer, a L{udpdst.address.PeerAddress}: C{(host, port)}
             with the scope kept for IPv6 link-local peers.
         @param dst: The L{udpdst.address.Destination} the peer sent to, or

@@ -9,6 +9,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 from twisted.logger import eventFromJSON, formatEvent
 
 # The tests' one connected client; the service tests import it from here too.
@@ -222,19 +224,65 @@ def stopDaemon(pidfile: Path) -> None:
         time.sleep(0.05)
 
 
-def startedTwistd(cwd: Path) -> Iterator[Callable[..., Twistd]]:
+def startedTwistd(
+    cwd: Path, cleanup: Callable[[Twistd], None] = Twistd.kill
+) -> Iterator[Callable[..., Twistd]]:
     """
     For a fixture: a function that starts C{twistd udpdst} (arguments as
-    L{Twistd}'s), and, when the test ends, kills by pid whatever it left
-    running.
+    L{Twistd}'s, in C{cwd} unless given another), and, when the test ends,
+    C{cleanup} (by default: kill by pid) for each process it started.
     """
     processes: list[Twistd] = []
 
-    def start(*args: str, **kw: Any) -> Twistd:
+    def start(*args: str, cwd: Path = cwd, **kw: Any) -> Twistd:
         process = Twistd(args, cwd, **kw)
         processes.append(process)
         return process
 
     yield start
     for process in processes:
-        process.kill()
+        cleanup(process)
+
+
+def systemdCommand(fd: int, *args: str) -> list[str]:
+    """
+    The command line of C{twistd -n udpdst ARGS} started as systemd starts a
+    socket-activated service, the socket being C{fd} (start it with
+    C{passFds=[fd]}): the socket on fd 3, C{LISTEN_PID} the pid that twistd
+    will have (exec keeps it), C{LISTEN_FDS=1}, C{LISTEN_FDNAMES=echo}, then
+    exec.
+    """
+    wrapper = (
+        "import os, sys\n"
+        f"os.dup2({fd}, 3)\n"
+        f"os.close({fd})\n"
+        "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', "
+        "LISTEN_FDNAMES='echo')\n"
+        "os.execv(sys.argv[1], sys.argv[1:])\n"
+    )
+    return [sys.executable, "-c", wrapper, TWISTD, "-n", "--pidfile=", "udpdst", *args]
+
+
+def socketActivateCommand(listen: str, *args: str) -> list[str]:
+    """
+    The command line of systemd-socket-activate listening for datagrams on
+    C{listen} (C{[::]:PORT}) as the socket C{echo}, and on the first one
+    exec-ing C{twistd -n udpdst --listen systemd ARGS}; skips the test
+    where the tool is not installed.
+    """
+    tool = shutil.which("systemd-socket-activate")
+    if tool is None:
+        pytest.skip("systemd-socket-activate is not installed")
+    return [
+        tool,
+        "--datagram",
+        f"--listen={listen}",
+        "--fdname=echo",
+        TWISTD,
+        "-n",
+        "--pidfile=",
+        "udpdst",
+        "--listen",
+        "systemd",
+        *args,
+    ]

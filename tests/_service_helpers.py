@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ from tests.clients import echo  # noqa: F401
 #: The twistd of the Python running the tests (the venv the project is
 #: installed in).
 TWISTD = str(Path(sys.executable).parent / "twistd")
+
+REPO = Path(__file__).resolve().parent.parent
 
 #: How long a subprocess may take to do what a test waits for: a bound on a
 #: hung test, not a timing assertion.
@@ -164,6 +167,22 @@ class Twistd:
                     f"output:\n{self.output()}"
                 )
 
+    def waitAnswering(self, ask: Callable[[], object]) -> None:
+        """
+        Wait until C{ask()} gets an answer (the server is up); fail with the
+        output so far if the process ends first or the deadline passes.
+        """
+        deadline = time.monotonic() + DEADLINE
+        while not ask():
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"{self.argv} exited ({self.proc.returncode}):\n{self.output()}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{self.argv} did not answer in {DEADLINE}s:\n{self.output()}"
+                )
+
     def listening(self, count: int = 1) -> list[tuple[str, int]]:
         """
         Wait until C{count} listeners started and the reactor runs; their
@@ -202,11 +221,47 @@ class Twistd:
             self.proc.wait()
 
 
-def freePort(host: str = "127.0.0.1") -> int:
+def freePort(host: str = "127.0.0.1", tcp: bool = False) -> int:
+    """
+    A UDP port free on C{host} (on C{::}, for IPv4 too: bound dual-stack so
+    nothing else holds it); with C{tcp}, free for TCP too (C{twistd dns}
+    listens on both).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    while True:
+        with (
+            socket.socket(family, socket.SOCK_DGRAM) as u,
+            socket.socket(family, socket.SOCK_STREAM) as t,
+        ):
+            if host == "::":
+                u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                t.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            u.bind((host, 0))
+            port = int(u.getsockname()[1])
+            if not tcp:
+                return port
+            try:
+                t.bind((host, port))
+            except OSError:
+                continue
+            return port
+
+
+@contextmanager
+def twistd(cwd: Path, *args: str) -> Iterator[Twistd]:
+    """
+    Run C{twistd -n --pidfile= ARGS} (any plugin, or C{-y app.tac}) in C{cwd}
+    with the repository on C{PYTHONPATH}; stop it (by its pid) on leaving.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO), env.get("PYTHONPATH", "")) if p
+    )
+    process = Twistd((), cwd, command=[TWISTD, "-n", "--pidfile=", *args], env=env)
+    try:
+        yield process
+    finally:
+        process.stop()
 
 
 def stopDaemon(pidfile: Path) -> None:

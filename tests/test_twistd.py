@@ -23,6 +23,7 @@ import pytest
 
 from tests._service_helpers import (
     DEADLINE,
+    REPO,
     TWISTD,
     Twistd,
     freePort,
@@ -33,8 +34,6 @@ from tests._service_helpers import (
 from tests.clients import REPLY_TIMEOUT, echo
 from tests.conftest import HAVE_IPV6, pidFileRemoved, requiresIPv6
 from udpdst.check import Answer, Probe, askAll
-
-REPO = Path(__file__).resolve().parent.parent
 
 FINAL_STATS = re.compile(
     r"final stats (\S+): received (\d+), replied (\d+), refused (\d+) \(([^)]*)\)"

@@ -14,10 +14,10 @@ small queue on the way out.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import threading
 from typing import Any
+
+from tests.netns import stopWhenStdinCloses
 
 
 def main(mode: str) -> None:
@@ -39,16 +39,8 @@ def main(mode: str) -> None:
 
     port = udpdst.listenUDP(0, Echo(), "::", reactor=reactor)
 
-    def watchStdin() -> None:
-        try:
-            while os.read(sys.stdin.fileno(), 4096):
-                pass
-        except OSError:
-            pass
-        reactor.callFromThread(reactor.stop)
-
-    threading.Thread(target=watchStdin, daemon=True).start()
-    reactor.callLater(120, reactor.stop)
+    stop = stopWhenStdinCloses(reactor)
+    reactor.callLater(120, stop)
     reactor.callWhenRunning(print, "READY", port.getHost().port, flush=True)
     reactor.run()
     print("COUNTERS", json.dumps(port.counters.asDict()), flush=True)

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import threading
 from typing import Any
 
 from tests._netns_server import _buildProtocol, _counters, _emit
+from tests.netns import stopWhenStdinCloses
 
 
 def main(argv: list[str]) -> int:
@@ -48,17 +47,7 @@ def main(argv: list[str]) -> int:
         )
     holder["port"] = port
 
-    def stop() -> None:
-        if reactor.running:
-            reactor.stop()
-
-    def watchStdin() -> None:
-        try:
-            while os.read(sys.stdin.fileno(), 4096):
-                pass
-        except OSError:
-            pass
-        reactor.callFromThread(stop)
+    stop = stopWhenStdinCloses(reactor)
 
     def failed(reason: Any) -> None:
         _emit("ERROR", f"join: {reason.getErrorMessage()}")
@@ -77,7 +66,6 @@ def main(argv: list[str]) -> int:
     ready.addCallback(announce)
     ready.addErrback(lambda f: failed(f.value.subFailure))
 
-    threading.Thread(target=watchStdin, daemon=True).start()
     reactor.callLater(options.lifetime, stop)
     reactor.run()
     _emit("COUNTERS", json.dumps(_counters(port)))

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import struct
 import sys
-import threading
 from typing import Any
+
+from tests.netns import stopWhenStdinCloses
 
 
 def _emit(kind: str, payload: Any = None) -> None:
@@ -166,19 +166,8 @@ def main(argv: list[str]) -> int:
     for spec in options.join:
         _join(port, spec)
 
-    def stop() -> None:
-        if reactor.running:
-            reactor.stop()
+    stop = stopWhenStdinCloses(reactor)
 
-    def watchStdin() -> None:
-        try:
-            while os.read(sys.stdin.fileno(), 4096):
-                pass
-        except OSError:
-            pass
-        reactor.callFromThread(stop)
-
-    threading.Thread(target=watchStdin, daemon=True).start()
     reactor.callLater(options.lifetime, stop)
     reactor.callWhenRunning(_emit, "READY", port.getHost().port)
     reactor.run()

@@ -9,6 +9,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,9 +17,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 from twisted.logger import eventFromJSON, formatEvent
 
 # The tests' one connected client; the service tests import it from here too.
@@ -27,6 +30,8 @@ from tests.clients import echo  # noqa: F401
 #: The twistd of the Python running the tests (the venv the project is
 #: installed in).
 TWISTD = str(Path(sys.executable).parent / "twistd")
+
+REPO = Path(__file__).resolve().parent.parent
 
 #: How long a subprocess may take to do what a test waits for: a bound on a
 #: hung test, not a timing assertion.
@@ -162,6 +167,22 @@ class Twistd:
                     f"output:\n{self.output()}"
                 )
 
+    def waitAnswering(self, ask: Callable[[], object]) -> None:
+        """
+        Wait until C{ask()} gets an answer (the server is up); fail with the
+        output so far if the process ends first or the deadline passes.
+        """
+        deadline = time.monotonic() + DEADLINE
+        while not ask():
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"{self.argv} exited ({self.proc.returncode}):\n{self.output()}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{self.argv} did not answer in {DEADLINE}s:\n{self.output()}"
+                )
+
     def listening(self, count: int = 1) -> list[tuple[str, int]]:
         """
         Wait until C{count} listeners started and the reactor runs; their
@@ -200,11 +221,47 @@ class Twistd:
             self.proc.wait()
 
 
-def freePort(host: str = "127.0.0.1") -> int:
+def freePort(host: str = "127.0.0.1", tcp: bool = False) -> int:
+    """
+    A UDP port free on C{host} (on C{::}, for IPv4 too: bound dual-stack so
+    nothing else holds it); with C{tcp}, free for TCP too (C{twistd dns}
+    listens on both).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    while True:
+        with (
+            socket.socket(family, socket.SOCK_DGRAM) as u,
+            socket.socket(family, socket.SOCK_STREAM) as t,
+        ):
+            if host == "::":
+                u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                t.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            u.bind((host, 0))
+            port = int(u.getsockname()[1])
+            if not tcp:
+                return port
+            try:
+                t.bind((host, port))
+            except OSError:
+                continue
+            return port
+
+
+@contextmanager
+def twistd(cwd: Path, *args: str) -> Iterator[Twistd]:
+    """
+    Run C{twistd -n --pidfile= ARGS} (any plugin, or C{-y app.tac}) in C{cwd}
+    with the repository on C{PYTHONPATH}; stop it (by its pid) on leaving.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO), env.get("PYTHONPATH", "")) if p
+    )
+    process = Twistd((), cwd, command=[TWISTD, "-n", "--pidfile=", *args], env=env)
+    try:
+        yield process
+    finally:
+        process.stop()
 
 
 def stopDaemon(pidfile: Path) -> None:
@@ -222,19 +279,65 @@ def stopDaemon(pidfile: Path) -> None:
         time.sleep(0.05)
 
 
-def startedTwistd(cwd: Path) -> Iterator[Callable[..., Twistd]]:
+def startedTwistd(
+    cwd: Path, cleanup: Callable[[Twistd], None] = Twistd.kill
+) -> Iterator[Callable[..., Twistd]]:
     """
     For a fixture: a function that starts C{twistd udpdst} (arguments as
-    L{Twistd}'s), and, when the test ends, kills by pid whatever it left
-    running.
+    L{Twistd}'s, in C{cwd} unless given another), and, when the test ends,
+    C{cleanup} (by default: kill by pid) for each process it started.
     """
     processes: list[Twistd] = []
 
-    def start(*args: str, **kw: Any) -> Twistd:
+    def start(*args: str, cwd: Path = cwd, **kw: Any) -> Twistd:
         process = Twistd(args, cwd, **kw)
         processes.append(process)
         return process
 
     yield start
     for process in processes:
-        process.kill()
+        cleanup(process)
+
+
+def systemdCommand(fd: int, *args: str) -> list[str]:
+    """
+    The command line of C{twistd -n udpdst ARGS} started as systemd starts a
+    socket-activated service, the socket being C{fd} (start it with
+    C{passFds=[fd]}): the socket on fd 3, C{LISTEN_PID} the pid that twistd
+    will have (exec keeps it), C{LISTEN_FDS=1}, C{LISTEN_FDNAMES=echo}, then
+    exec.
+    """
+    wrapper = (
+        "import os, sys\n"
+        f"os.dup2({fd}, 3)\n"
+        f"os.close({fd})\n"
+        "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', "
+        "LISTEN_FDNAMES='echo')\n"
+        "os.execv(sys.argv[1], sys.argv[1:])\n"
+    )
+    return [sys.executable, "-c", wrapper, TWISTD, "-n", "--pidfile=", "udpdst", *args]
+
+
+def socketActivateCommand(listen: str, *args: str) -> list[str]:
+    """
+    The command line of systemd-socket-activate listening for datagrams on
+    C{listen} (C{[::]:PORT}) as the socket C{echo}, and on the first one
+    exec-ing C{twistd -n udpdst --listen systemd ARGS}; skips the test
+    where the tool is not installed.
+    """
+    tool = shutil.which("systemd-socket-activate")
+    if tool is None:
+        pytest.skip("systemd-socket-activate is not installed")
+    return [
+        tool,
+        "--datagram",
+        f"--listen={listen}",
+        "--fdname=echo",
+        TWISTD,
+        "-n",
+        "--pidfile=",
+        "udpdst",
+        "--listen",
+        "systemd",
+        *args,
+    ]

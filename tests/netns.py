@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -543,3 +543,28 @@ class ServerProcess:
             for line in self.seen
             if line.partition(" ")[0] == kind
         ]
+
+
+def stopWhenStdinCloses(reactor: Any) -> Callable[[], None]:
+    """
+    In a helper process a test runs: stop C{reactor} when standard input
+    ends (the test closed it, or died), read by a daemon thread.
+
+    @return: The stop function used, which other stop conditions (a
+        lifetime, a failure) may call too: it stops the reactor if it runs.
+    """
+
+    def stop() -> None:
+        if reactor.running:
+            reactor.stop()
+
+    def watchStdin() -> None:
+        try:
+            while os.read(sys.stdin.fileno(), 4096):
+                pass
+        except OSError:
+            pass
+        reactor.callFromThread(stop)
+
+    threading.Thread(target=watchStdin, daemon=True).start()
+    return stop

@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import DatagramProtocol
 
 import udpdst
-from tests._twistd_process import freePort, twistd
+from tests._service_helpers import freePort, twistd
 from tests.clients import ask, echo, replyOrNone
 from tests.reactors import runUntil
 
@@ -123,7 +123,7 @@ def test_tacWithUdpdstUDPServer(tmp_path: Path) -> None:
     C{internet.UDPServer}) answers through 127.0.0.2 under plain
     C{twistd -ny}.
     """
-    port = freePort()
+    port = freePort("::")
     tac = tmp_path / "app.tac"
     tac.write_text(TAC.format(port=port))
     with twistd(tmp_path, "-y", str(tac)) as server:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from twisted.names import dns
 
-from tests._twistd_process import REPO, TWISTD, freePort, twistd
+from tests._service_helpers import REPO, TWISTD, freePort, twistd
 from tests.clients import echo, replyOrNone
 from tests.conftest import requiresIPv6
 
@@ -108,7 +108,7 @@ def dnsServer(tmp: Path, reactor: str | None, interface: str) -> Iterator[int]:
     """
     zone = tmp / "zone.py"
     zone.write_text(ZONE)
-    port = freePort()
+    port = freePort("::", tcp=True)
     args = [] if reactor is None else ["--reactor", reactor]
     args += ["dns", "--pyzone", str(zone), "--port", str(port)]
     if interface:
@@ -228,7 +228,7 @@ def test_stockTac(
     under C{twistd -ny app.tac --reactor udpdst}, answers a client connected
     to a secondary address.
     """
-    port = freePort()
+    port = freePort("::")
     tac = tmp_path / "app.tac"
     tac.write_text(ECHO_TAC.format(server=server, port=port, interface=interface))
     primary = "::1" if interface == "::" else "127.0.0.1"
@@ -245,7 +245,7 @@ def test_stockTacAdoptingASocket(tmp_path: Path) -> None:
     A C{.tac} that hands a bound socket to C{reactor.adoptDatagramPort}, under
     C{--reactor udpdst}, answers through 127.0.0.3.
     """
-    port = freePort()
+    port = freePort("::")
     tac = tmp_path / "app.tac"
     tac.write_text(ADOPT_TAC.format(port=port))
     with twistd(tmp_path, "--reactor", "udpdst", "-y", str(tac)) as process:

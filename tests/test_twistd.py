@@ -16,17 +16,24 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests._service_helpers import DEADLINE, TWISTD, Twistd, freePort
+from tests._service_helpers import (
+    DEADLINE,
+    REPO,
+    TWISTD,
+    Twistd,
+    freePort,
+    socketActivateCommand,
+    startedTwistd,
+    systemdCommand,
+)
 from tests.clients import REPLY_TIMEOUT, echo
 from tests.conftest import HAVE_IPV6, pidFileRemoved, requiresIPv6
 from udpdst.check import Answer, Probe, askAll
-
-REPO = Path(__file__).resolve().parent.parent
 
 FINAL_STATS = re.compile(
     r"final stats (\S+): received (\d+), replied (\d+), refused (\d+) \(([^)]*)\)"
@@ -53,20 +60,11 @@ def pluginInstalled() -> None:
 
 
 @pytest.fixture
-def started(tmp_path: Path):  # type: ignore[no-untyped-def]
+def started(tmp_path: Path) -> Iterator[Callable[..., Twistd]]:
     """
     Start twistd processes; kill (by pid) whatever a test left running.
     """
-    processes: list[Twistd] = []
-
-    def start(*args: str, cwd: Path = tmp_path, **kw: object) -> Twistd:
-        process = Twistd(args, cwd, **kw)  # type: ignore[arg-type]
-        processes.append(process)
-        return process
-
-    yield start
-    for process in processes:
-        process.kill()
+    yield from startedTwistd(tmp_path)
 
 
 def oneLineError(process: Twistd) -> str:
@@ -542,19 +540,10 @@ def test_systemdSocketActivation(started, tmp_path: Path) -> None:  # type: igno
         inherited.bind(("0.0.0.0", 0))
     port = inherited.getsockname()[1]
     fd = inherited.fileno()
-    # As systemd does: the socket on fd 3, LISTEN_PID the pid that twistd
-    # will have (exec keeps it), then exec.
-    wrapper = (
-        "import os, sys\n"
-        f"os.dup2({fd}, 3)\n"
-        f"os.close({fd})\n"
-        "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', "
-        "LISTEN_FDNAMES='echo')\n"
-        "os.execv(sys.argv[1], sys.argv[1:])\n"
-    )
-    command = [sys.executable, "-c", wrapper, TWISTD, "-n", "--pidfile=", "udpdst"]
     try:
-        process = started(command=[*command, "--listen", "systemd:echo"], passFds=[fd])
+        process = started(
+            command=systemdCommand(fd, "--listen", "systemd:echo"), passFds=[fd]
+        )
     finally:
         inherited.close()
     (found,) = process.listening()
@@ -572,24 +561,8 @@ def test_systemdSocketActivateTool(started, tmp_path: Path) -> None:  # type: ig
     With systemd-socket-activate, which execs twistd on the first datagram:
     that datagram, queued before udpdst enabled its options, is answered too.
     """
-    tool = shutil.which("systemd-socket-activate")
-    if tool is None:
-        pytest.skip("systemd-socket-activate is not installed")
     port = freePort("::")
-    process = started(
-        command=[
-            tool,
-            "--datagram",
-            f"--listen=[::]:{port}",
-            "--fdname=echo",
-            TWISTD,
-            "-n",
-            "--pidfile=",
-            "udpdst",
-            "--listen",
-            "systemd",
-        ]
-    )
+    process = started(command=socketActivateCommand(f"[::]:{port}"))
     process.waitFor(r"Listening on", stderr=True)
     # The first datagram makes the tool exec twistd; its reply comes from
     # the kernel's choice of source, so use the primary address.

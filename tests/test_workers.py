@@ -17,13 +17,22 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from tests._service_helpers import DEADLINE, TWISTD, Twistd, echo, freePort
+from tests._service_helpers import (
+    DEADLINE,
+    TWISTD,
+    Twistd,
+    echo,
+    freePort,
+    socketActivateCommand,
+    startedTwistd,
+    systemdCommand,
+)
 from udpdst.config import Config, EchoConfig, LimitsConfig, ListenConfig, parseConfig
 from udpdst.workers import (
     Backoff,
@@ -38,28 +47,23 @@ FINAL = re.compile(r"final stats (\S+): received (\d+), replied (\d+)")
 
 
 @pytest.fixture
-def started(tmp_path: Path):  # type: ignore[no-untyped-def]
+def started(tmp_path: Path) -> Iterator[Callable[..., Twistd]]:
     """
     Start twistd processes; kill (by pid) whatever a test left running,
     workers included.
     """
-    processes: list[Twistd] = []
+    yield from startedTwistd(tmp_path, cleanup=_killWithWorkers)
 
-    def start(*args: str, **kw: object) -> Twistd:
-        process = Twistd(args, tmp_path, **kw)  # type: ignore[arg-type]
-        processes.append(process)
-        return process
 
-    yield start
-    for process in processes:
-        workers = [
-            int(p)
-            for m in RUNNING.finditer(process.output())
-            for p in m.group(2).split(", ")
-        ]
-        process.kill()
-        for pid in workers:
-            _killIfOurs(pid, process.proc.pid)
+def _killWithWorkers(process: Twistd) -> None:
+    workers = [
+        int(p)
+        for m in RUNNING.finditer(process.output())
+        for p in m.group(2).split(", ")
+    ]
+    process.kill()
+    for pid in workers:
+        _killIfOurs(pid, process.proc.pid)
 
 
 def _parent(pid: int) -> int | None:
@@ -377,19 +381,9 @@ def test_socketActivationWithWorkers(started) -> None:  # type: ignore[no-untype
     inherited.bind(("0.0.0.0", 0))
     port = inherited.getsockname()[1]
     fd = inherited.fileno()
-    # As systemd does: the socket on fd 3, LISTEN_PID the pid that twistd
-    # will have (exec keeps it), then exec.
-    wrapper = (
-        "import os, sys\n"
-        f"os.dup2({fd}, 3)\n"
-        "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', "
-        "LISTEN_FDNAMES='echo')\n"
-        "os.execv(sys.argv[1], sys.argv[1:])\n"
-    )
-    command = [sys.executable, "-c", wrapper, TWISTD, "-n", "--pidfile=", "udpdst"]
     try:
         process = started(
-            command=[*command, "--listen", "systemd:echo", "--workers", "2"],
+            command=systemdCommand(fd, "--listen", "systemd:echo", "--workers", "2"),
             passFds=[fd],
         )
     finally:
@@ -532,25 +526,9 @@ def test_socketActivateToolWithWorkers(started) -> None:  # type: ignore[no-unty
     With systemd-socket-activate, which execs twistd on the first datagram:
     the workers answer that queued datagram and the ones after it.
     """
-    tool = shutil.which("systemd-socket-activate")
-    if tool is None:
-        pytest.skip("systemd-socket-activate is not installed")
     port = freePort("0.0.0.0")
     process = started(
-        command=[
-            tool,
-            "--datagram",
-            f"--listen=0.0.0.0:{port}",
-            "--fdname=echo",
-            TWISTD,
-            "-n",
-            "--pidfile=",
-            "udpdst",
-            "--listen",
-            "systemd",
-            "--workers",
-            "2",
-        ]
+        command=socketActivateCommand(f"0.0.0.0:{port}", "--workers", "2")
     )
     process.waitFor(r"Listening on", stderr=True)
     # Queued before udpdst enabled its options: answered from the kernel's

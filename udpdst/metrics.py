@@ -16,14 +16,13 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from udpdst.address import formatHostPort
+from udpdst.application import ListeningService
 from udpdst.config import MetricsConfig
 from udpdst.stats import Snapshot
 
@@ -159,12 +158,12 @@ def metricsSite(snapshot: Callable[[], Snapshot]) -> Site:
     return Site(root)
 
 
-class MetricsService(Service):
+class MetricsService(ListeningService[Any]):
     """
     Serve C{/metrics} over HTTP on C{[metrics] listen}: bound in
     L{privilegedStartService} like the listeners, closed in L{stopService}.
 
-    @ivar port: The listening TCP port, once bound.
+    @ivar listeningPort: The listening TCP port, once bound.
     """
 
     _log = Logger()
@@ -178,26 +177,8 @@ class MetricsService(Service):
         self.config = config
         self._snapshot = snapshot
         self._reactor = reactor
-        self.port: Any = None
 
-    def privilegedStartService(self) -> None:
-        if self.port is None:
-            self._listen()
-        Service.privilegedStartService(self)
-
-    def startService(self) -> None:
-        if self.port is None:
-            self._listen()
-        Service.startService(self)
-
-    def stopService(self) -> Deferred[None] | None:
-        Service.stopService(self)
-        if self.port is None:
-            return None
-        port, self.port = self.port, None
-        return maybeDeferred(port.stopListening)
-
-    def _listen(self) -> None:
+    def _listen(self) -> Any:
         from udpdst.service import ListenError, bindFailure
 
         reactor = self._reactor
@@ -206,13 +187,14 @@ class MetricsService(Service):
         host, port = self.config.endpoint
         where = f"metrics {self.config.listen}"
         try:
-            self.port = reactor.listenTCP(
+            listening = reactor.listenTCP(
                 port, metricsSite(self._snapshot), interface=host
             )
         except CannotListenError as e:
             raise ListenError(bindFailure(where, e, udp=False)) from None
-        bound = self.port.getHost()
+        bound = listening.getHost()
         self._log.info(
             "udpdst metrics on http://{address}/metrics",
             address=formatHostPort(bound.host, bound.port),
         )
+        return listening

@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from udpdst import logs
 from udpdst._twistd import TwistdHooks
 from udpdst.address import formatHostPort
+from udpdst.application import ListeningService
 from udpdst.config import Config, ConfigError, LimitsConfig, ListenConfig
 from udpdst.echo import EchoProtocol
 from udpdst.limits import AccessList, RateLimiter
@@ -77,13 +78,13 @@ def bindFailure(where: str, e: CannotListenError, udp: bool = True) -> str:
     return f"cannot listen on {where}: {reason}"
 
 
-class ListenerService(Service):
+class ListenerService(ListeningService[DestinationPort]):
     """
     Serve one socket: bind it (or adopt the one systemd passed) in
     L{privilegedStartService}, before twistd drops privileges, and close it
     in L{stopService}.
 
-    @ivar port: The L{DestinationPort} once listening, else L{None}.
+    @ivar listeningPort: The L{DestinationPort} once listening, else L{None}.
     @ivar protocol: The L{EchoProtocol} serving it.
     """
 
@@ -99,28 +100,9 @@ class ListenerService(Service):
         self.listener = listener
         self.protocol = protocol
         self.inherited = inherited
-        self.port: DestinationPort | None = None
         self._lastPort: DestinationPort | None = None
         self._address = ""
         self._reactor = reactor
-
-    def privilegedStartService(self) -> None:
-        if self.port is None:
-            self.port = self._listen()
-        Service.privilegedStartService(self)
-
-    def startService(self) -> None:
-        if self.port is None:
-            self.port = self._listen()
-        Service.startService(self)
-
-    def stopService(self) -> Deferred[None] | None:
-        Service.stopService(self)
-        if self.port is None:
-            return None
-        port, self.port = self.port, None
-        self._lastPort = port
-        return maybeDeferred(port.stopListening)
 
     @property
     def address(self) -> str:
@@ -137,7 +119,7 @@ class ListenerService(Service):
         """
         old, self.protocol = self.protocol, protocol
         protocol.counters = old.counters
-        port = self.port
+        port = self.listeningPort
         if port is not None:
             # The port reads self.protocol for every batch: the next
             # datagram goes to the new one.
@@ -150,7 +132,7 @@ class ListenerService(Service):
         Where this listener's counters are: C{(address, port counters or
         None, echo counters)}, for L{udpdst.stats.takeSnapshot}.
         """
-        port = self.port or self._lastPort
+        port = self.listeningPort or self._lastPort
         return (
             self.address,
             port.counters if port is not None else None,
@@ -199,7 +181,7 @@ class ListenerService(Service):
             how = ", ".join(
                 x for x in (how, "reuse_port" if listener.reuse_port else "") if x
             )
-        self.port = self._lastPort = port
+        self._lastPort = port
         host = port.getHost()
         self._address = formatHostPort(host.host, host.port)
         # The detail is text of the message, not a field: a JSON line
@@ -343,8 +325,8 @@ class EchoService(MultiService):
         except ListenError as e:
             self._log.critical("{message}", message=str(e))
             for child in self.listeners:
-                if child.port is not None:
-                    child.port.stopListening()
+                if child.listeningPort is not None:
+                    child.listeningPort.stopListening()
             if self._twistd is not None:
                 self._twistd.failedToStart(str(e))
             raise SystemExit(1) from None

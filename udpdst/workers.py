@@ -586,7 +586,7 @@ def serveWithWorkers(
     def sockets() -> list[WorkerSocket]:
         found = []
         for child in service.listeners:
-            port = child.port
+            port = child.listeningPort
             assert port is not None, "serving starts after binding"
             # The parent only holds the sockets; the workers read them.
             port.stopReading()

@@ -221,6 +221,34 @@ class Twistd:
             self.proc.wait()
 
 
+def assertNothingListens(port: int) -> None:
+    """
+    A datagram to 127.0.0.1:C{port} is refused at once (ICMP port
+    unreachable on loopback): no listener is left there.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as gone:
+        gone.settimeout(DEADLINE / 3)
+        gone.connect(("127.0.0.1", port))
+        gone.send(b"anyone?")
+        with pytest.raises(ConnectionRefusedError):
+            gone.recv(100)
+
+
+def asUser(user: Any) -> list[str]:
+    """
+    twistd's arguments to run in the foreground, without a pid file, as
+    C{user} (a L{pwd.struct_passwd}) once it has bound its ports.
+    """
+    return [
+        "-n",
+        "--pidfile=",
+        "--uid",
+        str(user.pw_uid),
+        "--gid",
+        str(user.pw_gid),
+    ]
+
+
 def freePort(host: str = "127.0.0.1", tcp: bool = False) -> int:
     """
     A UDP port free on C{host} (on C{::}, for IPv4 too: bound dual-stack so

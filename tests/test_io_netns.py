@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.netns import Pair, ServerProcess, unavailableReason
+from tests.netns import Pair, ServerProcess, builtPair
 
 pytestmark = pytest.mark.netns
 
@@ -26,14 +26,7 @@ P = Pair
 
 @pytest.fixture
 def ownPair() -> Iterator[Pair]:
-    reason = unavailableReason()
-    if reason is not None:
-        pytest.skip(reason)
-    built = Pair.create()
-    try:
-        yield built
-    finally:
-        built.delete()
+    yield from builtPair()
 
 
 def _relink(pair: Pair, old: str, new: str, index: int | None = None) -> int:

@@ -26,6 +26,7 @@ from tests._service_helpers import (
     REPO,
     TWISTD,
     Twistd,
+    asUser,
     freePort,
     socketActivateCommand,
     startedTwistd,
@@ -337,14 +338,7 @@ def test_privilegedPortThenDropPrivileges(started) -> None:  # type: ignore[no-u
     process = started(
         "--listen",
         "127.0.0.7:7",
-        twistdArgs=[
-            "-n",
-            "--pidfile=",
-            "--uid",
-            str(nobody.pw_uid),
-            "--gid",
-            str(nobody.pw_gid),
-        ],
+        twistdArgs=asUser(nobody),
     )
     assert process.listening() == [("127.0.0.7", 7)]
     status = Path(f"/proc/{process.proc.pid}/status").read_text()

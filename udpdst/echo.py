@@ -17,6 +17,7 @@ from udpdst import logs
 from udpdst.address import Destination, PeerAddress, formatHostPort
 from udpdst.config import MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6, LimitsConfig
 from udpdst.limits import AccessList, LoopGuard, RateLimiter, sourceKey
+from udpdst.port import sparse
 from udpdst.protocol import DestinationDatagramProtocol
 
 #: Why a datagram got no reply, in the order the checks run.
@@ -209,9 +210,8 @@ class EchoProtocol(DestinationDatagramProtocol):
     def _loopStopped(self, addr: PeerAddress, dst: Destination | None) -> None:
         self._loopsStopped += 1
         count = self._loopsStopped
-        # The 1st, 2nd, 4th, 8th... : loops set off by a flood of spoofed
-        # datagrams cost log2(n) lines, not n.
-        if count & (count - 1) == 0:
+        # Loops set off by a flood of spoofed datagrams cost log2(n) lines.
+        if sparse(count):
             self._log.info(
                 "echo loop with {peer} stopped at {destination}: it sent our "
                 "replies back, again and again; one was not answered "

@@ -107,7 +107,7 @@ class PortCounters:
         return asdict(self)
 
 
-def _sparse(count: int) -> bool:
+def sparse(count: int) -> bool:
     """
     Whether the C{count}th occurrence of a per-datagram event is logged: the
     1st, 2nd, 4th, 8th...  A remote flood then costs log2(n) lines, not n
@@ -506,7 +506,7 @@ class DestinationPort(udp.Port):
         if flags & _TRUNCATED:
             counters = self.counters
             counters.oversized += 1
-            if _sparse(counters.oversized):
+            if sparse(counters.oversized):
                 try:
                     peer: Any = self.ioPath.decodeKey(key)[0]
                 except (ValueError, OSError):
@@ -695,7 +695,7 @@ class DestinationPort(udp.Port):
             retry = (data, target, self.ioPath.packControl(()))
             if control and no != errno.ECONNREFUSED:
                 counters.sendFallbacks += 1
-                if _sparse(counters.sendFallbacks):
+                if sparse(counters.sendFallbacks):
                     self._log.debug(
                         "{port}: could not send from the requested source "
                         "({error}); sent from the kernel's choice ({count} so far)",
@@ -710,7 +710,7 @@ class DestinationPort(udp.Port):
                 counters.replied += 1
                 return
         counters.sendErrors += 1
-        if _sparse(counters.sendErrors):
+        if sparse(counters.sendErrors):
             self._log.info(
                 "{port}: a reply could not be sent ({error}; {count} so far)",
                 port=self,

@@ -13,6 +13,12 @@
  *       Other errors raise OSError, unless some datagrams were read first (the
  *       kernel then reports the error again on the next call).
  *
+ *   read(sock, count, size, ancsize, handlers)
+ *       -> (count, delivered, nbytes, drops, rest)
+ *       recv, then hand each datagram to the protocol without building the
+ *       batch: the twin of io._readEach, whose docstring (io.Handlers) says
+ *       what `handlers` holds and what is returned.
+ *
  *   send(sock, items, start) -> (sent, errno)
  *       Send items[start:], each (data, sockaddr, control) of bytes, with as
  *       few sendmmsg calls as the kernel allows.  Stops at the first datagram
@@ -165,36 +171,27 @@ socket_fd(PyObject *sock)
     return fd;
 }
 
-static PyObject *
-mmsg_recv(PyObject *Py_UNUSED(self), PyObject *args)
+/*
+ * Fill `rx` with up to `count` datagrams from `fd`: the number read (0 if
+ * none was queued), or -1 with an exception set.  Checks the arguments too.
+ */
+static int
+rx_receive(rx_area *rx, int fd, Py_ssize_t count, Py_ssize_t size, Py_ssize_t ancsize)
 {
-    PyObject *sock;
-    Py_ssize_t count, size, ancsize;
-
-    if (!PyArg_ParseTuple(args, "Onnn:recv", &sock, &count, &size, &ancsize))
-        return NULL;
-    int fd = socket_fd(sock);
-    if (fd < 0)
-        return NULL;
     if (count < 1 || count > MAX_BATCH || size < 0 || ancsize < 0 || ancsize > MAX_ANC) {
         PyErr_SetString(PyExc_ValueError, "recv: count, size or ancsize out of range");
-        return NULL;
+        return -1;
     }
     /* count * size must not wrap (it is used for pointer arithmetic below). */
     if (size > PY_SSIZE_T_MAX / count) {
         PyErr_NoMemory();
-        return NULL;
+        return -1;
     }
     /* Each datagram's control buffer starts cmsghdr-aligned. */
     size_t ancstride = CMSG_ALIGN((size_t)ancsize);
-
-    rx_area *rx = rx_take();
-    if (rx == NULL)
-        return NULL;
-    PyObject *result = NULL;
     if (grow(&rx->data, &rx->data_size, (size_t)count * (size_t)(size ? size : 1)) < 0
         || grow(&rx->anc, &rx->anc_size, (size_t)count * (ancstride ? ancstride : 1)) < 0)
-        goto done;
+        return -1;
 
     for (Py_ssize_t i = 0; i < count; i++) {
         rx->iov[i].iov_base = rx->data + (size_t)i * (size_t)size;
@@ -217,34 +214,227 @@ mmsg_recv(PyObject *Py_UNUSED(self), PyObject *args)
     if (got < 0) {
         if (errno != EAGAIN && errno != EWOULDBLOCK) {
             PyErr_SetFromErrno(PyExc_OSError);
-            goto done;
+            return -1;
         }
         got = 0;
     }
+    return got;
+}
 
-    PyObject *batch = PyList_New(got);
+/* The data of datagram `i` of `rx`, at most `size` bytes (only those are
+ * ours, whatever the kernel says it had). */
+static PyObject *
+rx_data(rx_area *rx, int i, Py_ssize_t size, Py_ssize_t *nbytes)
+{
+    size_t len = rx->msgs[i].msg_len;
+    if (len > (size_t)size)
+        len = (size_t)size;
+    *nbytes += (Py_ssize_t)len;
+    return PyBytes_FromStringAndSize(rx->iov[i].iov_base, (Py_ssize_t)len);
+}
+
+/* (data, key, flags) of datagrams first..got-1 of `rx`, as a new list. */
+static PyObject *
+rx_batch(rx_area *rx, int first, int got, Py_ssize_t size, long long *drops,
+         Py_ssize_t *nbytes)
+{
+    PyObject *batch = PyList_New(got - first);
     if (batch == NULL)
-        goto done;
-    long long drops = -1;
-    Py_ssize_t nbytes = 0;
-    for (int i = 0; i < got; i++) {
+        return NULL;
+    for (int i = first; i < got; i++) {
         struct msghdr *h = &rx->msgs[i].msg_hdr;
-        size_t len = rx->msgs[i].msg_len;
-        if (len > (size_t)size) /* only `size` bytes are ours */
-            len = (size_t)size;
-        nbytes += (Py_ssize_t)len;
-        PyObject *data = PyBytes_FromStringAndSize(rx->iov[i].iov_base, (Py_ssize_t)len);
-        PyObject *key = data ? make_key(h, &drops) : NULL;
-        PyObject *item = key ? Py_BuildValue("(NNi)", data, key, h->msg_flags) : NULL;
-        if (item == NULL) {
-            if (key == NULL)
-                Py_XDECREF(data);
+        PyObject *item = PyTuple_New(3);
+        PyObject *flags = item ? PyLong_FromLong(h->msg_flags) : NULL;
+        PyObject *data = flags ? rx_data(rx, i, size, nbytes) : NULL;
+        PyObject *key = data ? make_key(h, drops) : NULL;
+        if (key == NULL) {
+            Py_XDECREF(data);
+            Py_XDECREF(flags);
+            Py_XDECREF(item);
             Py_DECREF(batch);
-            goto done;
+            return NULL;
         }
-        PyList_SET_ITEM(batch, i, item);
+        PyTuple_SET_ITEM(item, 0, data);
+        PyTuple_SET_ITEM(item, 1, key);
+        PyTuple_SET_ITEM(item, 2, flags);
+        PyList_SET_ITEM(batch, i - first, item);
     }
-    result = Py_BuildValue("(NLn)", batch, drops, nbytes);
+    return batch;
+}
+
+static PyObject *
+mmsg_recv(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    PyObject *sock;
+    Py_ssize_t count, size, ancsize;
+
+    if (!PyArg_ParseTuple(args, "Onnn:recv", &sock, &count, &size, &ancsize))
+        return NULL;
+    int fd = socket_fd(sock);
+    if (fd < 0)
+        return NULL;
+    rx_area *rx = rx_take();
+    if (rx == NULL)
+        return NULL;
+    PyObject *result = NULL;
+    int got = rx_receive(rx, fd, count, size, ancsize);
+    if (got >= 0) {
+        long long drops = -1;
+        Py_ssize_t nbytes = 0;
+        PyObject *batch = rx_batch(rx, 0, got, size, &drops, &nbytes);
+        if (batch != NULL)
+            result = Py_BuildValue("(NLn)", batch, drops, nbytes);
+    }
+    rx_give_back(rx);
+    return result;
+}
+
+/* The fields of io.Handlers, in order. */
+enum { H_PEERS, H_CLASSIFY, H_DELIVER, H_PEERMAP, H_REMEMBER, H_FAILED, H_OWNER, H_SIZE };
+
+static PyObject *str_reading; /* "_reading", interned */
+
+/*
+ * Hand `data` from `peer` to the protocol (with `dst` if it is
+ * destination-aware); an exception it raises goes to handlers.failed.
+ * Returns -1 only if that fails too.
+ */
+static int
+deliver_one(PyObject *const *h, PyObject *data, PyObject *peer, PyObject *dst)
+{
+    PyObject *args[3] = {data, peer, dst};
+    PyObject *res;
+    if (h[H_PEERMAP] == Py_None) {
+        res = PyObject_Vectorcall(h[H_DELIVER], args, 3, NULL);
+    } else {
+        /* A plain protocol: remember where this peer sent to, for a reply
+         * to an address it rebuilds (as io._readEach does). */
+        res = Py_None;
+        if (dst != Py_None) {
+            PyObject *known = PyDict_GetItemWithError(h[H_PEERMAP], peer);
+            if (known != dst)
+                res = PyErr_Occurred() ? NULL
+                                       : PyObject_CallFunctionObjArgs(h[H_REMEMBER], peer, dst, NULL);
+            else
+                Py_INCREF(res);
+        } else {
+            Py_INCREF(res);
+        }
+        if (res != NULL) {
+            Py_DECREF(res);
+            res = PyObject_Vectorcall(h[H_DELIVER], args, 2, NULL);
+        }
+    }
+    if (res != NULL) {
+        Py_DECREF(res);
+        return 0;
+    }
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *exc = PyErr_GetRaisedException();
+#else
+    PyObject *type, *exc, *tb;
+    PyErr_Fetch(&type, &exc, &tb);
+    PyErr_NormalizeException(&type, &exc, &tb);
+    if (tb != NULL)
+        PyException_SetTraceback(exc, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+#endif
+    res = PyObject_CallFunctionObjArgs(h[H_FAILED], peer, exc, NULL);
+    Py_XDECREF(exc);
+    if (res == NULL)
+        return -1;
+    Py_DECREF(res);
+    return 0;
+}
+
+static PyObject *
+mmsg_read(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    PyObject *sock, *handlers;
+    Py_ssize_t count, size, ancsize;
+
+    if (!PyArg_ParseTuple(args, "OnnnO!:read", &sock, &count, &size, &ancsize,
+                          &PyTuple_Type, &handlers))
+        return NULL;
+    if (PyTuple_GET_SIZE(handlers) != H_SIZE || !PyDict_Check(PyTuple_GET_ITEM(handlers, H_PEERS))
+        || !(PyTuple_GET_ITEM(handlers, H_PEERMAP) == Py_None
+             || PyDict_Check(PyTuple_GET_ITEM(handlers, H_PEERMAP)))) {
+        PyErr_SetString(PyExc_TypeError, "read: handlers must be an io.Handlers");
+        return NULL;
+    }
+    int fd = socket_fd(sock);
+    if (fd < 0)
+        return NULL;
+    rx_area *rx = rx_take();
+    if (rx == NULL)
+        return NULL;
+    PyObject *result = NULL;
+    int got = rx_receive(rx, fd, count, size, ancsize);
+    if (got < 0)
+        goto done;
+
+    /* The tuple holds every handler alive for the whole call. */
+    PyObject *const *h = &PyTuple_GET_ITEM(handlers, 0);
+    long long drops = -1;
+    Py_ssize_t nbytes = 0, delivered = 0;
+    PyObject *rest = Py_None;
+    Py_INCREF(rest);
+    for (int i = 0; i < got; i++) {
+        int flags = rx->msgs[i].msg_hdr.msg_flags;
+        PyObject *data = rx_data(rx, i, size, &nbytes);
+        PyObject *key = data ? make_key(&rx->msgs[i].msg_hdr, &drops) : NULL;
+        PyObject *entry = NULL;
+        if (key != NULL) {
+            /* A cache hit is the whole classification; a miss, or a
+             * datagram the kernel flagged, goes to handlers.classify. */
+            entry = flags ? NULL : PyDict_GetItemWithError(h[H_PEERS], key);
+            if (entry != NULL)
+                Py_INCREF(entry); /* the protocol may empty the cache */
+            else if (!PyErr_Occurred())
+                entry = PyObject_CallFunction(h[H_CLASSIFY], "Oi", key, flags);
+        }
+        Py_XDECREF(key);
+        if (entry == NULL) {
+            Py_XDECREF(data);
+            goto fail;
+        }
+        int status = 0, dropped = entry == Py_None;
+        if (!dropped) {
+            if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 2) {
+                PyErr_SetString(PyExc_TypeError, "read: classify must give (peer, dst)");
+                status = -1;
+            } else {
+                delivered++;
+                status = deliver_one(h, data, PyTuple_GET_ITEM(entry, 0),
+                                     PyTuple_GET_ITEM(entry, 1));
+            }
+        }
+        Py_DECREF(entry);
+        Py_DECREF(data);
+        if (status < 0)
+            goto fail;
+        if (dropped)
+            continue;
+        /* Stop at once when the protocol stopped reading (or the port
+         * closed); the rest of the batch goes back to the caller. */
+        PyObject *reading = PyObject_GetAttr(h[H_OWNER], str_reading);
+        int on = reading ? PyObject_IsTrue(reading) : -1;
+        Py_XDECREF(reading);
+        if (on < 0)
+            goto fail;
+        if (!on) {
+            Py_DECREF(rest);
+            rest = rx_batch(rx, i + 1, got, size, &drops, &nbytes);
+            if (rest == NULL)
+                goto done;
+            break;
+        }
+    }
+    result = Py_BuildValue("(innLN)", got, delivered, nbytes, drops, rest);
+    goto done;
+fail:
+    Py_DECREF(rest);
 done:
     rx_give_back(rx);
     return result;
@@ -345,6 +535,8 @@ mmsg_send(PyObject *Py_UNUSED(self), PyObject *args)
 static PyMethodDef methods[] = {
     {"recv", mmsg_recv, METH_VARARGS,
      "recv(sock, count, size, ancsize) -> ([(data, key, flags)], drops, nbytes)"},
+    {"read", mmsg_read, METH_VARARGS,
+     "read(sock, count, size, ancsize, handlers) -> (count, delivered, nbytes, drops, rest)"},
     {"send", mmsg_send, METH_VARARGS,
      "send(sock, [(data, sockaddr, control)], start) -> (sent, errno)"},
     {NULL, NULL, 0, NULL},
@@ -361,5 +553,8 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__mmsg(void)
 {
+    str_reading = PyUnicode_InternFromString("_reading");
+    if (str_reading == NULL)
+        return NULL;
     return PyModule_Create(&module);
 }

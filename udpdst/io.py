@@ -14,6 +14,9 @@ The interface, the same for both paths:
   - L{decodeKey}C{(key)} returns C{(addr, ancdata, target)}: the peer as
     C{recvmsg} gives it, the control messages as C{(level, type, data)}, and
     the peer in the form L{send} takes.
+  - L{read}C{(sock, count, size, ancsize, handlers)} receives as L{receive}
+    does and hands each datagram to the protocol at once, without building
+    the batch; see L{Handlers} and L{dispatch}, its pure-Python twin.
   - L{send}C{(sock, items, start)} sends C{items[start:]}, each
     C{(data, target, control)} with C{control} from L{packControl} and
     C{target} from L{decodeKey} or L{packTarget}; it returns C{(sent, errno)}
@@ -177,6 +180,14 @@ def _receiveEach(
     return batch, drops, nbytes
 
 
+def _readEach(
+    sock: socket.socket, count: int, size: int, ancsize: int, handlers: Handlers
+) -> tuple[int, int, int, int, Batch | None]:
+    batch, drops, nbytes = _receiveEach(sock, count, size, ancsize)
+    delivered, rest = dispatch(batch, handlers)
+    return len(batch), delivered, nbytes, drops, rest
+
+
 def _decodeTupleKey(key: Any) -> tuple[Any, list[Ancillary], Any]:
     addr, ancdata = key
     if len(addr) == 4:
@@ -213,6 +224,61 @@ def _tupleTarget(addr: Any) -> Any:
     return tuple(addr)
 
 
+class Handlers(NamedTuple):
+    """
+    What L{read} and L{dispatch} hand each datagram to, from its key: a
+    cached C{(peer, dst)} in C{peers}, else C{classify(key, flags)} (also
+    for every datagram the kernel flagged), which gives one or L{None} for a
+    datagram to drop (counted by it).  Then C{deliver(data, peer, dst)}, or
+    for a plain protocol (C{peerMap} not L{None})
+    C{remember(peer, dst)} when C{peerMap} does not hold C{dst} for that
+    peer yet, and C{deliver(data, peer)}.  What either raises goes to
+    C{failed(peer, exception)}.  After each delivery, reading stops if
+    C{owner._reading} is false: the rest of the batch is returned.
+
+    L{read} returns C{(count, delivered, nbytes, drops, rest)}: the datagrams
+    read and delivered, their bytes, the last C{SO_RXQ_OVFL} count (C{-1} if
+    none) and the undelivered rest (L{None} if reading never stopped).
+    """
+
+    peers: dict[Any, tuple[Any, Any]]
+    classify: Callable[[Any, int], tuple[Any, Any] | None]
+    deliver: Callable[..., object]
+    peerMap: dict[Any, Any] | None
+    remember: Callable[[Any, Any], object]
+    failed: Callable[[Any, BaseException], object]
+    owner: Any
+
+
+def dispatch(batch: Batch, handlers: Handlers) -> tuple[int, Batch | None]:
+    """
+    Hand a received batch to the protocol, as L{read} does (and C{_mmsg.read}
+    in C): returns how many were delivered, and the rest if reading stopped.
+    """
+    peers, classify, deliver, peerMap, remember, failed, owner = handlers
+    delivered = 0
+    for index, (data, key, flags) in enumerate(batch):
+        entry = None if flags else peers.get(key)
+        if entry is None:
+            entry = classify(key, flags)
+            if entry is None:
+                continue
+        delivered += 1
+        peer, dst = entry
+        try:
+            if peerMap is None:
+                deliver(data, peer, dst)
+            else:
+                if dst is not None and peerMap.get(peer) is not dst:
+                    remember(peer, dst)
+                deliver(data, peer)
+        except BaseException as e:
+            failed(peer, e)
+        if not owner._reading:
+            return delivered, batch[index + 1 :]
+    return delivered, None
+
+
 class Path(NamedTuple):
     """
     One implementation of the interface above.
@@ -220,6 +286,10 @@ class Path(NamedTuple):
 
     name: str
     receive: Callable[[socket.socket, int, int, int], tuple[Batch, int, int]]
+    read: Callable[
+        [socket.socket, int, int, int, Handlers],
+        tuple[int, int, int, int, Batch | None],
+    ]
     send: Callable[[socket.socket, list[tuple[bytes, Any, Any]], int], tuple[int, int]]
     decodeKey: Callable[[Any], tuple[Any, list[Ancillary], Any]]
     packControl: Callable[[Sequence[Ancillary]], Any]
@@ -227,7 +297,15 @@ class Path(NamedTuple):
 
 
 #: The pure-Python twin; always there.
-PLAIN = Path("recvmsg", _receiveEach, _sendEach, _decodeTupleKey, list, _tupleTarget)
+PLAIN = Path(
+    "recvmsg",
+    _receiveEach,
+    _readEach,
+    _sendEach,
+    _decodeTupleKey,
+    list,
+    _tupleTarget,
+)
 
 #: The C extension's path, or L{None} where it was not built.
 BATCHED: Path | None = None
@@ -235,6 +313,7 @@ if _mmsg is not None:
     BATCHED = Path(
         "recvmmsg",
         _mmsg.recv,
+        _mmsg.read,
         _mmsg.send,
         _decodeRawKey,
         _packRawControl,

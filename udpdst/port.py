@@ -16,6 +16,7 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IHalfCloseableDescriptor, IReactorFDSet
 from twisted.internet.protocol import AbstractDatagramProtocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from udpdst import _linux as L
@@ -318,25 +319,28 @@ class DestinationPort(udp.Port):
         """
         self._inPass = True
         try:
-            if self._pending and not self._dispatch(self._takePending()):
-                return
+            handlers = self._handlers()
+            if self._pending:
+                batch, self._pending = self._pending, []
+                if not self._delivered(*io.dispatch(batch, handlers)):
+                    return
             remaining = self.maxDatagramsPerRead
             budget = self.maxThroughput
             size = self.maxPacketSize
             ancSize = self.ancillaryBufferSize if self._wildcard else 0
             while remaining > 0 and budget > 0 and self._reading:
                 want = min(io.BATCH, remaining)
-                received = self._receive(want, size, ancSize)
-                if received is None:
+                got = self._receive(want, size, ancSize, handlers)
+                if got is None:
                     if remaining == self.maxDatagramsPerRead:
                         # Woken with nothing to read: maybe an error queue
                         # the select reactor reports as readable.
                         self._drainErrors()
                     return
-                batch, drops, nbytes = received
+                count, delivered, nbytes, drops, rest = got
                 if drops >= 0:
                     self.counters.kernelDrops = drops
-                if not self._dispatch(batch) or len(batch) < want:
+                if not self._delivered(delivered, rest) or count < want:
                     return
                 remaining -= want
                 budget -= nbytes + 64 * want
@@ -349,18 +353,54 @@ class DestinationPort(udp.Port):
         if self._pending and self._reading:
             self.doRead()
 
-    def _takePending(self) -> io.Batch:
-        batch, self._pending = self._pending, []
-        return batch
-
-    def _receive(self, count: int, size: int, ancSize: int) -> Any:
+    def _handlers(self) -> io.Handlers:
         """
-        One batch from the socket, or L{None} when there is none (nothing
-        queued, or an error that ends the pass).
+        What a read pass hands its datagrams to (see L{io.Handlers}).
+        """
+        return io.Handlers(
+            self._peers,
+            self._classifyNew,
+            self.protocol.datagramReceived,
+            None if self._destinationAware else self._peerDestinations,
+            self._rememberPeer,
+            self._deliveryFailed,
+            self,
+        )
+
+    def _delivered(self, delivered: int, rest: io.Batch | None) -> bool:
+        """
+        Count what a batch delivered; keep what the protocol did not read
+        (it stopped reading) for when it reads again.
+
+        @return: Whether the protocol is still reading.
+        """
+        self.counters.received += delivered
+        if rest is None:
+            return True
+        if self.connected:
+            self._pending = rest
+        return False
+
+    def _deliveryFailed(self, peer: PeerAddress, reason: BaseException) -> None:
+        self._log.failure(
+            "{port}: {protocol} failed on a datagram from {peer}",
+            Failure(reason),
+            port=self,
+            protocol=self.protocol,
+            peer=peer,
+        )
+
+    def _receive(
+        self, count: int, size: int, ancSize: int, handlers: io.Handlers
+    ) -> tuple[int, int, int, int, io.Batch | None] | None:
+        """
+        Read a batch from the socket and hand it to the protocol
+        (L{io.read}); L{None} when there is none (nothing queued, or an
+        error that ends the pass).
         """
         for _attempt in range(2):
             try:
-                received = self.ioPath.receive(self.socket, count, size, ancSize)
+                got = self.ioPath.read(self.socket, count, size, ancSize, handlers)
             except OSError as se:
                 no = se.args[0]
                 if no in _READ_IGNORE:
@@ -376,7 +416,7 @@ class DestinationPort(udp.Port):
                 # off the error queue and go on.
                 self._drainErrors()
                 continue
-            return received if received[0] else None
+            return got if got[0] else None
         return None
 
     def _drainErrors(self) -> None:
@@ -405,50 +445,6 @@ class DestinationPort(udp.Port):
 
     def writeConnectionLost(self, reason: Any) -> None:
         pass
-
-    def _dispatch(self, batch: io.Batch) -> bool:
-        """
-        Deliver a batch to the protocol.
-
-        @return: Whether the protocol is still reading; if not, the rest of
-            the batch waits in C{_pending} until it reads again.
-        """
-        peers = self._peers
-        aware = self._destinationAware
-        deliver = self.protocol.datagramReceived
-        peerMap = self._peerDestinations
-        done = dropped = 0
-        for data, key, flags in batch:
-            done += 1
-            # A cache hit is the whole classification: the key is the peer
-            # and the control data, so equal keys mean equal results.
-            entry = None if flags else peers.get(key)
-            if entry is None:
-                entry = self._classifyNew(key, flags)
-                if entry is None:
-                    dropped += 1
-                    continue
-            peer, dst = entry
-            try:
-                if aware:
-                    deliver(data, peer, dst)
-                else:
-                    if dst is not None and peerMap.get(peer) is not dst:
-                        self._rememberPeer(peer, dst)
-                    deliver(data, peer)
-            except BaseException:
-                self._log.failure(
-                    "{port}: {protocol} failed on a datagram from {peer}",
-                    port=self,
-                    protocol=self.protocol,
-                    peer=peer,
-                )
-            if not self._reading:
-                if self.connected:
-                    self._pending = batch[done:]
-                break
-        self.counters.received += done - dropped
-        return self._reading
 
     def _classify(
         self, key: Any, useCache: bool

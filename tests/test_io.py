@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import globalLogPublisher
 
 import udpdst
 from tests.conftest import HAVE_IPV6
@@ -306,6 +307,90 @@ def test_largestDatagramPerFamily(epollReactor: Any, path: io.Path) -> None:
         for r in receivers.values():
             r.close()
         port.stopListening()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_protocolErrorIsLoggedWithItsTraceback(
+    epollReactor: Any, path: io.Path
+) -> None:
+    """
+    An exception from the protocol (raised in C{_mmsg.read} on the C path)
+    is logged once, with the exception and its traceback; the datagrams
+    after it are still delivered.
+    """
+
+    class Fragile(Recorder):
+        def datagramReceived(self, data: bytes, addr: Any, dst: Any) -> None:
+            Recorder.datagramReceived(self, data, addr, dst)
+            if data == b"bad":
+                raise ValueError("boom")
+
+    proto = Fragile()
+    port = _listen(epollReactor, path, "0.0.0.0", proto)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.connect(("127.0.0.2", port.getHost().port))
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for data in (b"good", b"bad", b"good"):
+            client.send(data)
+        _drain(port, lambda: len(proto.seen) == 3)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        client.close()
+        port.stopListening()
+    failures = [e["log_failure"] for e in events if "log_failure" in e]
+    assert len(failures) == 1
+    assert failures[0].check(ValueError) and str(failures[0].value) == "boom"
+    assert "datagramReceived" in failures[0].getTraceback()
+    assert [data for data, _, _ in proto.seen] == [b"good", b"bad", b"good"]
+    assert port.counters.received == 3
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_writesBesideTheFastPath(epollReactor: Any, path: io.Path) -> None:
+    """
+    What the fast path of C{write} (C{io.QueuedWrite} where the C path runs)
+    leaves to the Python C{write} is still sent, and from the right source:
+    a C{bytearray} or C{memoryview}, a rebuilt address, another
+    destination than the address carries, and an address another port made.
+    """
+
+    class Variants(udpdst.DestinationDatagramProtocol):
+        def datagramReceived(self, data: bytes, addr: Any, dst: Any) -> None:
+            write = self.transport.write
+            write(bytearray(b"bytearray"), addr)
+            write(memoryview(b"memoryview"), addr, dst)
+            write(b"rebuilt", (addr[0], addr[1]), dst)
+            write(b"other", addr, udpdst.Destination("127.0.0.3", 0, 0, "127.0.0.3"))
+            write(b"fast", addr, dst)
+            other.write(b"foreign", addr)
+
+    class Quiet(DatagramProtocol):
+        pass
+
+    other = _listen(epollReactor, path, "0.0.0.0", Quiet())
+    port = _listen(epollReactor, path, "0.0.0.0", Variants())
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.bind(("127.0.0.1", 0))
+    try:
+        client.sendto(b"go", ("127.0.0.2", port.getHost().port))
+        _drain(port, lambda: port.counters.received == 1)
+        got = {data: source for data, source in _replies(client, 6)}
+    finally:
+        client.close()
+        port.stopListening()
+        other.stopListening()
+    here = port.getHost().port
+    assert got == {
+        b"bytearray": ("127.0.0.2", here),
+        b"memoryview": ("127.0.0.2", here),
+        b"rebuilt": ("127.0.0.2", here),
+        b"other": ("127.0.0.3", here),
+        b"fast": ("127.0.0.2", here),
+        b"foreign": ("127.0.0.2", other.getHost().port),
+    }
+    assert port.counters.replied == 5 and other.counters.replied == 1
 
 
 def test_peerAddressStaysAPlainValue() -> None:

@@ -26,6 +26,16 @@
  *       is that of items[start + sent].  The caller decides about that one and
  *       calls again from the next.
  *
+ *   QueuedWrite(write, peertype, limit)
+ *       The fast path of DestinationPort.write, as a method descriptor that
+ *       wraps the Python `write`: a reply to a `peertype` address that this
+ *       port made is appended to port._queue as (data, target, control)
+ *       from the address's _reply, and port._flush() is called when the
+ *       port is outside a read pass (port._inPass false) or the queue holds
+ *       `limit` replies.  Anything else (another address, a destination the
+ *       address does not carry, a datagram too long or not bytes, keyword
+ *       arguments) goes to the Python `write`, which decides.
+ *
  * Everything received is copied out of one cached receive area, so a batch
  * costs no allocation beyond the Python objects it returns.  The area is
  * taken out of the cache for the length of a call: building the batch can
@@ -36,6 +46,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 
 #include <errno.h>
 #include <string.h>
@@ -532,6 +543,189 @@ mmsg_send(PyObject *Py_UNUSED(self), PyObject *args)
     return Py_BuildValue("(ni)", sent, err);
 }
 
+/* QueuedWrite: see the top of this file. */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *write;    /* the Python method it speeds up */
+    PyObject *peertype; /* udpdst.address.PeerAddress */
+    Py_ssize_t limit;   /* replies queued before a flush */
+} QueuedWrite;
+
+static PyObject *str_reply, *str_destination, *str_queue, *str_in_pass, *str_flush;
+
+/* 1 if queued, 0 if the Python write must decide, -1 on error. */
+static int
+queue_reply(QueuedWrite *self, PyObject *port, PyObject *data, PyObject *addr, PyObject *dst)
+{
+    if (Py_TYPE(addr) != (PyTypeObject *)self->peertype || !PyBytes_CheckExact(data))
+        return 0;
+    PyObject *reply = PyObject_GetAttr(addr, str_reply);
+    if (reply == NULL)
+        return -1;
+    int fast = PyTuple_Check(reply) && PyTuple_GET_SIZE(reply) == 4
+               && PyTuple_GET_ITEM(reply, 0) == port;
+    if (fast && dst != Py_None) {
+        PyObject *carried = PyObject_GetAttr(addr, str_destination);
+        if (carried == NULL) {
+            Py_DECREF(reply);
+            return -1;
+        }
+        fast = carried == dst;
+        Py_DECREF(carried);
+    }
+    if (fast) {
+        Py_ssize_t most = PyLong_AsSsize_t(PyTuple_GET_ITEM(reply, 3));
+        if (most == -1 && PyErr_Occurred()) {
+            Py_DECREF(reply);
+            return -1;
+        }
+        fast = PyBytes_GET_SIZE(data) <= most;
+    }
+    if (!fast) {
+        Py_DECREF(reply);
+        return 0;
+    }
+    PyObject *item = PyTuple_Pack(3, data, PyTuple_GET_ITEM(reply, 1), PyTuple_GET_ITEM(reply, 2));
+    Py_DECREF(reply);
+    if (item == NULL)
+        return -1;
+    PyObject *queue = PyObject_GetAttr(port, str_queue);
+    if (queue == NULL || !PyList_Check(queue)) {
+        if (queue != NULL)
+            PyErr_SetString(PyExc_TypeError, "QueuedWrite: port._queue is not a list");
+        Py_XDECREF(queue);
+        Py_DECREF(item);
+        return -1;
+    }
+    int status = PyList_Append(queue, item);
+    Py_ssize_t queued = PyList_GET_SIZE(queue);
+    Py_DECREF(item);
+    Py_DECREF(queue);
+    if (status < 0)
+        return -1;
+    int flush = queued >= self->limit;
+    if (!flush) {
+        PyObject *in_pass = PyObject_GetAttr(port, str_in_pass);
+        int on = in_pass ? PyObject_IsTrue(in_pass) : -1;
+        Py_XDECREF(in_pass);
+        if (on < 0)
+            return -1;
+        flush = !on;
+    }
+    if (flush) {
+        PyObject *res = PyObject_CallMethodNoArgs(port, str_flush);
+        if (res == NULL)
+            return -1;
+        Py_DECREF(res);
+    }
+    return 1;
+}
+
+static PyObject *
+qw_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    QueuedWrite *self = (QueuedWrite *)callable;
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+    if (kwnames == NULL && (n == 3 || n == 4)) {
+        int done = queue_reply(self, args[0], args[1], args[2], n == 4 ? args[3] : Py_None);
+        if (done < 0)
+            return NULL;
+        if (done)
+            Py_RETURN_NONE;
+    }
+    return PyObject_Vectorcall(self->write, args, nargsf, kwnames);
+}
+
+static PyObject *
+qw_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    PyObject *write, *peertype;
+    Py_ssize_t limit;
+    if ((kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0)
+        || !PyArg_ParseTuple(args, "OO!n:QueuedWrite", &write, &PyType_Type, &peertype, &limit))
+        return NULL;
+    if (!PyCallable_Check(write) || limit < 1) {
+        PyErr_SetString(PyExc_TypeError, "QueuedWrite(write, peertype, limit)");
+        return NULL;
+    }
+    QueuedWrite *self = (QueuedWrite *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->vectorcall = qw_vectorcall;
+    self->write = Py_NewRef(write);
+    self->peertype = Py_NewRef(peertype);
+    self->limit = limit;
+    return (PyObject *)self;
+}
+
+static int
+qw_traverse(QueuedWrite *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->write);
+    Py_VISIT(self->peertype);
+    return 0;
+}
+
+static int
+qw_clear(QueuedWrite *self)
+{
+    Py_CLEAR(self->write);
+    Py_CLEAR(self->peertype);
+    return 0;
+}
+
+static void
+qw_dealloc(QueuedWrite *self)
+{
+    PyObject_GC_UnTrack(self);
+    qw_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* port.write: a bound method, as for the Python function it wraps. */
+static PyObject *
+qw_get(PyObject *self, PyObject *obj, PyObject *Py_UNUSED(type))
+{
+    if (obj == NULL || obj == Py_None)
+        return Py_NewRef(self);
+    return PyMethod_New(self, obj);
+}
+
+static PyObject *
+qw_getdoc(QueuedWrite *self, void *Py_UNUSED(closure))
+{
+    return PyObject_GetAttrString(self->write, "__doc__");
+}
+
+static PyGetSetDef qw_getset[] = {
+    {"__doc__", (getter)qw_getdoc, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef qw_members[] = {
+    {"__wrapped__", T_OBJECT, offsetof(QueuedWrite, write), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject QueuedWrite_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "udpdst._mmsg.QueuedWrite",
+    .tp_basicsize = sizeof(QueuedWrite),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL
+                | Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_doc = "The fast path of DestinationPort.write (see udpdst/_mmsg.c).",
+    .tp_new = qw_new,
+    .tp_dealloc = (destructor)qw_dealloc,
+    .tp_traverse = (traverseproc)qw_traverse,
+    .tp_clear = (inquiry)qw_clear,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(QueuedWrite, vectorcall),
+    .tp_descr_get = qw_get,
+    .tp_getset = qw_getset,
+    .tp_members = qw_members,
+};
+
 static PyMethodDef methods[] = {
     {"recv", mmsg_recv, METH_VARARGS,
      "recv(sock, count, size, ancsize) -> ([(data, key, flags)], drops, nbytes)"},
@@ -553,8 +747,18 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__mmsg(void)
 {
-    str_reading = PyUnicode_InternFromString("_reading");
-    if (str_reading == NULL)
+    static struct { PyObject **name; const char *text; } names[] = {
+        {&str_reading, "_reading"}, {&str_reply, "_reply"},
+        {&str_destination, "destination"}, {&str_queue, "_queue"},
+        {&str_in_pass, "_inPass"}, {&str_flush, "_flush"},
+    };
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+        if ((*names[i].name = PyUnicode_InternFromString(names[i].text)) == NULL)
+            return NULL;
+    if (PyType_Ready(&QueuedWrite_Type) < 0)
         return NULL;
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddObjectRef(m, "QueuedWrite", (PyObject *)&QueuedWrite_Type) < 0)
+        Py_CLEAR(m);
+    return m;
 }

@@ -325,3 +325,9 @@ DEFAULT: Path = (
     PLAIN if BATCHED is None or os.environ.get("UDPDST_IO") == "python" else BATCHED
 )
 IO_PATH = DEFAULT.name
+
+#: The fast path of L{udpdst.port.DestinationPort.write} in C
+#: (C{QueuedWrite} in C{_mmsg.c}), where the C path runs; L{None} otherwise.
+QueuedWrite: Callable[[Callable[..., None], type, int], Any] | None = (
+    _mmsg.QueuedWrite if DEFAULT is BATCHED else None
+)

@@ -329,5 +329,5 @@ IO_PATH = DEFAULT.name
 #: The fast path of L{udpdst.port.DestinationPort.write} in C
 #: (C{QueuedWrite} in C{_mmsg.c}), where the C path runs; L{None} otherwise.
 QueuedWrite: Callable[[Callable[..., None], type, int], Any] | None = (
-    _mmsg.QueuedWrite if DEFAULT is BATCHED else None
+    _mmsg.QueuedWrite if _mmsg is not None and DEFAULT is BATCHED else None
 )

@@ -300,6 +300,28 @@ mmsg_recv(PyObject *Py_UNUSED(self), PyObject *args)
     return result;
 }
 
+/*
+ * obj.name, looked up in the instance's own __dict__ first: the attributes
+ * this module reads per datagram are plain instance attributes, and going
+ * through the type's attribute cache would walk the port's long MRO each
+ * time another hot name happened to share the cache slot.  New reference.
+ */
+static PyObject *
+own_attr(PyObject *obj, PyObject *name)
+{
+    PyObject *dict = PyObject_GenericGetDict(obj, NULL);
+    if (dict == NULL) {
+        PyErr_Clear();
+        return PyObject_GetAttr(obj, name);
+    }
+    PyObject *value = PyDict_GetItemWithError(dict, name);
+    Py_XINCREF(value);
+    Py_DECREF(dict);
+    if (value == NULL && !PyErr_Occurred())
+        return PyObject_GetAttr(obj, name); /* a class attribute, say */
+    return value;
+}
+
 /* The fields of io.Handlers, in order. */
 enum { H_PEERS, H_CLASSIFY, H_DELIVER, H_PEERMAP, H_REMEMBER, H_FAILED, H_OWNER, H_SIZE };
 
@@ -429,7 +451,7 @@ mmsg_read(PyObject *Py_UNUSED(self), PyObject *args)
             continue;
         /* Stop at once when the protocol stopped reading (or the port
          * closed); the rest of the batch goes back to the caller. */
-        PyObject *reading = PyObject_GetAttr(h[H_OWNER], str_reading);
+        PyObject *reading = own_attr(h[H_OWNER], str_reading);
         int on = reading ? PyObject_IsTrue(reading) : -1;
         Py_XDECREF(reading);
         if (on < 0)
@@ -560,13 +582,13 @@ queue_reply(QueuedWrite *self, PyObject *port, PyObject *data, PyObject *addr, P
 {
     if (Py_TYPE(addr) != (PyTypeObject *)self->peertype || !PyBytes_CheckExact(data))
         return 0;
-    PyObject *reply = PyObject_GetAttr(addr, str_reply);
+    PyObject *reply = own_attr(addr, str_reply);
     if (reply == NULL)
         return -1;
     int fast = PyTuple_Check(reply) && PyTuple_GET_SIZE(reply) == 4
                && PyTuple_GET_ITEM(reply, 0) == port;
     if (fast && dst != Py_None) {
-        PyObject *carried = PyObject_GetAttr(addr, str_destination);
+        PyObject *carried = own_attr(addr, str_destination);
         if (carried == NULL) {
             Py_DECREF(reply);
             return -1;
@@ -590,7 +612,7 @@ queue_reply(QueuedWrite *self, PyObject *port, PyObject *data, PyObject *addr, P
     Py_DECREF(reply);
     if (item == NULL)
         return -1;
-    PyObject *queue = PyObject_GetAttr(port, str_queue);
+    PyObject *queue = own_attr(port, str_queue);
     if (queue == NULL || !PyList_Check(queue)) {
         if (queue != NULL)
             PyErr_SetString(PyExc_TypeError, "QueuedWrite: port._queue is not a list");
@@ -606,7 +628,7 @@ queue_reply(QueuedWrite *self, PyObject *port, PyObject *data, PyObject *addr, P
         return -1;
     int flush = queued >= self->limit;
     if (!flush) {
-        PyObject *in_pass = PyObject_GetAttr(port, str_in_pass);
+        PyObject *in_pass = own_attr(port, str_in_pass);
         int on = in_pass ? PyObject_IsTrue(in_pass) : -1;
         Py_XDECREF(in_pass);
         if (on < 0)

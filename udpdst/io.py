@@ -11,18 +11,19 @@ The interface, the same for both paths:
     (without C{SO_RXQ_OVFL}, so the drop count never changes it): equal keys
     mean the same peer sending to the same destination, so a port caches
     what it derives from a key.  An empty batch means nothing was queued.
-  - L{decodeKey}C{(key)} returns C{(addr, ancdata, target)}: the peer as
-    C{recvmsg} gives it, the control messages as C{(level, type, data)}, and
-    the peer in the form L{send} takes.
   - L{read}C{(sock, count, size, ancsize, handlers)} receives as L{receive}
     does and hands each datagram to the protocol at once, without building
     the batch; see L{Handlers} and L{dispatch}, its pure-Python twin.
+  - L{decodeKey}C{(key)} returns C{(addr, ancdata, target)}: the peer as
+    C{recvmsg} gives it, the control messages as C{(level, type, data)}, and
+    the peer in the form L{send} takes.
   - L{send}C{(sock, items, start)} sends C{items[start:]}, each
     C{(data, target, control)} with C{control} from L{packControl} and
     C{target} from L{decodeKey} or L{packTarget}; it returns C{(sent, errno)}
     and stops at the first failure, whose C{errno} is that of
     C{items[start + sent]}.
 
+L{QueuedWrite} is the C twin of the first branch of the port's C{write}.
 L{DEFAULT} is the path ports use; setting the environment variable
 C{UDPDST_IO=python} makes it the twin.  Both are importable (L{BATCHED},
 L{PLAIN}), so tests can compare them in one process.

@@ -174,8 +174,9 @@ class DestinationPort(udp.Port):
 
     A read pass receives a batch (L{udpdst.io}), classifies each datagram by
     its key (peer and control data: a cache hit gives the ready peer address
-    and destination) and dispatches it.  Replies written during a pass are
-    queued and sent together when the batch is done, in order; a write
+    and destination) and dispatches it, in C where the C path runs
+    (L{io.read}).  Replies written during a pass are queued and sent
+    together when the batch is done, in order; a write
     outside a pass is sent at once.  Errors known at C{write} time raise;
     errors of the send itself are counted in C{counters.sendErrors} and
     logged sparsely.  C{IP_RECVERR} is on, so that replies the kernel drops

@@ -341,7 +341,7 @@ deliver_one(PyObject *const *h, PyObject *data, PyObject *peer, PyObject *dst)
         res = PyObject_Vectorcall(h[H_DELIVER], args, 3, NULL);
     } else {
         /* A plain protocol: remember where this peer sent to, for a reply
-         * to an address it rebuilds (as io._readEach does). */
+         * to an address it rebuilds (as io.dispatch does). */
         res = Py_None;
         if (dst != Py_None) {
             PyObject *known = PyDict_GetItemWithError(h[H_PEERMAP], peer);

@@ -273,31 +273,42 @@ rx_batch(rx_area *rx, int first, int got, Py_ssize_t size, long long *drops,
     return batch;
 }
 
+/*
+ * Take a receive area (*rx) and fill it from `sock`: the number read, or -1
+ * with an exception set (and the area given back).
+ */
+static int
+rx_start(PyObject *sock, Py_ssize_t count, Py_ssize_t size, Py_ssize_t ancsize, rx_area **rx)
+{
+    int fd = socket_fd(sock);
+    if (fd < 0)
+        return -1;
+    *rx = rx_take();
+    if (*rx == NULL)
+        return -1;
+    int got = rx_receive(*rx, fd, count, size, ancsize);
+    if (got < 0)
+        rx_give_back(*rx);
+    return got;
+}
+
 static PyObject *
 mmsg_recv(PyObject *Py_UNUSED(self), PyObject *args)
 {
     PyObject *sock;
     Py_ssize_t count, size, ancsize;
+    rx_area *rx;
 
     if (!PyArg_ParseTuple(args, "Onnn:recv", &sock, &count, &size, &ancsize))
         return NULL;
-    int fd = socket_fd(sock);
-    if (fd < 0)
+    int got = rx_start(sock, count, size, ancsize, &rx);
+    if (got < 0)
         return NULL;
-    rx_area *rx = rx_take();
-    if (rx == NULL)
-        return NULL;
-    PyObject *result = NULL;
-    int got = rx_receive(rx, fd, count, size, ancsize);
-    if (got >= 0) {
-        long long drops = -1;
-        Py_ssize_t nbytes = 0;
-        PyObject *batch = rx_batch(rx, 0, got, size, &drops, &nbytes);
-        if (batch != NULL)
-            result = Py_BuildValue("(NLn)", batch, drops, nbytes);
-    }
+    long long drops = -1;
+    Py_ssize_t nbytes = 0;
+    PyObject *batch = rx_batch(rx, 0, got, size, &drops, &nbytes);
     rx_give_back(rx);
-    return result;
+    return batch ? Py_BuildValue("(NLn)", batch, drops, nbytes) : NULL;
 }
 
 /*
@@ -396,16 +407,10 @@ mmsg_read(PyObject *Py_UNUSED(self), PyObject *args)
         PyErr_SetString(PyExc_TypeError, "read: handlers must be an io.Handlers");
         return NULL;
     }
-    int fd = socket_fd(sock);
-    if (fd < 0)
-        return NULL;
-    rx_area *rx = rx_take();
-    if (rx == NULL)
-        return NULL;
-    PyObject *result = NULL;
-    int got = rx_receive(rx, fd, count, size, ancsize);
+    rx_area *rx;
+    int got = rx_start(sock, count, size, ancsize, &rx);
     if (got < 0)
-        goto done;
+        return NULL;
 
     /* The tuple holds every handler alive for the whole call. */
     PyObject *const *h = &PyTuple_GET_ITEM(handlers, 0);
@@ -464,13 +469,13 @@ mmsg_read(PyObject *Py_UNUSED(self), PyObject *args)
             break;
         }
     }
-    result = Py_BuildValue("(innLN)", got, delivered, nbytes, drops, rest);
-    goto done;
+    rx_give_back(rx);
+    return Py_BuildValue("(innLN)", got, delivered, nbytes, drops, rest);
 fail:
     Py_DECREF(rest);
 done:
     rx_give_back(rx);
-    return result;
+    return NULL;
 }
 
 /* One bytes item of a send tuple, or NULL with an exception set. */

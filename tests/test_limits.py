@@ -78,12 +78,11 @@ def test_scopedPeerMatched() -> None:
 
 
 def test_decisionCacheIsBounded() -> None:
-    acl = AccessList([net("10.0.0.0/8")])
-    acl.cacheSize = 100
+    acl = AccessList([net("10.0.0.0/8")], cacheSize=100)
     for i in range(1000):
         host = f"10.0.{i // 256}.{i % 256}"
         assert acl.refusal(host) is None
-        assert len(acl._cache) <= 100
+        assert len(acl.refusals) <= 100
     # Decisions stay right after the cache was cleared.
     assert acl.refusal("192.0.2.1") == "not-allowed"
     assert acl.refusal("10.0.0.1") is None

@@ -33,6 +33,10 @@ REFUSAL_REASONS = (
 
 _DEFAULT_LIMITS = LimitsConfig()
 
+# The process's log level (changed in place on reload), bound once: the
+# per-datagram path asks it whether debug lines are wanted.
+_logLevel = logs.minimumLevel
+
 
 @dataclass(slots=True)
 class EchoCounters:
@@ -103,8 +107,10 @@ class EchoProtocol(DestinationDatagramProtocol):
         self.counters = EchoCounters()
         self._denyPorts = frozenset(denySourcePorts) | {0}
         self._denySamePort = denySamePort
-        self._access = access if access is not None and not access.everyone else None
-        # The checks' bound methods, looked up once: they run per datagram.
+        # What the checks look up per datagram, looked up once.
+        self._refusals = (
+            access.refusals if access is not None and not access.everyone else None
+        )
         self._allowRate = (
             rateLimiter.allow
             if rateLimiter is not None and not rateLimiter.unlimited
@@ -172,8 +178,8 @@ class EchoProtocol(DestinationDatagramProtocol):
             dst.port if dst is not None else self._ownPort
         ):
             return self._refuse("same-port", datagram, addr, dst)
-        if self._access is not None:
-            reason = self._access.refusal(host)
+        if self._refusals is not None:
+            reason = self._refusals[host]
             if reason is not None:
                 return self._refuse(reason, datagram, addr, dst)
         now = self._clock()
@@ -188,7 +194,7 @@ class EchoProtocol(DestinationDatagramProtocol):
         if not self._allowLoop(addr, datagram, reply, now):
             self._loopStopped(addr, dst)
             return self._refuse("loop", datagram, addr, dst)
-        if logs.minimumLevel.debug:
+        if _logLevel.debug:
             self._log.debug(
                 "{peer} -> {destination}, {size} bytes",
                 peer=_hostPort(host, port),
@@ -200,7 +206,7 @@ class EchoProtocol(DestinationDatagramProtocol):
         except (OSError, MessageLengthError, InvalidAddressError) as e:
             # The port counts failed writes (sendErrors); a full buffer, a
             # vanished route or interface must not stop the service.
-            if logs.minimumLevel.debug:
+            if _logLevel.debug:
                 self._log.debug(
                     "{peer}: reply not sent: {error}",
                     peer=_hostPort(host, port),
@@ -225,7 +231,7 @@ class EchoProtocol(DestinationDatagramProtocol):
         self, reason: str, datagram: bytes, addr: PeerAddress, dst: Destination | None
     ) -> None:
         self.counters.refused[reason] += 1
-        if logs.minimumLevel.debug:
+        if _logLevel.debug:
             self._log.debug(
                 "{peer} -> {destination}, {size} bytes: refused ({reason})",
                 peer=_hostPort(addr[0], addr[1]),

@@ -171,22 +171,28 @@ class EchoProtocol(DestinationDatagramProtocol):
     def datagramReceived(  # type: ignore[override]
         self, datagram: bytes, addr: PeerAddress, dst: Destination | None
     ) -> None:
-        host, port = addr
+        # Each line below runs per datagram: locals over repeated lookups.
+        port = addr[1]
         if port in self._denyPorts:
             return self._refuse("source-port", datagram, addr, dst)
-        if self._denySamePort and port == (
-            dst.port if dst is not None else self._ownPort
+        if (
+            port == (dst.port if dst is not None else self._ownPort)
+            and self._denySamePort
         ):
             return self._refuse("same-port", datagram, addr, dst)
-        if self._refusals is not None:
-            reason = self._refusals[host]
+        host = addr[0]
+        refusals = self._refusals
+        if refusals is not None:
+            reason = refusals[host]
             if reason is not None:
                 return self._refuse(reason, datagram, addr, dst)
         now = self._clock()
-        if self._allowRate is not None and not self._allowRate(host, now):
+        allowRate = self._allowRate
+        if allowRate is not None and not allowRate(host, now):
             return self._refuse("rate", datagram, addr, dst)
-        if self.prefix:
-            reply = self.prefix + datagram
+        prefix = self.prefix
+        if prefix:
+            reply = prefix + datagram
             if len(reply) > MAX_UDP_PAYLOAD_V4 and len(reply) > _maxPayload(host):
                 return self._refuse("too-large", datagram, addr, dst)
         else:

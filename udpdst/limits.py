@@ -177,9 +177,9 @@ class RateLimiter:
         """
         if self.unlimited:
             return True
-        if source[:1] == ":":
-            # Only such hosts can be IPv4-mapped: their keys are memoised, as
-            # a new key string would be hashed anew on each datagram.
+        if ":" in source and "." in source:
+            # Maybe IPv4-mapped: the key is memoised, as a new key string
+            # would be hashed anew on each datagram.
             source = self._keys[source]
         full = self._recent.get(source)
         if full is None:

@@ -270,15 +270,20 @@ class LoopGuard:
             self._remember(peer, reply, now)
             return True
         last = state[0]
+        # Whether datagram ends with last, without a method call when they
+        # are the same length or the datagram is shorter (the common cases).
+        # A remembered hash (a 2-tuple) is never equal to a datagram, nor
+        # the end of one of 2 bytes or less.
         if now - state[1] < self._window and (
-            (
-                # As datagram.endswith(last), without a method call in the
-                # common cases: the same length, or shorter.
-                datagram == last
-                or (len(datagram) > len(last) and datagram.endswith(last))
+            datagram == last
+            or (
+                len(datagram) > len(last)
+                and (
+                    datagram.endswith(last)
+                    if type(last) is bytes
+                    else _endsWithHashed(datagram, last)
+                )
             )
-            if type(last) is bytes
-            else _endsWithHashed(datagram, last)
         ):
             if not self._bounced(peer, state, now):
                 return False

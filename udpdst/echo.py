@@ -171,7 +171,8 @@ class EchoProtocol(DestinationDatagramProtocol):
     def datagramReceived(  # type: ignore[override]
         self, datagram: bytes, addr: PeerAddress, dst: Destination | None
     ) -> None:
-        # Each line below runs per datagram: locals over repeated lookups.
+        # Runs per datagram: each attribute read once, and the address
+        # indexed (unpacking a tuple subclass goes through an iterator).
         port = addr[1]
         if port in self._denyPorts:
             return self._refuse("source-port", datagram, addr, dst)

@@ -1,8 +1,9 @@
 """
 A microbenchmark of the echo service's per-datagram checks: what
-C{EchoProtocol} (default limits, as C{twistd udpdst} builds it) costs over a
-bare destination-aware echo, without sockets, so the figure is the Python
-work alone.  The variants run interleaved; the best of the rounds is shown.
+C{EchoProtocol} (default limits, as C{twistd udpdst} builds it, and the limits
+of C{bench/run.py}'s service echo) costs over a bare destination-aware echo,
+without sockets, so the figure is the Python work alone.  The variants run
+interleaved; the best of the rounds is shown.
 
     python bench/echo_checks.py [--datagrams N] [--rounds R] [--peers P]
 
@@ -15,6 +16,7 @@ window of the last reply to its peer (the guard compares contents each time).
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import itertools
 import time
 from collections.abc import Callable
@@ -54,10 +56,26 @@ def _clock() -> Callable[[], float]:
     return partial(next, itertools.count(1000.0, 0.001))
 
 
+#: The limits of bench/servers.py's service echo: a deny list engaged, a rate
+#: limit that never refuses.
+BENCH_LIMITS = LimitsConfig(
+    per_source_rate=1e9,
+    per_source_burst=10**9,
+    deny=(ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8::/32")),
+)
+
+#: Variants whose peers are IPv4 clients of a dual-stack socket
+#: ("::ffff:127.0.0.1"), as in bench/run.py, where the service listens on ::.
+MAPPED = {"EchoProtocol, bench limits, ::ffff: peers"}
+
+
 def variants() -> dict[str, Callable[[], Any]]:
     limits = LimitsConfig()
     return {
         "bare aware echo": BareEcho,
+        "EchoProtocol, bench limits, ::ffff: peers": lambda: EchoProtocol.fromConfig(
+            b"", BENCH_LIMITS, clock=_clock()
+        ),
         "EchoProtocol, default limits": lambda: EchoProtocol.fromConfig(
             b"", limits, clock=_clock()
         ),
@@ -82,15 +100,18 @@ def _shared(limits: LimitsConfig) -> dict[str, Any]:
     }
 
 
-def measure(factory: Callable[[], Any], datagrams: int, peers: int) -> float:
+def measure(
+    factory: Callable[[], Any], datagrams: int, peers: int, mapped: bool = False
+) -> float:
     """
     CPU ns per datagram through C{factory()}'s datagramReceived.
     """
     proto = factory()
     proto.makeConnection(NullTransport())
     dst = Destination("127.0.0.2", 12345, 1, "127.0.0.2")
+    form = "::ffff:127.0.0.{}" if mapped else "127.0.0.{}"
     addrs = [
-        PeerAddress(f"127.0.0.{1 + i % 200}", 40000 + i, dst) for i in range(peers)
+        PeerAddress(form.format(1 + i % 200), 40000 + i, dst) for i in range(peers)
     ]
     data = [b"%016d" % i + b"\0" * 48 for i in range(datagrams)]
     receive = proto.datagramReceived
@@ -111,7 +132,7 @@ def main() -> None:
     for _ in range(options.rounds):
         for name, factory in variants().items():
             found.setdefault(name, []).append(
-                measure(factory, options.datagrams, options.peers)
+                measure(factory, options.datagrams, options.peers, name in MAPPED)
             )
     base = min(found["bare aware echo"])
     print(f"{'variant':<46} {'ns/datagram':>12} {'over bare':>10}")

@@ -10,7 +10,7 @@ import tracemalloc
 
 import pytest
 
-from udpdst.limits import AccessList, RateLimiter, sourceAddress, sourceKey
+from udpdst.limits import AccessList, Memo, RateLimiter, sourceAddress, sourceKey
 
 net = ipaddress.ip_network
 EVERYONE = (net("0.0.0.0/0"), net("::/0"))
@@ -78,15 +78,52 @@ def test_scopedPeerMatched() -> None:
 
 
 def test_decisionCacheIsBounded() -> None:
-    acl = AccessList([net("10.0.0.0/8")])
-    acl.cacheSize = 100
+    acl = AccessList([net("10.0.0.0/8")], cacheSize=100)
     for i in range(1000):
         host = f"10.0.{i // 256}.{i % 256}"
         assert acl.refusal(host) is None
-        assert len(acl._cache) <= 100
+        assert len(acl.refusals) <= 100
     # Decisions stay right after the cache was cleared.
     assert acl.refusal("192.0.2.1") == "not-allowed"
     assert acl.refusal("10.0.0.1") is None
+
+
+def test_memoComputesOncePerHostAndIsBounded() -> None:
+    calls: list[str] = []
+
+    def function(host: str) -> str:
+        calls.append(host)
+        return host.upper()
+
+    memo = Memo(function, 3)
+    assert [memo["a"], memo["a"], memo["b"]] == ["A", "A", "B"]
+    assert calls == ["a", "b"]
+    for host in "cdefg":
+        assert memo[host] == host.upper()
+        assert len(memo) <= 3
+    # Forgotten when full, then computed again.
+    assert memo["a"] == "A"
+    assert calls.count("a") == 2
+
+
+def test_rateMappedKeysMemoBounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    The memo of IPv4-mapped hosts' bucket keys holds at most mappedKeys,
+    holds no other host, and a mapped host keeps sharing its IPv4 bucket
+    after the memo was cleared.
+    """
+    monkeypatch.setattr(RateLimiter, "mappedKeys", 10)
+    limiter = RateLimiter(rate=1, burst=2, maxSources=1000)
+    assert limiter.allow("::ffff:192.0.2.1", 0.0)
+    for i in range(100):
+        limiter.allow(f"::ffff:10.0.0.{i}", 0.0)
+        limiter.allow(f"10.1.0.{i}", 0.0)
+        limiter.allow(f"2001:db8::{i}", 0.0)
+        assert len(limiter._keys) <= 10
+    assert all(host.startswith("::ffff:") for host in limiter._keys)
+    assert "192.0.2.1" in limiter and "::ffff:192.0.2.1" not in limiter
+    assert limiter.allow("192.0.2.1", 0.0)
+    assert not limiter.allow("::ffff:192.0.2.1", 0.0)
 
 
 def test_rateBurstThenRefuse() -> None:

@@ -33,6 +33,10 @@ REFUSAL_REASONS = (
 
 _DEFAULT_LIMITS = LimitsConfig()
 
+# The process's log level (changed in place on reload), bound once: the
+# per-datagram path asks it whether debug lines are wanted.
+_logLevel = logs.minimumLevel
+
 
 @dataclass(slots=True)
 class EchoCounters:
@@ -103,8 +107,10 @@ class EchoProtocol(DestinationDatagramProtocol):
         self.counters = EchoCounters()
         self._denyPorts = frozenset(denySourcePorts) | {0}
         self._denySamePort = denySamePort
-        self._access = access if access is not None and not access.everyone else None
-        # The checks' bound methods, looked up once: they run per datagram.
+        # What the checks look up per datagram, looked up once.
+        self._refusals = (
+            access.refusals if access is not None and not access.everyone else None
+        )
         self._allowRate = (
             rateLimiter.allow
             if rateLimiter is not None and not rateLimiter.unlimited
@@ -165,22 +171,29 @@ class EchoProtocol(DestinationDatagramProtocol):
     def datagramReceived(  # type: ignore[override]
         self, datagram: bytes, addr: PeerAddress, dst: Destination | None
     ) -> None:
-        host, port = addr
+        # Runs per datagram: each attribute read once, and the address
+        # indexed (unpacking a tuple subclass goes through an iterator).
+        port = addr[1]
         if port in self._denyPorts:
             return self._refuse("source-port", datagram, addr, dst)
-        if self._denySamePort and port == (
-            dst.port if dst is not None else self._ownPort
+        if (
+            port == (dst.port if dst is not None else self._ownPort)
+            and self._denySamePort
         ):
             return self._refuse("same-port", datagram, addr, dst)
-        if self._access is not None:
-            reason = self._access.refusal(host)
+        host = addr[0]
+        refusals = self._refusals
+        if refusals is not None:
+            reason = refusals[host]
             if reason is not None:
                 return self._refuse(reason, datagram, addr, dst)
         now = self._clock()
-        if self._allowRate is not None and not self._allowRate(host, now):
+        allowRate = self._allowRate
+        if allowRate is not None and not allowRate(host, now):
             return self._refuse("rate", datagram, addr, dst)
-        if self.prefix:
-            reply = self.prefix + datagram
+        prefix = self.prefix
+        if prefix:
+            reply = prefix + datagram
             if len(reply) > MAX_UDP_PAYLOAD_V4 and len(reply) > _maxPayload(host):
                 return self._refuse("too-large", datagram, addr, dst)
         else:
@@ -188,7 +201,7 @@ class EchoProtocol(DestinationDatagramProtocol):
         if not self._allowLoop(addr, datagram, reply, now):
             self._loopStopped(addr, dst)
             return self._refuse("loop", datagram, addr, dst)
-        if logs.minimumLevel.debug:
+        if _logLevel.debug:
             self._log.debug(
                 "{peer} -> {destination}, {size} bytes",
                 peer=_hostPort(host, port),
@@ -200,7 +213,7 @@ class EchoProtocol(DestinationDatagramProtocol):
         except (OSError, MessageLengthError, InvalidAddressError) as e:
             # The port counts failed writes (sendErrors); a full buffer, a
             # vanished route or interface must not stop the service.
-            if logs.minimumLevel.debug:
+            if _logLevel.debug:
                 self._log.debug(
                     "{peer}: reply not sent: {error}",
                     peer=_hostPort(host, port),
@@ -225,7 +238,7 @@ class EchoProtocol(DestinationDatagramProtocol):
         self, reason: str, datagram: bytes, addr: PeerAddress, dst: Destination | None
     ) -> None:
         self.counters.refused[reason] += 1
-        if logs.minimumLevel.debug:
+        if _logLevel.debug:
             self._log.debug(
                 "{peer} -> {destination}, {size} bytes: refused ({reason})",
                 peer=_hostPort(addr[0], addr[1]),

@@ -9,7 +9,7 @@ passes the time), so they are cheap on the per-datagram path and easy to test.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -44,28 +44,49 @@ def sourceKey(host: str) -> str:
     return host
 
 
+class Memo(dict[str, Any]):
+    """
+    A bounded cache of a function of host strings: C{memo[host]} is
+    C{function(host)}, computed on the first lookup and kept until the memo
+    holds C{size} entries, when all are forgotten.  A hit is a plain dict
+    lookup, without a Python call, and a flood of distinct hosts costs one
+    computation per datagram and bounded memory.
+    """
+
+    def __init__(self, function: Callable[[str], Any], size: int) -> None:
+        super().__init__()
+        self.function = function
+        self.size = size
+
+    def __missing__(self, host: str) -> Any:
+        value = self.function(host)
+        if len(self) >= self.size:
+            self.clear()
+        self[host] = value
+        return value
+
+
 class AccessList:
     """
     Allowed and denied source networks.  A source is answered when it is in
     an allowed network and in no denied one (a deny match wins).
 
-    Decisions are cached per host string in a dict of at most C{cacheSize}
-    entries, cleared when full: a flood of distinct sources costs one lookup
-    per datagram and bounded memory.
-
     @ivar everyone: Whether every source is allowed (nothing to check).
+    @ivar refusals: The decisions of L{refusal} by host string, a L{Memo} of
+        at most C{cacheSize} entries: what the echo looks up per datagram.
     """
 
-    cacheSize = 8192
-
     def __init__(
-        self, allow: Iterable[_Network], deny: Iterable[_Network] = ()
+        self,
+        allow: Iterable[_Network],
+        deny: Iterable[_Network] = (),
+        cacheSize: int = 8192,
     ) -> None:
         self._allow = tuple(allow)
         self._deny = tuple(deny)
-        self._cache: dict[str, str | None] = {}
         prefixes = {(n.version, n.prefixlen) for n in self._allow}
         self.everyone = not self._deny and {(4, 0), (6, 0)} <= prefixes
+        self.refusals = Memo(self._decide, cacheSize)
 
     def refusal(self, host: str) -> str | None:
         """
@@ -75,16 +96,7 @@ class AccessList:
         """
         if self.everyone:
             return None
-        cache = self._cache
-        try:
-            return cache[host]
-        except KeyError:
-            pass
-        reason = self._decide(host)
-        if len(cache) >= self.cacheSize:
-            cache.clear()
-        cache[host] = reason
-        return reason
+        return self.refusals[host]  # type: ignore[no-any-return]
 
     def _decide(self, host: str) -> str | None:
         address = sourceAddress(host)
@@ -119,8 +131,11 @@ class RateLimiter:
     displaced: to reset one victim's bucket it must send C{maxSources / 2}
     other sources' datagrams between two of the victim's, which bounds the
     rate at which a victim can be hit to C{burst} per C{maxSources / 2}
-    datagrams the attacker sends.
+    datagrams the attacker sends.  The bucket keys of IPv4-mapped hosts are
+    memoised too, at most L{mappedKeys} of them.
     """
+
+    mappedKeys = 4096
 
     def __init__(self, rate: float, burst: int, maxSources: int) -> None:
         """
@@ -143,6 +158,7 @@ class RateLimiter:
         # source -> when its bucket is full again
         self._recent: dict[str, float] = {}
         self._older: dict[str, float] = {}
+        self._keys = Memo(sourceKey, self.mappedKeys)
 
     def __len__(self) -> int:
         return len(self._recent) + len(self._older)
@@ -161,23 +177,36 @@ class RateLimiter:
         """
         if self.unlimited:
             return True
-        if source.startswith("::ffff:") and "." in source:
-            source = source[7:]
-        recent = self._recent
-        full = recent.get(source)
+        if ":" in source and "." in source:
+            # Maybe IPv4-mapped: the key is memoised, as a new key string
+            # would be hashed anew on each datagram.
+            source = self._keys[source]
+        full = self._recent.get(source)
         if full is None:
-            full = self._older.pop(source, now)
-            if len(recent) >= self._generation:
-                self.evictions += len(self._older)
-                self._older = recent
-                self._recent = recent = {}
-            recent[source] = full
+            full = self._admit(source, now)
         if full < now:
             full = now
         elif full - now > self._tolerance:
             return False
-        recent[source] = full + self._interval
+        self._recent[source] = full + self._interval
         return True
+
+    def _admit(self, source: str, now: float) -> float:
+        """
+        Put C{source}, not in the recent generation, into it: from the older
+        generation, or with a full bucket, dropping the older generation if
+        the recent one is full.
+
+        @return: When its bucket is full again.
+        """
+        full = self._older.pop(source, now)
+        recent = self._recent
+        if len(recent) >= self._generation:
+            self.evictions += len(self._older)
+            self._older = recent
+            self._recent = recent = {}
+        recent[source] = full
+        return full
 
 
 class LoopGuard:
@@ -216,6 +245,10 @@ class LoopGuard:
     exactUpTo = 256
 
     def __init__(self) -> None:
+        # Per-datagram reads of instance attributes are cheaper than of class
+        # attributes.
+        self._window = self.window
+        self._exactUpTo = self.exactUpTo
         # peer -> [last reply (or its length and hash, if long), when it was
         #          sent, bounces in a row, when the first of them was sent]
         self._peers: dict[tuple[str, int], list[Any]] = {}
@@ -234,38 +267,65 @@ class LoopGuard:
         """
         state = self._peers.get(peer)
         if state is None:
-            peers = self._peers
-            if len(peers) >= self.maxPeers:
-                peers.clear()
-            # A plain tuple key: a port's peer address object keeps more
-            # (its destination, its reply's socket address and control data).
-            peers[(peer[0], peer[1])] = [self._remembered(reply), now, 0, now]
+            self._remember(peer, reply, now)
             return True
-        if now - state[1] < self.window:
-            last = state[0]
-            if (
-                datagram.endswith(last)
-                if last.__class__ is bytes
-                else _endsWithHashed(datagram, last)
-            ):
-                if not state[2]:
-                    state[3] = state[1]
-                state[2] += 1
-                if state[2] >= self.maxBounces or now - state[3] >= self.maxDuration:
-                    del self._peers[peer]
-                    return False
-            elif state[2]:
-                state[2] = 0
+        last = state[0]
+        # Whether datagram ends with last, without a method call when they
+        # are the same length or the datagram is shorter (the common cases).
+        # A remembered hash (a 2-tuple) is never equal to a datagram, nor
+        # the end of one of 2 bytes or less.
+        if now - state[1] < self._window and (
+            datagram == last
+            or (
+                len(datagram) > len(last)
+                and (
+                    datagram.endswith(last)
+                    if type(last) is bytes
+                    else _endsWithHashed(datagram, last)
+                )
+            )
+        ):
+            if not self._bounced(peer, state, now):
+                return False
         elif state[2]:
             state[2] = 0
-        state[0] = reply if len(reply) <= self.exactUpTo else self._remembered(reply)
+        state[0] = reply if len(reply) <= self._exactUpTo else _hashed(reply)
         state[1] = now
         return True
 
-    def _remembered(self, reply: bytes) -> bytes | tuple[int, int]:
-        if len(reply) <= self.exactUpTo:
-            return reply
-        return (len(reply), hash(reply))
+    def _remember(self, peer: tuple[str, int], reply: bytes, now: float) -> None:
+        peers = self._peers
+        if len(peers) >= self.maxPeers:
+            peers.clear()
+        # A plain tuple key: a port's peer address object keeps more (its
+        # destination, its reply's socket address and control data).
+        peers[(peer[0], peer[1])] = [
+            reply if len(reply) <= self._exactUpTo else _hashed(reply),
+            now,
+            0,
+            now,
+        ]
+
+    def _bounced(self, peer: tuple[str, int], state: list[Any], now: float) -> bool:
+        """
+        Count a bounce from C{peer}.
+
+        @return: L{False} if it makes a loop (then C{peer} is forgotten).
+        """
+        if not state[2]:
+            state[3] = state[1]
+        state[2] += 1
+        if state[2] >= self.maxBounces or now - state[3] >= self.maxDuration:
+            del self._peers[peer]
+            return False
+        return True
+
+
+def _hashed(reply: bytes) -> tuple[int, int]:
+    """
+    A reply longer than L{LoopGuard.exactUpTo} as the guard remembers it.
+    """
+    return (len(reply), hash(reply))
 
 
 def _endsWithHashed(datagram: bytes, last: tuple[int, int]) -> bool:

@@ -35,6 +35,9 @@ OUT = BENCH / "out"
 #: The reference variant every ratio is taken against.
 BASELINE = "twisted"
 
+#: Seconds of one window-1 latency slice (see main).
+LATENCY_SLICE = 0.25
+
 
 @dataclass
 class Variant:
@@ -328,6 +331,7 @@ def runClient(
     timeoutMs: float | None = None,
     sockets: int | None = None,
     window: int | None = None,
+    drain: float | None = None,
 ) -> dict:
     cmd = [
         str(BENCH / "client.bin"),
@@ -344,7 +348,7 @@ def runClient(
         "--duration",
         str(duration),
         "--drain",
-        str(args.drain),
+        str(args.drain if drain is None else drain),
         "--timeout-ms",
         str(timeoutMs if timeoutMs is not None else args.timeout_ms),
     ]
@@ -648,8 +652,9 @@ def parseArgs(argv):
     p.add_argument(
         "--latency",
         type=float,
-        help="seconds per window-1 latency window (one request in flight; "
-        "default 1, quick 0.3; 0 skips)",
+        help="seconds of window-1 latency (one request in flight) per variant "
+        "and round, taken in slices of 0.25 s interleaved with the other "
+        "variants' (default 1, quick 0.3; 0 skips)",
     )
     p.add_argument(
         "--peers",
@@ -769,16 +774,28 @@ def main(argv=None) -> int:
                 rec["round"] = rnd
                 records.append(rec)
 
-        # Window 1: one request in flight, so the round trip is latency.
+        # Window 1: one request in flight, so the round trip is latency.  A
+        # VM's wake-up latency drifts between slow and fast phases lasting
+        # seconds (seen here: 150 or 430 µs for every server alike), so each
+        # variant's window is cut into short slices taken in turn with the
+        # others' (A B C A B C ...); a cycle is one slice of each.
         latency: dict[str, list] = {}
         if args.latency > 0:
+            slices = max(1, round(args.latency / LATENCY_SLICE))
             for rnd in range(args.rounds):
                 shift = rnd % len(chosen)
-                for v in chosen[shift:] + chosen[:shift]:
-                    r = runClient(
-                        v, args, args.latency, clientCore, sockets=1, window=1
-                    )
-                    latency.setdefault(v.name, []).append(r.get("rtt_p50_us"))
+                for _ in range(slices):
+                    for v in chosen[shift:] + chosen[:shift]:
+                        r = runClient(
+                            v,
+                            args,
+                            args.latency / slices,
+                            clientCore,
+                            sockets=1,
+                            window=1,
+                            drain=0.05,
+                        )
+                        latency.setdefault(v.name, []).append(r.get("rtt_p50_us"))
 
         memory = {}
         if args.peers > 0:
@@ -798,11 +815,19 @@ def main(argv=None) -> int:
             stopServer(v)
 
     summary = summarise(records, [v.name for v in chosen])
+    baseline = latency.get(BASELINE, [])
     for name, values in latency.items():
         if name in summary:
             summary[name]["rtt_p50_us_window1"] = median(
                 [x for x in values if x is not None and x >= 0]
             )
+            # Ratios within each cycle, as for throughput within each round.
+            ratios = [
+                x / b
+                for x, b in zip(values, baseline, strict=False)
+                if x is not None and x >= 0 and b
+            ]
+            summary[name]["rtt_p50_window1_x_baseline"] = median(ratios)
     for name, m in memory.items():
         if name in summary:
             summary[name]["memory"] = m
@@ -838,12 +863,16 @@ def main(argv=None) -> int:
             "the ratios still compare."
         )
     if latency:
-        base = summary.get(BASELINE, {}).get("rtt_p50_us_window1")
-        print("window-1 p50 round trip (µs, median of rounds; one request in flight):")
+        print(
+            "window-1 p50 round trip (one request in flight; µs: median of the "
+            f"{len(latency.get(BASELINE, []))} interleaved slices' p50s; "
+            "×twisted: median of the ratios within each cycle of slices):"
+        )
         for v in chosen:
             p50 = summary.get(v.name, {}).get("rtt_p50_us_window1")
-            ratio = f"  ×twisted {p50 / base:.2f}" if p50 and base else ""
-            print(f"  {v.name:<15} {fmt(p50, '6.0f')}{ratio}")
+            ratio = summary.get(v.name, {}).get("rtt_p50_window1_x_baseline")
+            shown = f"  ×twisted {ratio:.2f}" if ratio else ""
+            print(f"  {v.name:<15} {fmt(p50, '6.0f')}{shown}")
     if memory:
         print(
             f"memory with many peers (server RSS in MB: start, then after each pass "

@@ -219,6 +219,38 @@ def test_repliesOfAPassLeaveInOrder(epollReactor: Any, path: io.Path) -> None:
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_lastReplyOfADrainedBatchIsNotHeld(epollReactor: Any, path: io.Path) -> None:
+    """
+    Replies are held while more datagrams of the pass may come; the reply to
+    the last datagram of a batch that emptied the socket goes out at once,
+    with the held ones before it (a single request in flight must not wait
+    for the end of the pass).
+    """
+
+    class Watch(udpdst.DestinationDatagramProtocol):
+        sentAfterWrite: list[int] = []
+
+        def datagramReceived(self, data: bytes, addr: Any, dst: Any) -> None:
+            self.transport.write(data, addr, dst)
+            self.sentAfterWrite.append(port.counters.replied)
+
+    proto = Watch()
+    port = _listen(epollReactor, path, "0.0.0.0", proto)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.connect(("127.0.0.2", port.getHost().port))
+    try:
+        for n in range(3):
+            client.send(b"%d" % n)
+        _drain(port, lambda: port.counters.received >= 3)
+        got = [reply for reply, _ in _replies(client, 3)]
+    finally:
+        client.close()
+        port.stopListening()
+    assert proto.sentAfterWrite == [0, 0, 3]
+    assert got == [b"0", b"1", b"2"]
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_sameKeyGivesTheSameAddressObject(epollReactor: Any, path: io.Path) -> None:
     """
     The peer address of a known (peer, destination) is reused, not rebuilt;

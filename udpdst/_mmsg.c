@@ -30,9 +30,9 @@
  *       The fast path of DestinationPort.write, as a method descriptor that
  *       wraps the Python `write`: a reply to a `peertype` address that this
  *       port made is appended to port._queue as (data, target, control)
- *       from the address's _reply, and port._flush() is called when the
- *       port is outside a read pass (port._inPass false) or the queue holds
- *       `limit` replies.  Anything else (another address, a destination the
+ *       from the address's _reply, and port._flush() is called unless the
+ *       port holds replies (port._holdReplies, see io.Handlers) and the
+ *       queue holds fewer than `limit` of them.  Anything else (another address, a destination the
  *       address does not carry, a datagram too long or not bytes, keyword
  *       arguments) goes to the Python `write`, which decides.
  *
@@ -336,7 +336,8 @@ own_attr(PyObject *obj, PyObject *name)
 /* The fields of io.Handlers, in order. */
 enum { H_PEERS, H_CLASSIFY, H_DELIVER, H_PEERMAP, H_REMEMBER, H_FAILED, H_OWNER, H_SIZE };
 
-static PyObject *str_reading; /* "_reading", interned */
+/* Attribute names, interned at import. */
+static PyObject *str_reading, *str_hold;
 
 /*
  * Hand `data` from `peer` to the protocol (with `dst` if it is
@@ -418,6 +419,9 @@ mmsg_read(PyObject *Py_UNUSED(self), PyObject *args)
     Py_ssize_t nbytes = 0, delivered = 0;
     PyObject *rest = Py_None;
     Py_INCREF(rest);
+    /* A batch that emptied the socket ends the pass: the reply to its last
+     * datagram is not held (see io.Handlers). */
+    int last = got < count ? got - 1 : -1;
     for (int i = 0; i < got; i++) {
         int flags = rx->msgs[i].msg_hdr.msg_flags;
         PyObject *data = rx_data(rx, i, size, &nbytes);
@@ -444,8 +448,11 @@ mmsg_read(PyObject *Py_UNUSED(self), PyObject *args)
                 status = -1;
             } else {
                 delivered++;
-                status = deliver_one(h, data, PyTuple_GET_ITEM(entry, 0),
-                                     PyTuple_GET_ITEM(entry, 1));
+                if (i == last)
+                    status = PyObject_SetAttr(h[H_OWNER], str_hold, Py_False);
+                if (status == 0)
+                    status = deliver_one(h, data, PyTuple_GET_ITEM(entry, 0),
+                                         PyTuple_GET_ITEM(entry, 1));
             }
         }
         Py_DECREF(entry);
@@ -579,7 +586,7 @@ typedef struct {
     Py_ssize_t limit;   /* replies queued before a flush */
 } QueuedWrite;
 
-static PyObject *str_reply, *str_destination, *str_queue, *str_in_pass, *str_flush;
+static PyObject *str_reply, *str_destination, *str_queue, *str_flush;
 
 /* 1 if queued, 0 if the Python write must decide, -1 on error. */
 static int
@@ -633,9 +640,9 @@ queue_reply(QueuedWrite *self, PyObject *port, PyObject *data, PyObject *addr, P
         return -1;
     int flush = queued >= self->limit;
     if (!flush) {
-        PyObject *in_pass = own_attr(port, str_in_pass);
-        int on = in_pass ? PyObject_IsTrue(in_pass) : -1;
-        Py_XDECREF(in_pass);
+        PyObject *hold = own_attr(port, str_hold);
+        int on = hold ? PyObject_IsTrue(hold) : -1;
+        Py_XDECREF(hold);
         if (on < 0)
             return -1;
         flush = !on;
@@ -777,7 +784,7 @@ PyInit__mmsg(void)
     static struct { PyObject **name; const char *text; } names[] = {
         {&str_reading, "_reading"}, {&str_reply, "_reply"},
         {&str_destination, "destination"}, {&str_queue, "_queue"},
-        {&str_in_pass, "_inPass"}, {&str_flush, "_flush"},
+        {&str_hold, "_holdReplies"}, {&str_flush, "_flush"},
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         if ((*names[i].name = PyUnicode_InternFromString(names[i].text)) == NULL)

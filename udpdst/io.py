@@ -185,7 +185,7 @@ def _readEach(
     sock: socket.socket, count: int, size: int, ancsize: int, handlers: Handlers
 ) -> tuple[int, int, int, int, Batch | None]:
     batch, drops, nbytes = _receiveEach(sock, count, size, ancsize)
-    delivered, rest = dispatch(batch, handlers)
+    delivered, rest = dispatch(batch, handlers, len(batch) < count)
     return len(batch), delivered, nbytes, drops, rest
 
 
@@ -237,6 +237,14 @@ class Handlers(NamedTuple):
     C{failed(peer, exception)}.  After each delivery, reading stops if
     C{owner._reading} is false: the rest of the batch is returned.
 
+    The owner holds the replies written during a read pass to send them
+    together (while C{owner._holdReplies} is true).  When a batch emptied the
+    socket (fewer datagrams than asked for), nothing more comes in this pass:
+    C{owner._holdReplies} is set false before its last datagram is
+    delivered, so that the reply to it goes out at once, with those queued
+    before it, rather than after the pass (one request in flight would wait
+    for that).
+
     L{read} returns C{(count, delivered, nbytes, drops, rest)}: the datagrams
     read and delivered, their bytes, the last C{SO_RXQ_OVFL} count (C{-1} if
     none) and the undelivered rest (L{None} if reading never stopped).
@@ -251,13 +259,18 @@ class Handlers(NamedTuple):
     owner: Any
 
 
-def dispatch(batch: Batch, handlers: Handlers) -> tuple[int, Batch | None]:
+def dispatch(
+    batch: Batch, handlers: Handlers, drained: bool = False
+) -> tuple[int, Batch | None]:
     """
     Hand a received batch to the protocol, as L{read} does (and C{_mmsg.read}
     in C): returns how many were delivered, and the rest if reading stopped.
+
+    @param drained: Whether the batch emptied the socket (see L{Handlers}).
     """
     peers, classify, deliver, peerMap, remember, failed, owner = handlers
     delivered = 0
+    last = len(batch) - 1 if drained else -1
     for index, (data, key, flags) in enumerate(batch):
         entry = None if flags else peers.get(key)
         if entry is None:
@@ -266,6 +279,8 @@ def dispatch(batch: Batch, handlers: Handlers) -> tuple[int, Batch | None]:
                 continue
         delivered += 1
         peer, dst = entry
+        if index == last:
+            owner._holdReplies = False
         try:
             if peerMap is None:
                 deliver(data, peer, dst)

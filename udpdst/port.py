@@ -245,9 +245,10 @@ class DestinationPort(udp.Port):
         self._peerDestinations: dict[tuple[str, int], Destination] = {}
         self._destinationAware = False
         self._family6 = False
-        # Replies queued during a read pass, and whether one is running.
+        # Replies queued during a read pass, and whether a reply written now
+        # is held to go out with later ones (see io.Handlers).
         self._queue: list[tuple[bytes, Any, Any]] = []
-        self._inPass = False
+        self._holdReplies = False
         # What is left of a batch when the protocol stopped reading in it.
         self._pending: io.Batch = []
         self._readHandlers: io.Handlers | None = None
@@ -319,7 +320,7 @@ class DestinationPort(udp.Port):
         C{maxThroughput} bytes, and stop at once when the protocol stops
         reading or stops the port; then send the replies written meanwhile.
         """
-        self._inPass = True
+        self._holdReplies = True
         try:
             handlers = self._handlers()
             if self._pending:
@@ -347,7 +348,7 @@ class DestinationPort(udp.Port):
                 remaining -= want
                 budget -= nbytes + 64 * want
         finally:
-            self._inPass = False
+            self._holdReplies = False
             if self._queue:
                 self._flush()
 
@@ -572,7 +573,7 @@ class DestinationPort(udp.Port):
                     datagram = bytes(datagram)
                 queue = self._queue
                 queue.append((datagram, reply[1], reply[2]))
-                if not self._inPass or len(queue) >= io.BATCH:
+                if not self._holdReplies or len(queue) >= io.BATCH:
                     self._flush()
                 return
         self._writeSlow(datagram, addr, dst)
@@ -668,7 +669,7 @@ class DestinationPort(udp.Port):
     def _enqueue(self, item: tuple[bytes, Any, Any]) -> None:
         queue = self._queue
         queue.append(item)
-        if not self._inPass or len(queue) >= io.BATCH:
+        if not self._holdReplies or len(queue) >= io.BATCH:
             self._flush()
 
     def _flush(self) -> None:

@@ -251,6 +251,41 @@ def test_lastReplyOfADrainedBatchIsNotHeld(epollReactor: Any, path: io.Path) -> 
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_replacedProtocolGetsTheNextDatagram(epollReactor: Any, path: io.Path) -> None:
+    """
+    A protocol put in C{port.protocol} while the port runs (the service does
+    so on reload) gets the next datagram, as its own kind: here a plain
+    protocol is replaced by a destination-aware one.
+    """
+
+    class Plain(DatagramProtocol):
+        seen: list[bytes] = []
+
+        def datagramReceived(self, data: bytes, addr: Any) -> None:
+            self.seen.append(data)
+
+    first = Plain()
+    port = _listen(epollReactor, path, "0.0.0.0", first)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.connect(("127.0.0.2", port.getHost().port))
+    try:
+        client.send(b"one")
+        _drain(port, lambda: port.counters.received == 1)
+        second = Recorder()
+        port.protocol = second
+        second.makeConnection(port)
+        client.send(b"two")
+        _drain(port, lambda: port.counters.received == 2)
+        assert _replies(client, 1)[0][0] == b"two"
+    finally:
+        client.close()
+        port.stopListening()
+    assert first.seen == [b"one"]
+    ((data, _, dst),) = second.seen
+    assert data == b"two" and dst.host == "127.0.0.2"
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_sameKeyGivesTheSameAddressObject(epollReactor: Any, path: io.Path) -> None:
     """
     The peer address of a known (peer, destination) is reused, not rebuilt;

@@ -243,7 +243,6 @@ class DestinationPort(udp.Port):
         # key -> (peer, destination); see _classify.
         self._peers: dict[Any, tuple[PeerAddress, Destination | None]] = {}
         self._peerDestinations: dict[tuple[str, int], Destination] = {}
-        self._destinationAware = False
         self._family6 = False
         # Replies queued during a read pass, and whether a reply written now
         # is held to go out with later ones (see io.Handlers).
@@ -251,7 +250,7 @@ class DestinationPort(udp.Port):
         self._holdReplies = False
         # What is left of a batch when the protocol stopped reading in it.
         self._pending: io.Batch = []
-        self._readHandlers: io.Handlers | None = None
+        self._readHandlers: tuple[Any, io.Handlers] | None = None
 
     def __repr__(self) -> str:
         if self._realPortNumber is not None:
@@ -295,10 +294,6 @@ class DestinationPort(udp.Port):
             # reply leaves from it, with no control data needed.
             ifindex = sockname[3] if len(sockname) > 3 else 0
             self._fixedDestination = Destination(host, sockname[1], ifindex, host)
-
-    def _connectToProtocol(self) -> None:
-        self._destinationAware = IDestinationDatagramProtocol.providedBy(self.protocol)
-        udp.Port._connectToProtocol(self)
 
     def startReading(self) -> None:
         self._reading = True
@@ -359,19 +354,24 @@ class DestinationPort(udp.Port):
     def _handlers(self) -> io.Handlers:
         """
         What a read pass hands its datagrams to (see L{io.Handlers}), made
-        once per connection: making it costs about a microsecond, which a
-        pass of one datagram would pay each time.
+        once per protocol (making them costs about a microsecond, which a
+        pass of one datagram would pay each time): C{self.protocol} may be
+        replaced while the port runs (the service does on reload), and the
+        next pass then hands its datagrams to the new one.
         """
-        if self._readHandlers is None:
-            self._readHandlers = self._newHandlers()
-        return self._readHandlers
+        made = self._readHandlers
+        if made is None or made[0] is not self.protocol:
+            made = self._readHandlers = (self.protocol, self._newHandlers())
+        return made[1]
 
     def _newHandlers(self) -> io.Handlers:
+        # The protocol's kind is decided once, here, with providedBy.
+        aware = IDestinationDatagramProtocol.providedBy(self.protocol)
         return io.Handlers(
             self._peers,
             self._classifyNew,
             self.protocol.datagramReceived,
-            None if self._destinationAware else self._peerDestinations,
+            None if aware else self._peerDestinations,
             self._rememberPeer,
             self._deliveryFailed,
             self,

@@ -286,6 +286,77 @@ def test_replacedProtocolGetsTheNextDatagram(epollReactor: Any, path: io.Path) -
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_reboundDatagramReceivedGetsTheNextBatch(
+    epollReactor: Any, path: io.Path
+) -> None:
+    """
+    A protocol that rebinds its own C{datagramReceived} (a state machine) is
+    called through the new one from the next batch on.
+    """
+
+    class Stateful(DatagramProtocol):
+        def __init__(self) -> None:
+            self.seen: list[tuple[str, bytes]] = []
+
+        def datagramReceived(self, data: bytes, addr: Any) -> None:
+            self.seen.append(("first", data))
+            self.datagramReceived = self.later  # type: ignore[method-assign]
+
+        def later(self, data: bytes, addr: Any) -> None:
+            self.seen.append(("later", data))
+
+    proto = Stateful()
+    port = _listen(epollReactor, path, "0.0.0.0", proto)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.connect(("127.0.0.2", port.getHost().port))
+    try:
+        client.send(b"a")
+        _drain(port, lambda: port.counters.received == 1)
+        client.send(b"b")
+        _drain(port, lambda: port.counters.received == 2)
+    finally:
+        client.close()
+        port.stopListening()
+    assert proto.seen == [("first", b"a"), ("later", b"b")]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_nestedPassesThatStopLoseNothing(epollReactor: Any, path: io.Path) -> None:
+    """
+    A protocol that runs a read pass from inside its own call, both passes
+    stopping early: what each left is delivered when reading resumes, every
+    datagram once.
+    """
+
+    class Nested(DatagramProtocol):
+        def __init__(self) -> None:
+            self.got: list[bytes] = []
+
+        def datagramReceived(self, data: bytes, addr: Any) -> None:
+            self.got.append(data)
+            if data == b"0":
+                port.doRead()
+            elif data == b"66":
+                port.stopReading()
+
+    proto = Nested()
+    port = _listen(epollReactor, path, "0.0.0.0", proto)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    client.connect(("127.0.0.2", port.getHost().port))
+    try:
+        for n in range(70):
+            client.send(b"%d" % n)
+        port.doRead()
+        port.startReading()
+        _drain(port, lambda: len(proto.got) >= 70)
+    finally:
+        client.close()
+        port.stopListening()
+    assert sorted(proto.got) == sorted(b"%d" % n for n in range(70))
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_sameKeyGivesTheSameAddressObject(epollReactor: Any, path: io.Path) -> None:
     """
     The peer address of a known (peer, destination) is reused, not rebuilt;
@@ -458,6 +529,20 @@ def test_writesBesideTheFastPath(epollReactor: Any, path: io.Path) -> None:
         b"foreign": ("127.0.0.2", other.getHost().port),
     }
     assert port.counters.replied == 5 and other.counters.replied == 1
+
+
+def test_writeKeepsItsNames() -> None:
+    """
+    C{DestinationPort.write} names itself as the method it is, also where
+    C{io.QueuedWrite} stands in for it (documentation tools, logs).
+    """
+    write = DestinationPort.write
+    assert (write.__name__, write.__qualname__, write.__module__) == (
+        "write",
+        "DestinationPort.write",
+        "udpdst.port",
+    )
+    assert write.__doc__ is not None and "Send a datagram" in write.__doc__
 
 
 def test_peerAddressStaysAPlainValue() -> None:

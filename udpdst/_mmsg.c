@@ -414,7 +414,7 @@ mmsg_read(PyObject *Py_UNUSED(self), PyObject *args)
         return NULL;
 
     /* The tuple holds every handler alive for the whole call. */
-    PyObject *const *h = &PyTuple_GET_ITEM(handlers, 0);
+    PyObject *const *h = ((PyTupleObject *)handlers)->ob_item;
     long long drops = -1;
     Py_ssize_t nbytes = 0, delivered = 0;
     PyObject *rest = Py_None;
@@ -726,14 +726,18 @@ qw_get(PyObject *self, PyObject *obj, PyObject *Py_UNUSED(type))
     return PyMethod_New(self, obj);
 }
 
+/* __doc__, __name__, __qualname__, __module__: those of the wrapped write. */
 static PyObject *
-qw_getdoc(QueuedWrite *self, void *Py_UNUSED(closure))
+qw_forward(QueuedWrite *self, void *name)
 {
-    return PyObject_GetAttrString(self->write, "__doc__");
+    return PyObject_GetAttrString(self->write, (const char *)name);
 }
 
 static PyGetSetDef qw_getset[] = {
-    {"__doc__", (getter)qw_getdoc, NULL, NULL, NULL},
+    {"__doc__", (getter)qw_forward, NULL, NULL, "__doc__"},
+    {"__name__", (getter)qw_forward, NULL, NULL, "__name__"},
+    {"__qualname__", (getter)qw_forward, NULL, NULL, "__qualname__"},
+    {"__module__", (getter)qw_forward, NULL, NULL, "__module__"},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -235,7 +235,11 @@ class Handlers(NamedTuple):
     C{remember(peer, dst)} when C{peerMap} does not hold C{dst} for that
     peer yet, and C{deliver(data, peer)}.  What either raises goes to
     C{failed(peer, exception)}.  After each delivery, reading stops if
-    C{owner._reading} is false: the rest of the batch is returned.
+    C{owner._reading} is false: the rest of the batch is returned.  The
+    owner's C{_reading}, C{_holdReplies} and C{_queue} are plain instance
+    attributes (the C path reads them from the instance's C{__dict__}), and
+    C{classify} and C{failed} raise nothing: an C{OSError} out of L{read}
+    is taken for the socket's.
 
     The owner holds the replies written during a read pass to send them
     together (while C{owner._holdReplies} is true).  When a batch emptied the

@@ -317,10 +317,9 @@ class DestinationPort(udp.Port):
         """
         self._holdReplies = True
         try:
-            handlers = self._handlers()
             if self._pending:
                 batch, self._pending = self._pending, []
-                if not self._delivered(*io.dispatch(batch, handlers)):
+                if not self._delivered(*io.dispatch(batch, self._handlers())):
                     return
             remaining = self.maxDatagramsPerRead
             budget = self.maxThroughput
@@ -328,7 +327,7 @@ class DestinationPort(udp.Port):
             ancSize = self.ancillaryBufferSize if self._wildcard else 0
             while remaining > 0 and budget > 0 and self._reading:
                 want = min(io.BATCH, remaining)
-                got = self._receive(want, size, ancSize, handlers)
+                got = self._receive(want, size, ancSize, self._handlers())
                 if got is None:
                     if remaining == self.maxDatagramsPerRead:
                         # Woken with nothing to read: maybe an error queue
@@ -353,24 +352,26 @@ class DestinationPort(udp.Port):
 
     def _handlers(self) -> io.Handlers:
         """
-        What a read pass hands its datagrams to (see L{io.Handlers}), made
-        once per protocol (making them costs about a microsecond, which a
-        pass of one datagram would pay each time): C{self.protocol} may be
-        replaced while the port runs (the service does on reload), and the
-        next pass then hands its datagrams to the new one.
+        What the next batch is handed to (see L{io.Handlers}), made again
+        only when C{self.protocol} or its C{datagramReceived} changed (making
+        them costs about a microsecond, which a pass of one datagram would
+        pay each time): the service replaces the protocol on reload, and a
+        protocol may rebind its own C{datagramReceived}.
         """
+        protocol = self.protocol
+        deliver = protocol.datagramReceived
         made = self._readHandlers
-        if made is None or made[0] is not self.protocol:
-            made = self._readHandlers = (self.protocol, self._newHandlers())
+        if made is None or made[0] is not protocol or made[1].deliver != deliver:
+            made = self._readHandlers = (protocol, self._newHandlers(deliver))
         return made[1]
 
-    def _newHandlers(self) -> io.Handlers:
+    def _newHandlers(self, deliver: Any) -> io.Handlers:
         # The protocol's kind is decided once, here, with providedBy.
         aware = IDestinationDatagramProtocol.providedBy(self.protocol)
         return io.Handlers(
             self._peers,
             self._classifyNew,
-            self.protocol.datagramReceived,
+            deliver,
             None if aware else self._peerDestinations,
             self._rememberPeer,
             self._deliveryFailed,
@@ -388,7 +389,8 @@ class DestinationPort(udp.Port):
         if rest is None:
             return True
         if self.connected:
-            self._pending = rest
+            # Before what a pass nested in the protocol's call left.
+            self._pending = rest + self._pending
         return False
 
     def _deliveryFailed(self, peer: PeerAddress, reason: BaseException) -> None:

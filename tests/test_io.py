@@ -81,6 +81,16 @@ def _drain(port: Any, until: Any, timeout: float = 10.0) -> None:
             time.sleep(0.001)
 
 
+def _connected(port: Any) -> socket.socket:
+    """
+    A client socket connected to C{port} through 127.0.0.2, so that only a
+    reply from that address reaches it.
+    """
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.connect(("127.0.0.2", port.getHost().port))
+    return client
+
+
 def _replies(sock: socket.socket, count: int, timeout: float = 10.0) -> list[Any]:
     sock.settimeout(timeout)
     return [sock.recvfrom(70000) for _ in range(count)]
@@ -203,8 +213,7 @@ def test_repliesOfAPassLeaveInOrder(epollReactor: Any, path: io.Path) -> None:
     of them, in the order they were written, from the address asked.
     """
     port = _listen(epollReactor, path, "0.0.0.0", Burst())
-    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    client.connect(("127.0.0.2", port.getHost().port))
+    client = _connected(port)
     try:
         # 180 replies fit the client's default receive buffer.
         for n in range(60):
@@ -236,8 +245,7 @@ def test_lastReplyOfADrainedBatchIsNotHeld(epollReactor: Any, path: io.Path) -> 
 
     proto = Watch()
     port = _listen(epollReactor, path, "0.0.0.0", proto)
-    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    client.connect(("127.0.0.2", port.getHost().port))
+    client = _connected(port)
     try:
         for n in range(3):
             client.send(b"%d" % n)
@@ -266,8 +274,7 @@ def test_replacedProtocolGetsTheNextDatagram(epollReactor: Any, path: io.Path) -
 
     first = Plain()
     port = _listen(epollReactor, path, "0.0.0.0", first)
-    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    client.connect(("127.0.0.2", port.getHost().port))
+    client = _connected(port)
     try:
         client.send(b"one")
         _drain(port, lambda: port.counters.received == 1)
@@ -307,8 +314,7 @@ def test_reboundDatagramReceivedGetsTheNextBatch(
 
     proto = Stateful()
     port = _listen(epollReactor, path, "0.0.0.0", proto)
-    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    client.connect(("127.0.0.2", port.getHost().port))
+    client = _connected(port)
     try:
         client.send(b"a")
         _drain(port, lambda: port.counters.received == 1)
@@ -341,9 +347,7 @@ def test_nestedPassesThatStopLoseNothing(epollReactor: Any, path: io.Path) -> No
 
     proto = Nested()
     port = _listen(epollReactor, path, "0.0.0.0", proto)
-    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
-    client.connect(("127.0.0.2", port.getHost().port))
+    client = _connected(port)
     try:
         for n in range(70):
             client.send(b"%d" % n)
@@ -364,8 +368,7 @@ def test_sameKeyGivesTheSameAddressObject(epollReactor: Any, path: io.Path) -> N
     """
     proto = Recorder()
     port = _listen(epollReactor, path, "0.0.0.0", proto)
-    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    client.connect(("127.0.0.2", port.getHost().port))
+    client = _connected(port)
     try:
         client.send(b"a")
         client.send(b"b")
@@ -394,8 +397,7 @@ def test_sendErrorsAreCountedNotRaised(epollReactor: Any, path: io.Path) -> None
             self.transport.write(data, addr)
 
     port = _listen(epollReactor, path, "0.0.0.0", ToPortZero())
-    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    client.connect(("127.0.0.2", port.getHost().port))
+    client = _connected(port)
     try:
         client.send(b"x")
         _drain(port, lambda: port.counters.received == 1)
@@ -465,8 +467,7 @@ def test_protocolErrorIsLoggedWithItsTraceback(
 
     proto = Fragile()
     port = _listen(epollReactor, path, "0.0.0.0", proto)
-    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    client.connect(("127.0.0.2", port.getHost().port))
+    client = _connected(port)
     events: list[dict[str, Any]] = []
     globalLogPublisher.addObserver(events.append)
     try:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +37,24 @@ REPO = Path(__file__).resolve().parent.parent
 #: How long a subprocess may take to do what a test waits for: a bound on a
 #: hung test, not a timing assertion.
 DEADLINE = 30.0
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """
+    The Prometheus samples at C{url}, by name and sorted labels (needs the
+    C{metrics} extra, C{prometheus_client}).
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=DEADLINE) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
 
 START_LINE = re.compile(r"udpdst echo listening on (\S+?)[;( ]")
 RUNNING_LINE = re.compile(r"udpdst echo service running")

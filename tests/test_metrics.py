@@ -17,12 +17,18 @@ from pathlib import Path
 
 import pytest
 
-from tests._service_helpers import DEADLINE, Twistd, echo, freePort, startedTwistd
+from tests._service_helpers import (
+    DEADLINE,
+    Twistd,
+    echo,
+    freePort,
+    scrape,
+    startedTwistd,
+)
 
 prometheus_client = pytest.importorskip(
     "prometheus_client", reason="the metrics extra (prometheus_client) is not installed"
 )
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from udpdst.echo import REFUSAL_REASONS  # noqa: E402
 from udpdst.metrics import metricName  # noqa: E402
@@ -34,20 +40,6 @@ METRICS_LINE = re.compile(r"udpdst metrics on http://(\S+)/metrics")
 @pytest.fixture
 def started(tmp_path: Path) -> Iterator[Callable[..., Twistd]]:
     yield from startedTwistd(tmp_path)
-
-
-def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """
-    The samples at C{url}, by name and labels.
-    """
-    with urllib.request.urlopen(url, timeout=DEADLINE) as response:
-        assert response.headers["Content-Type"].startswith("text/plain")
-        text = response.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def test_scrapeAfterKnownTraffic(started) -> None:  # type: ignore[no-untyped-def]

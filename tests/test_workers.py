@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +30,7 @@ from tests._service_helpers import (
     asUser,
     echo,
     freePort,
+    scrape,
     socketActivateCommand,
     startedTwistd,
     systemdCommand,
@@ -569,7 +569,7 @@ def test_metricsSumTheWorkers(started) -> None:  # type: ignore[no-untyped-def]
     /metrics, served by the parent alone, counts what every worker
     answered.
     """
-    parser = pytest.importorskip(
+    pytest.importorskip(
         "prometheus_client.parser",
         reason="the metrics extra (prometheus_client) is not installed",
     )
@@ -590,21 +590,13 @@ def test_metricsSumTheWorkers(started) -> None:  # type: ignore[no-untyped-def]
         _echoMany(port, 2, b"to second")
     with paused(second):
         _echoMany(port, 3, b"to first")
-    name = "udpdst_replied_total"
-    labels = {"listener": f"127.0.0.1:{port}"}
+    key = ("udpdst_replied_total", (("listener", f"127.0.0.1:{port}"),))
     deadline = time.monotonic() + DEADLINE
     while True:
         # The workers report every second: wait for both reports.
-        with urllib.request.urlopen(served.group(1), timeout=DEADLINE) as response:
-            text = response.read().decode()
-        replied = [
-            sample.value
-            for family in parser.text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.name == name and sample.labels == labels
-        ]
-        if replied == [5]:
+        samples = scrape(served.group(1))
+        if samples.get(key) == 5:
             break
-        assert time.monotonic() < deadline, text
+        assert time.monotonic() < deadline, samples
         time.sleep(0.1)
     _stoppedWithTotal(process, 5, [first, second])

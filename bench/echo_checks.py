@@ -24,9 +24,9 @@ from functools import partial
 from typing import Any
 
 from udpdst.address import Destination, PeerAddress
-from udpdst.config import LimitsConfig
-from udpdst.echo import EchoProtocol
-from udpdst.limits import AccessList, RateLimiter
+from udpdst.echo.config import LimitsConfig
+from udpdst.echo.limits import AccessList, RateLimiter
+from udpdst.echo.protocol import EchoProtocol
 from udpdst.protocol import DestinationDatagramProtocol
 
 

@@ -176,8 +176,8 @@ def _serviceEcho(reactor):
     """
     import ipaddress
 
-    from udpdst.config import LimitsConfig
-    from udpdst.echo import EchoProtocol
+    from udpdst.echo.config import LimitsConfig
+    from udpdst.echo.protocol import EchoProtocol
 
     limits = LimitsConfig(
         per_source_rate=1e9,

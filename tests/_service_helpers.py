@@ -63,7 +63,7 @@ RUNNING_LINE = re.compile(r"udpdst echo service running")
 def readable(line: str) -> str:
     """
     A log line as text: the text of C{[log] format = "json"} records,
-    Twisted's JSON events (C{--logger udpdst.logs.jsonLogObserver})
+    Twisted's JSON events (C{--logger udpdst.echo.jsonLogObserver})
     formatted, other lines as they are.
     """
     if line.startswith("{"):

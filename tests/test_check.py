@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from tests._service_helpers import DEADLINE, TWISTD, Twistd
+from tests.echo._helpers import BAD_CONFIGS
 from tests.netns import Namespace, Pair, unavailableReason
-from tests.test_twistd import BAD_CONFIGS
 from udpdst.address import formatHostPort
 from udpdst.check import Answer, Probe, askAll
 

@@ -12,12 +12,14 @@ import hypothesis.strategies as st
 from hypothesis import given, settings
 
 from udpdst import _linux as L
+from udpdst import cmsg
 from udpdst.address import Destination
 from udpdst.cmsg import (
-    enable_destination_options,
-    is_link_local_v6,
-    parse_destination,
-    reply_control,
+    enableDestinationOptions,
+    isLinkLocalV6,
+    overflowCount,
+    parseDestination,
+    replyControl,
 )
 
 
@@ -75,13 +77,12 @@ CAPTURED_MAPPED = [
 
 
 def test_capturedMappedDatagram() -> None:
-    dst, drops = parse_destination(CAPTURED_MAPPED, 1)
+    dst = parseDestination(CAPTURED_MAPPED, 1)
     assert dst == Destination("127.0.0.2", 49167, 1, "127.0.0.2")
-    assert drops is None
 
 
 def test_unicastV4() -> None:
-    dst, _ = parse_destination(
+    dst = parseDestination(
         [in_pktinfo(2, "10.1.2.3", "10.1.2.3"), orig4("10.1.2.3", 12345)], 12345
     )
     assert dst == Destination("10.1.2.3", 12345, 2, "10.1.2.3")
@@ -92,9 +93,9 @@ def test_broadcastRepliesFromSpecDst() -> None:
     For broadcast the destination is the broadcast address, the reply source
     the unicast C{spec_dst}.
     """
-    dst, _ = parse_destination([in_pktinfo(2, "10.1.2.2", "10.1.2.255")], 7)
+    dst = parseDestination([in_pktinfo(2, "10.1.2.2", "10.1.2.255")], 7)
     assert dst == Destination("10.1.2.255", 7, 2, "10.1.2.2")
-    dst, _ = parse_destination([in_pktinfo(2, "10.1.2.2", "255.255.255.255")], 7)
+    dst = parseDestination([in_pktinfo(2, "10.1.2.2", "255.255.255.255")], 7)
     assert dst == Destination("255.255.255.255", 7, 2, "10.1.2.2")
 
 
@@ -104,18 +105,18 @@ def test_noSpecDstFallsBackToUnicastAddr() -> None:
     unicast destination is its own reply source; a broadcast or multicast one
     leaves the choice to the kernel.
     """
-    dst, _ = parse_destination([in_pktinfo(0, "0.0.0.0", "10.1.2.3")], 7)
+    dst = parseDestination([in_pktinfo(0, "0.0.0.0", "10.1.2.3")], 7)
     assert dst == Destination("10.1.2.3", 7, 0, "10.1.2.3")
-    dst, _ = parse_destination([in_pktinfo(0, "0.0.0.0", "255.255.255.255")], 7)
+    dst = parseDestination([in_pktinfo(0, "0.0.0.0", "255.255.255.255")], 7)
     assert dst == Destination("255.255.255.255", 7, 0, None)
-    dst, _ = parse_destination([in_pktinfo(0, "0.0.0.0", "239.1.2.3")], 7)
+    dst = parseDestination([in_pktinfo(0, "0.0.0.0", "239.1.2.3")], 7)
     assert dst is not None and dst.replyFrom is None
 
 
 def test_v6UnicastAndMulticast() -> None:
-    dst, _ = parse_destination([in6_pktinfo("fd00::3", 4), orig6("fd00::3", 53)], 53)
+    dst = parseDestination([in6_pktinfo("fd00::3", 4), orig6("fd00::3", 53)], 53)
     assert dst == Destination("fd00::3", 53, 4, "fd00::3")
-    dst, _ = parse_destination([in6_pktinfo("ff02::1:2345", 4)], 53)
+    dst = parseDestination([in6_pktinfo("ff02::1:2345", 4)], 53)
     assert dst == Destination("ff02::1:2345", 53, 4, "::")
 
 
@@ -124,27 +125,44 @@ def test_origDstAddrGivesThePort() -> None:
     The original destination port (e.g. after a redirect) comes from
     C{*_ORIGDSTADDR}; without it, the bound port.
     """
-    dst, _ = parse_destination(
+    dst = parseDestination(
         [in_pktinfo(1, "10.0.0.1", "10.0.0.1"), orig4("10.0.0.1", 53)], 5353
     )
     assert dst is not None and dst.port == 53
-    dst, _ = parse_destination([in_pktinfo(1, "10.0.0.1", "10.0.0.1")], 5353)
+    dst = parseDestination([in_pktinfo(1, "10.0.0.1", "10.0.0.1")], 5353)
     assert dst is not None and dst.port == 5353
-    dst, _ = parse_destination([orig6("fd00::1", 53)], 5353)
+    dst = parseDestination([orig6("fd00::1", 53)], 5353)
     assert dst == Destination("fd00::1", 53, 0, None)
 
 
 def test_kernelDrops() -> None:
-    dst, drops = parse_destination(
-        [in_pktinfo(1, "127.0.0.1", "127.0.0.1"), ovfl(17)], 9
-    )
-    assert drops == 17 and dst is not None
-    assert parse_destination([ovfl(3)], 9) == (None, 3)
+    """
+    The C{SO_RXQ_OVFL} count is read by L{overflowCount}, and is no part of
+    a destination.
+    """
+    anc = [in_pktinfo(1, "127.0.0.1", "127.0.0.1"), ovfl(17)]
+    assert parseDestination(anc, 9) == parseDestination(anc[:1], 9) is not None
+    assert overflowCount(ovfl(17)[2]) == 17
+    assert overflowCount(b"\1\2") is None
+    assert parseDestination([ovfl(3)], 9) is None
+
+
+def test_formerNames() -> None:
+    """
+    The snake_case names of the previous release still work: the same
+    functions, and C{parse_destination} with its C{(destination, drops)}.
+    """
+    assert cmsg.reply_control is replyControl
+    assert cmsg.enable_destination_options is enableDestinationOptions
+    assert cmsg.is_link_local_v6 is isLinkLocalV6
+    anc = [in_pktinfo(1, "127.0.0.1", "127.0.0.1"), ovfl(17)]
+    assert cmsg.parse_destination(anc, 9) == (parseDestination(anc, 9), 17)
+    assert cmsg.parse_destination([(0, 0, None), ovfl(3)], 9) == (None, 3)
 
 
 def test_nothingUsable() -> None:
-    assert parse_destination([], 9) == (None, None)
-    assert parse_destination([in6_pktinfo("::", 1)], 9) == (None, None)
+    assert parseDestination([], 9) is None
+    assert parseDestination([in6_pktinfo("::", 1)], 9) is None
 
 
 def test_shortMessagesAreIgnored() -> None:
@@ -153,7 +171,7 @@ def test_shortMessagesAreIgnored() -> None:
         (L.SOL_IPV6, L.IPV6_PKTINFO, b"\0" * 19),
         (L.SOL_SOCKET, L.SO_RXQ_OVFL, b""),
     ]
-    assert parse_destination(short, 9) == (None, None)
+    assert parseDestination(short, 9) is None
 
 
 ancillary = st.lists(
@@ -189,13 +207,12 @@ def test_parseNeverRaises(anc: list, port: int) -> None:  # type: ignore[type-ar
     Random and garbled control data never raises, and whatever comes out is
     a well-formed destination the reply builder accepts.
     """
-    dst, drops = parse_destination(anc, port)
-    assert drops is None or 0 <= drops < 2**32
+    dst = parseDestination(anc, port)
     if dst is not None:
         assert 0 <= dst.port <= 65535
         assert dst.ifindex >= 0
         for family in (socket.AF_INET, socket.AF_INET6):
-            assert isinstance(reply_control(family, dst, "::1"), list)
+            assert isinstance(replyControl(family, dst, "::1"), list)
 
 
 @settings(max_examples=200, deadline=None)
@@ -209,8 +226,7 @@ def test_parseAnyPktinfoBytes(kind: int, data: bytes) -> None:
     one as IPv4) with the interface it names, or nothing for the wildcard.
     """
     level = L.SOL_IP if kind == L.IP_PKTINFO else L.SOL_IPV6
-    dst, drops = parse_destination([(level, kind, data)], 1)
-    assert drops is None
+    dst = parseDestination([(level, kind, data)], 1)
     if kind == L.IPV6_PKTINFO:
         addr, ifindex = struct.unpack_from("=16sI", data)
         if addr == b"\0" * 16:
@@ -238,7 +254,7 @@ def test_parseAnyPktinfoBytes(kind: int, data: bytes) -> None:
 
 
 def test_replyV4UsesSpecDstWithoutIfindex() -> None:
-    control = reply_control(
+    control = replyControl(
         socket.AF_INET, Destination("10.1.2.255", 7, 3, "10.1.2.2"), "10.1.2.5"
     )
     assert control == [
@@ -251,7 +267,7 @@ def test_replyV4UsesSpecDstWithoutIfindex() -> None:
 
 
 def test_replyToMappedPeerOnDualStack() -> None:
-    control = reply_control(
+    control = replyControl(
         socket.AF_INET6, Destination("127.0.0.2", 7, 1, "127.0.0.2"), "::ffff:127.0.0.1"
     )
     mapped = b"\0" * 10 + b"\xff\xff" + socket.inet_aton("127.0.0.2")
@@ -259,50 +275,50 @@ def test_replyToMappedPeerOnDualStack() -> None:
 
 
 def test_replyV6UnicastPinsNoInterface() -> None:
-    control = reply_control(
+    control = replyControl(
         socket.AF_INET6, Destination("fd00::3", 7, 4, "fd00::3"), "fd00::5"
     )
     assert control == [in6_pktinfo("fd00::3", 0)]
 
 
 def test_replyV6LinkLocalNeedsInterface() -> None:
-    control = reply_control(
+    control = replyControl(
         socket.AF_INET6, Destination("fe80::1", 7, 4, "fe80::1"), "fe80::5%veth0"
     )
     assert control == [in6_pktinfo("fe80::1", 4)]
     # A link-local peer of a global address also needs it.
-    control = reply_control(
+    control = replyControl(
         socket.AF_INET6, Destination("fd00::3", 7, 4, "fd00::3"), "fe80::5%4"
     )
     assert control == [in6_pktinfo("fd00::3", 4)]
 
 
 def test_replyV6MulticastFromAnyOnTheLink() -> None:
-    control = reply_control(
+    control = replyControl(
         socket.AF_INET6, Destination("ff02::1:2345", 7, 4, "::"), "fd00::5"
     )
     assert control == [in6_pktinfo("::", 4)]
 
 
 def test_replyUnknownLeavesItToTheKernel() -> None:
-    assert reply_control(socket.AF_INET, None, "10.0.0.1") == []
+    assert replyControl(socket.AF_INET, None, "10.0.0.1") == []
     assert (
-        reply_control(socket.AF_INET, Destination("10.0.0.1", 7, 0, None), "10.0.0.1")
+        replyControl(socket.AF_INET, Destination("10.0.0.1", 7, 0, None), "10.0.0.1")
         == []
     )
     # An IPv6 source cannot be named on an IPv4 socket.
     assert (
-        reply_control(socket.AF_INET, Destination("::1", 7, 0, "::1"), "10.0.0.1") == []
+        replyControl(socket.AF_INET, Destination("::1", 7, 0, "::1"), "10.0.0.1") == []
     )
 
 
 def test_isLinkLocal() -> None:
-    assert is_link_local_v6("fe80::1")
-    assert is_link_local_v6("FEBF::1%eth0")
-    assert not is_link_local_v6("fec0::1")
-    assert not is_link_local_v6("fe8::1")
-    assert not is_link_local_v6("127.0.0.1")
-    assert not is_link_local_v6("")
+    assert isLinkLocalV6("fe80::1")
+    assert isLinkLocalV6("FEBF::1%eth0")
+    assert not isLinkLocalV6("fec0::1")
+    assert not isLinkLocalV6("fe8::1")
+    assert not isLinkLocalV6("127.0.0.1")
+    assert not isLinkLocalV6("")
 
 
 def test_enableOptions() -> None:
@@ -311,6 +327,6 @@ def test_enableOptions() -> None:
     """
     for family in (socket.AF_INET, socket.AF_INET6):
         with socket.socket(family, socket.SOCK_DGRAM) as s:
-            assert enable_destination_options(s) == []
+            assert enableDestinationOptions(s) == []
             assert s.getsockopt(L.SOL_SOCKET, L.SO_RXQ_OVFL) == 1
             assert s.getsockopt(L.SOL_IP, L.IP_PKTINFO) == 1

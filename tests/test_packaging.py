@@ -41,6 +41,9 @@ def test_wheelShipsDataLicenceAndPlugin(wheel: zipfile.ZipFile) -> None:
             == (ROOT / "udpdst" / "data" / data).read_bytes()
         )
     assert "twisted/plugins/udpdst_plugin.py" in names
+    # Every module of the checkout, the service's sub-package included.
+    for module in (ROOT / "udpdst").rglob("*.py"):
+        assert module.relative_to(ROOT).as_posix() in names
     assert not [n for n in names if n.startswith("twisted/") and "plugin" not in n]
     assert not [n for n in names if "dropin.cache" in n or "__pycache__" in n]
     (licence,) = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")] or [

@@ -3,14 +3,15 @@ udpdst: destination-aware UDP ports for Twisted, whose replies leave from the
 address the client sent to.
 
 The names below load their modules on first use, so that importing a
-submodule (as C{twistd udpdst --help} imports L{udpdst.tap}) does not pull in
+submodule (as C{twistd udpdst --help} imports L{udpdst.echo.tap}) does not pull in
 the port.
 """
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from udpdst._lazy import lazyNames
 
 if TYPE_CHECKING:
     __version__: str
@@ -70,17 +71,4 @@ def _version() -> str:
         return "0+unknown"
 
 
-def __getattr__(name: str) -> Any:
-    if name == "__version__":
-        globals()[name] = value = _version()
-        return value
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'udpdst' has no attribute {name!r}")
-    value = getattr(import_module(home), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazyNames(globals(), _HOMES, {"__version__": _version})

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from importlib.resources import files
 from typing import NoReturn
 
-from udpdst.config import Config, ConfigError, ListenConfig, loadConfig
+from udpdst.echo.config import Config, ConfigError, ListenConfig, loadConfig
 
 EXAMPLE_CONFIG = "data/udpdst.toml"
 

@@ -6,6 +6,7 @@ where the running Python defines a name we use its value instead.
 """
 
 import socket
+import struct
 
 SOL_IP: int = getattr(socket, "SOL_IP", 0)
 SOL_IPV6: int = getattr(socket, "SOL_IPV6", 41)
@@ -36,6 +37,20 @@ SO_REUSEPORT: int = getattr(socket, "SO_REUSEPORT", 15)
 # those goes through the enum machinery (~0.4 µs a test, on the hot path).
 MSG_TRUNC: int = int(getattr(socket, "MSG_TRUNC", 0x20))
 MSG_CTRUNC: int = int(getattr(socket, "MSG_CTRUNC", 0x08))
+
+#: The kernel's layouts that both I/O paths and the control-message parser
+#: read: C{in_pktinfo} (int ifindex, in_addr spec_dst, in_addr addr),
+#: C{in6_pktinfo} (in6_addr addr, unsigned ifindex), a port and a flow label
+#: in network order, a C{u32} (a scope id, the C{SO_RXQ_OVFL} count) and an
+#: address family in host order, and a C{cmsghdr} (size_t len, int level,
+#: int type).
+IN_PKTINFO = struct.Struct("=i4s4s")
+IN6_PKTINFO = struct.Struct("=16sI")
+NET_PORT = struct.Struct("!H")
+NET_U32 = struct.Struct("!I")
+U32 = struct.Struct("=I")
+FAMILY = struct.Struct("=H")
+CMSGHDR = struct.Struct("@Nii")
 
 #: Payload sizes of the control messages we ask for.
 IN_PKTINFO_SIZE = 12  # int ifindex, in_addr spec_dst, in_addr addr

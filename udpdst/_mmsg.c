@@ -1,23 +1,25 @@
 /*
  * udpdst._mmsg: batched datagram I/O for udpdst.io (Linux recvmmsg/sendmmsg).
  *
- * Two functions, both for non-blocking sockets, both holding the GIL (the
- * system calls never wait):
+ * Three functions and a type, all for non-blocking sockets, all holding the
+ * GIL (the system calls never wait):
  *
  *   recv(sock, count, size, ancsize) -> (batch, drops, nbytes)
  *       Read up to `count` datagrams.  `batch` is a list of
  *       (data, key, flags): `key` is the raw peer sockaddr followed by the raw
  *       control messages, with SO_RXQ_OVFL left out so that the kernel's drop
  *       counter never changes a key; `drops` is the last SO_RXQ_OVFL value
- *       seen in the batch, or -1; `nbytes` the bytes read.  An empty batch means nothing was queued.
- *       Other errors raise OSError, unless some datagrams were read first (the
- *       kernel then reports the error again on the next call).
+ *       seen in the batch, or -1; `nbytes` the bytes read.  An empty batch
+ *       means nothing was queued.  Other errors raise OSError, unless some
+ *       datagrams were read first (the kernel then reports the error again on
+ *       the next call).
  *
  *   read(sock, count, size, ancsize, handlers)
  *       -> (count, delivered, nbytes, drops, rest)
  *       recv, then hand each datagram to the protocol without building the
- *       batch: the twin of io._readEach, whose docstring (io.Handlers) says
- *       what `handlers` holds and what is returned.
+ *       batch: the twin of io.dispatch, whose docstring (io.Handlers) says
+ *       what `handlers` holds and what is returned.  Of the port it touches
+ *       only handlers.outbox (io.Outbox): `reading` and `holdReplies`.
  *
  *   send(sock, items, start) -> (sent, errno)
  *       Send items[start:], each (data, sockaddr, control) of bytes, with as
@@ -28,13 +30,14 @@
  *
  *   QueuedWrite(write, peertype, limit)
  *       The fast path of DestinationPort.write, as a method descriptor that
- *       wraps the Python `write`: a reply to a `peertype` address that this
- *       port made is appended to port._queue as (data, target, control)
- *       from the address's _reply, and port._flush() is called unless the
- *       port holds replies (port._holdReplies, see io.Handlers) and the
- *       queue holds fewer than `limit` of them.  Anything else (another address, a destination the
- *       address does not carry, a datagram too long or not bytes, keyword
- *       arguments) goes to the Python `write`, which decides.
+ *       wraps the Python `write`: a reply to a `peertype` address whose
+ *       _reply is (port, outbox, target, control, maxLength) for this port is
+ *       appended to outbox.queue as (data, target, control), and
+ *       outbox.flush() is called unless outbox.holdReplies is true and the
+ *       queue holds fewer than `limit` replies (see io.Outbox).  Anything else
+ *       (another address, a destination the address does not carry, a
+ *       datagram too long or not bytes, keyword arguments) goes to the Python
+ *       `write`, which decides.
  *
  * Everything received is copied out of one cached receive area, so a batch
  * costs no allocation beyond the Python objects it returns.  The area is
@@ -334,7 +337,7 @@ own_attr(PyObject *obj, PyObject *name)
 }
 
 /* The fields of io.Handlers, in order. */
-enum { H_PEERS, H_CLASSIFY, H_DELIVER, H_PEERMAP, H_REMEMBER, H_FAILED, H_OWNER, H_SIZE };
+enum { H_PEERS, H_CLASSIFY, H_DELIVER, H_PEERMAP, H_REMEMBER, H_FAILED, H_OUTBOX, H_SIZE };
 
 /* Attribute names, interned at import. */
 static PyObject *str_reading, *str_hold;
@@ -449,7 +452,7 @@ mmsg_read(PyObject *Py_UNUSED(self), PyObject *args)
             } else {
                 delivered++;
                 if (i == last)
-                    status = PyObject_SetAttr(h[H_OWNER], str_hold, Py_False);
+                    status = PyObject_SetAttr(h[H_OUTBOX], str_hold, Py_False);
                 if (status == 0)
                     status = deliver_one(h, data, PyTuple_GET_ITEM(entry, 0),
                                          PyTuple_GET_ITEM(entry, 1));
@@ -463,7 +466,7 @@ mmsg_read(PyObject *Py_UNUSED(self), PyObject *args)
             continue;
         /* Stop at once when the protocol stopped reading (or the port
          * closed); the rest of the batch goes back to the caller. */
-        PyObject *reading = own_attr(h[H_OWNER], str_reading);
+        PyObject *reading = own_attr(h[H_OUTBOX], str_reading);
         int on = reading ? PyObject_IsTrue(reading) : -1;
         Py_XDECREF(reading);
         if (on < 0)
@@ -597,7 +600,7 @@ queue_reply(QueuedWrite *self, PyObject *port, PyObject *data, PyObject *addr, P
     PyObject *reply = own_attr(addr, str_reply);
     if (reply == NULL)
         return -1;
-    int fast = PyTuple_Check(reply) && PyTuple_GET_SIZE(reply) == 4
+    int fast = PyTuple_Check(reply) && PyTuple_GET_SIZE(reply) == 5
                && PyTuple_GET_ITEM(reply, 0) == port;
     if (fast && dst != Py_None) {
         PyObject *carried = own_attr(addr, str_destination);
@@ -609,7 +612,7 @@ queue_reply(QueuedWrite *self, PyObject *port, PyObject *data, PyObject *addr, P
         Py_DECREF(carried);
     }
     if (fast) {
-        Py_ssize_t most = PyLong_AsSsize_t(PyTuple_GET_ITEM(reply, 3));
+        Py_ssize_t most = PyLong_AsSsize_t(PyTuple_GET_ITEM(reply, 4));
         if (most == -1 && PyErr_Occurred()) {
             Py_DECREF(reply);
             return -1;
@@ -620,39 +623,50 @@ queue_reply(QueuedWrite *self, PyObject *port, PyObject *data, PyObject *addr, P
         Py_DECREF(reply);
         return 0;
     }
-    PyObject *item = PyTuple_Pack(3, data, PyTuple_GET_ITEM(reply, 1), PyTuple_GET_ITEM(reply, 2));
+    PyObject *outbox = Py_NewRef(PyTuple_GET_ITEM(reply, 1));
+    PyObject *item = PyTuple_Pack(3, data, PyTuple_GET_ITEM(reply, 2), PyTuple_GET_ITEM(reply, 3));
     Py_DECREF(reply);
-    if (item == NULL)
+    if (item == NULL) {
+        Py_DECREF(outbox);
         return -1;
-    PyObject *queue = own_attr(port, str_queue);
+    }
+    PyObject *queue = own_attr(outbox, str_queue);
     if (queue == NULL || !PyList_Check(queue)) {
         if (queue != NULL)
-            PyErr_SetString(PyExc_TypeError, "QueuedWrite: port._queue is not a list");
+            PyErr_SetString(PyExc_TypeError, "QueuedWrite: outbox.queue is not a list");
         Py_XDECREF(queue);
         Py_DECREF(item);
+        Py_DECREF(outbox);
         return -1;
     }
     int status = PyList_Append(queue, item);
     Py_ssize_t queued = PyList_GET_SIZE(queue);
     Py_DECREF(item);
     Py_DECREF(queue);
-    if (status < 0)
+    if (status < 0) {
+        Py_DECREF(outbox);
         return -1;
+    }
     int flush = queued >= self->limit;
     if (!flush) {
-        PyObject *hold = own_attr(port, str_hold);
+        PyObject *hold = own_attr(outbox, str_hold);
         int on = hold ? PyObject_IsTrue(hold) : -1;
         Py_XDECREF(hold);
-        if (on < 0)
+        if (on < 0) {
+            Py_DECREF(outbox);
             return -1;
+        }
         flush = !on;
     }
     if (flush) {
-        PyObject *res = PyObject_CallMethodNoArgs(port, str_flush);
+        PyObject *res = PyObject_CallMethodNoArgs(outbox, str_flush);
+        Py_DECREF(outbox);
         if (res == NULL)
             return -1;
         Py_DECREF(res);
+        return 1;
     }
+    Py_DECREF(outbox);
     return 1;
 }
 
@@ -786,9 +800,9 @@ PyMODINIT_FUNC
 PyInit__mmsg(void)
 {
     static struct { PyObject **name; const char *text; } names[] = {
-        {&str_reading, "_reading"}, {&str_reply, "_reply"},
-        {&str_destination, "destination"}, {&str_queue, "_queue"},
-        {&str_hold, "_holdReplies"}, {&str_flush, "_flush"},
+        {&str_reading, "reading"}, {&str_reply, "_reply"},
+        {&str_destination, "destination"}, {&str_queue, "queue"},
+        {&str_hold, "holdReplies"}, {&str_flush, "flush"},
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         if ((*names[i].name = PyUnicode_InternFromString(names[i].text)) == NULL)

@@ -1,11 +1,65 @@
 """
-Address values handed to protocols: a datagram's destination, and a peer
-address that remembers it.
+Address values handed to protocols (a datagram's destination, and a peer
+address that remembers it), and the facts about address text that the port,
+the test doubles and the service all need: C{ADDRESS:PORT}, a zone's
+interface index, the largest payload for a peer.
 """
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
+
+#: The largest UDP payload to an IPv4 peer (also an IPv4-mapped one on a
+#: dual-stack socket), and to an IPv6 peer.
+MAX_UDP_PAYLOAD_V4 = 65507
+MAX_UDP_PAYLOAD_V6 = 65527
+
+
+def maxPayload(host: str) -> int:
+    """
+    The largest datagram that can be sent to C{host} (an IP literal, maybe
+    IPv4-mapped or scoped).
+    """
+    if ":" in host and not (host.startswith("::ffff:") and "." in host):
+        return MAX_UDP_PAYLOAD_V6
+    return MAX_UDP_PAYLOAD_V4
+
+
+def interfaceIndex(zone: str) -> int:
+    """
+    The interface index that the zone of C{"fe80::5%zone"} names: a number
+    is itself, a name is asked of the kernel each time (an interface can be
+    re-created with another index, or its index reused by another).
+
+    @raise OSError: No interface has that name.
+    """
+    if zone.isdigit():
+        return int(zone)
+    return socket.if_nametoindex(zone)
+
+
+def splitHostPort(text: str) -> tuple[str, str]:
+    """
+    C{ADDRESS:PORT}, with an IPv6 address in brackets (C{"[::1]:53"}), split
+    into its address and port texts, neither checked further.
+
+    @raise ValueError: C{text} has no port, or an IPv6 address without
+        brackets.
+    """
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]:")
+        if not sep or ":" not in host:
+            raise ValueError(f"{text!r} is not [IPV6]:PORT")
+    else:
+        host, sep, rest = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"{text!r} is not ADDRESS:PORT")
+        if ":" in host:
+            raise ValueError(
+                f"{text!r}: put an IPv6 address in brackets, as in [2001:db8::3]:53"
+            )
+    return host, rest
 
 
 def formatHostPort(host: str, port: int) -> str:
@@ -54,9 +108,10 @@ class PeerAddress(tuple):  # type: ignore[type-arg]
     """
 
     destination: Destination | None
-    # Set by the port that made it: (port, target, control, max length), what
-    # a reply needs, so that writing to this address costs no lookups.
-    _reply: tuple[object, object, object, int] | None = None
+    # Set by the port that made it: (port, its io.Outbox, target, control,
+    # max length), what a reply needs, so that writing to this address costs
+    # no lookups.
+    _reply: tuple[object, object, object, object, int] | None = None
 
     def __new__(
         cls, host: str, port: int, destination: Destination | None = None

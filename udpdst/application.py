@@ -3,7 +3,7 @@ A service that listens with a destination-aware port, for C{.tac} files and
 service trees: the counterpart of C{twisted.application.internet.UDPServer}.
 
 Its base, L{ListeningService} (bind before twistd drops privileges, close at
-stop), is also that of the udpdst service's listeners and metrics endpoint.
+stop), serves any service that holds one listening port.
 """
 
 from __future__ import annotations

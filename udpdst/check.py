@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from udpdst.address import formatHostPort
-from udpdst.config import Config
+from udpdst.echo.config import Config
 
 #: Address flags (linux/if_addr.h).
 IFA_F_SECONDARY = 0x01

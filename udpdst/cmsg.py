@@ -2,14 +2,16 @@
 Parsing and building of the control messages that carry a datagram's
 destination and a reply's source: pure functions, no sockets.
 
-The reply-source rules (listed in the README's "Reply-source rules") live in
-L{reply_control} and nowhere else.
+The reply-source rules live in L{replyControl} and nowhere else.
+
+The names were snake_case before; those spellings (C{parse_destination},
+C{reply_control}, C{enable_destination_options}, C{is_link_local_v6},
+C{is_v4_multicast_or_broadcast}) stay as aliases for one release.
 """
 
 from __future__ import annotations
 
 import socket
-import struct
 from collections.abc import Iterable, Sequence
 
 from udpdst import _linux as L
@@ -17,10 +19,9 @@ from udpdst.address import Destination
 
 Ancillary = tuple[int, int, bytes]
 
-_IN_PKTINFO = struct.Struct("=i4s4s")
-_IN6_PKTINFO = struct.Struct("=16sI")
-_U32 = struct.Struct("=I")
-_NET_PORT = struct.Struct("!H")
+_IN_PKTINFO = L.IN_PKTINFO
+_IN6_PKTINFO = L.IN6_PKTINFO
+_NET_PORT = L.NET_PORT
 
 _V4_ANY = b"\0\0\0\0"
 _V6_ANY = b"\0" * 16
@@ -33,16 +34,17 @@ def _ntop6(packed: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET6, packed)
 
 
-def is_v4_multicast_or_broadcast(packed: bytes) -> bool:
+def isV4MulticastOrBroadcast(packed: bytes) -> bool:
     """
-    Whether a packed IPv4 address is multicast (224/4) or the limited
-    broadcast address.  (A subnet broadcast looks like any unicast address;
+    Whether a packed IPv4 address is multicast (224/4), reserved (240/4) or
+    the limited broadcast address (the last of 240/4): none of them can be
+    a reply's source.  (A subnet broadcast looks like any unicast address;
     that is why replies use C{spec_dst}, which the kernel fills in.)
     """
     return packed[0] >= 224
 
 
-def is_link_local_v6(host: str) -> bool:
+def isLinkLocalV6(host: str) -> bool:
     """
     Whether C{host} (text, maybe with a C{%scope}) is in fe80::/10.
     """
@@ -55,26 +57,31 @@ def is_link_local_v6(host: str) -> bool:
 _LL_HEADS = frozenset({"fe8", "fe9", "fea", "feb"})
 
 
-def parse_destination(
-    ancdata: Iterable[Ancillary], bound_port: int
-) -> tuple[Destination | None, int | None]:
+def overflowCount(data: bytes) -> int | None:
+    """
+    The count an C{SO_RXQ_OVFL} message carries (datagrams the kernel
+    dropped on the socket so far), or L{None} if C{data} is too short.
+    """
+    return L.U32.unpack_from(data)[0] if len(data) >= L.U32_SIZE else None
+
+
+def parseDestination(
+    ancdata: Iterable[Ancillary], boundPort: int
+) -> Destination | None:
     """
     Read a datagram's destination out of its control messages.
 
     @param ancdata: C{recvmsg}'s ancillary data: C{(level, type, data)}
         triples.  Anything malformed or unknown is ignored; this never raises
         for any input.
-    @param bound_port: The port the socket is bound to, used when no
+    @param boundPort: The port the socket is bound to, used when no
         C{*_ORIGDSTADDR} message tells the original destination port.
-    @return: C{(destination, kernel_drops)}: the L{Destination}, or L{None} if
-        no usable pktinfo arrived; and the C{SO_RXQ_OVFL} count, or L{None}
-        if that message was absent.
+    @return: The L{Destination}, or L{None} if no usable pktinfo arrived.
     """
     v4: tuple[int, bytes, bytes] | None = None
     v6: tuple[bytes, int] | None = None
-    orig_port: int | None = None
-    orig_host: str | None = None
-    drops: int | None = None
+    origPort: int | None = None
+    origHost: str | None = None
     for item in ancdata:
         try:
             level, kind, data = item
@@ -88,55 +95,53 @@ def parse_destination(
                 v4 = _IN_PKTINFO.unpack_from(data)
             elif kind == L.IP_ORIGDSTADDR and size >= 8:
                 # sockaddr_in: family (host order), port, address (network order)
-                orig_port = _NET_PORT.unpack_from(data, 2)[0]
-                orig_host = _ntop4(bytes(data[4:8]))
+                origPort = _NET_PORT.unpack_from(data, 2)[0]
+                origHost = _ntop4(bytes(data[4:8]))
         elif level == L.SOL_IPV6:
             if kind == L.IPV6_PKTINFO and size >= L.IN6_PKTINFO_SIZE:
                 v6 = _IN6_PKTINFO.unpack_from(data)
             elif kind == L.IPV6_ORIGDSTADDR and size >= 24:
                 # sockaddr_in6: family, port, flowinfo, address, scope id
-                orig_port = _NET_PORT.unpack_from(data, 2)[0]
-                orig_host = _ntop6(bytes(data[8:24]))
-        elif level == L.SOL_SOCKET and kind == L.SO_RXQ_OVFL and size >= 4:
-            drops = _U32.unpack_from(data)[0]
+                origPort = _NET_PORT.unpack_from(data, 2)[0]
+                origHost = _ntop6(bytes(data[8:24]))
 
-    port = bound_port if orig_port is None else orig_port
+    port = boundPort if origPort is None else origPort
     if v4 is not None:
         # IPv4, also an IPv4-mapped peer of a dual-stack socket: spec_dst is
         # the address to reply from (a unicast address of the receiving
         # interface for broadcast and multicast).
-        ifindex, spec_dst, addr = v4
-        if spec_dst != _V4_ANY:
-            reply: str | None = _ntop4(spec_dst)
-        elif addr != _V4_ANY and not is_v4_multicast_or_broadcast(addr):
+        ifindex, specDst, addr = v4
+        if specDst != _V4_ANY:
+            reply: str | None = _ntop4(specDst)
+        elif addr != _V4_ANY and not isV4MulticastOrBroadcast(addr):
             # Queued before IP_PKTINFO was enabled: no spec_dst.
             reply = _ntop4(addr)
         else:
             reply = None
-        host = _ntop4(addr) if addr != _V4_ANY else (orig_host or reply)
+        host = _ntop4(addr) if addr != _V4_ANY else (origHost or reply)
         if host is None:
-            return None, drops
-        return Destination(host, port, max(ifindex, 0), reply), drops
+            return None
+        return Destination(host, port, max(ifindex, 0), reply)
     if v6 is not None:
         addr6, ifindex6 = v6
         if addr6.startswith(_V4_MAPPED_PREFIX):
             host = _ntop4(addr6[12:])
-            mapped_reply = None if is_v4_multicast_or_broadcast(addr6[12:]) else host
-            return Destination(host, port, ifindex6, mapped_reply), drops
+            mappedReply = None if isV4MulticastOrBroadcast(addr6[12:]) else host
+            return Destination(host, port, ifindex6, mappedReply)
         if addr6 == _V6_ANY:
-            return None, drops
+            return None
         host = _ntop6(addr6)
         reply6 = "::" if addr6[0] == 0xFF else host
-        return Destination(host, port, ifindex6, reply6), drops
-    if orig_host is not None:
-        if orig_host.startswith("::ffff:") and "." in orig_host:
-            orig_host = orig_host[7:]
-        return Destination(orig_host, port, 0, None), drops
-    return None, drops
+        return Destination(host, port, ifindex6, reply6)
+    if origHost is not None:
+        if origHost.startswith("::ffff:") and "." in origHost:
+            origHost = origHost[7:]
+        return Destination(origHost, port, 0, None)
+    return None
 
 
-def reply_control(
-    family: int, dst: Destination | None, peer_host: str
+def replyControl(
+    family: int, dst: Destination | None, peerHost: str
 ) -> list[Ancillary]:
     """
     The control message that makes a reply to C{peer_host} leave from
@@ -148,7 +153,7 @@ def reply_control(
     @param family: The sending socket's family.
     @param dst: Where the request went; L{None} or no C{replyFrom} leaves
         the choice to the kernel (an empty list).
-    @param peer_host: The peer the reply goes to, as text.
+    @param peerHost: The peer the reply goes to, as text.
     @return: A list of zero or one C{(level, type, data)} for C{sendmsg}.
     """
     if dst is None or dst.replyFrom is None:
@@ -180,9 +185,9 @@ def reply_control(
     ifindex = 0
     if (
         packed6 == _V6_ANY
-        or is_link_local_v6(source)
-        or is_link_local_v6(dst.host)
-        or is_link_local_v6(peer_host)
+        or isLinkLocalV6(source)
+        or isLinkLocalV6(dst.host)
+        or isLinkLocalV6(peerHost)
     ):
         # Multicast (source "::": the kernel picks a unicast address on the
         # link) and link-local need the interface; nothing else gets it.
@@ -190,7 +195,7 @@ def reply_control(
     return [(L.SOL_IPV6, L.IPV6_PKTINFO, _IN6_PKTINFO.pack(packed6, ifindex))]
 
 
-def enable_destination_options(sock: socket.socket) -> list[str]:
+def enableDestinationOptions(sock: socket.socket) -> list[str]:
     """
     Ask the kernel to report each datagram's destination on C{sock}.
 
@@ -220,3 +225,34 @@ def enable_destination_options(sock: socket.socket) -> list[str]:
         except OSError:
             refused.append(name)
     return refused
+
+
+def parse_destination(
+    ancdata: Iterable[Ancillary], bound_port: int
+) -> tuple[Destination | None, int | None]:
+    """
+    The former spelling of L{parseDestination}, which also returned the
+    C{SO_RXQ_OVFL} count (L{overflowCount}): C{(destination, drops)}.
+    Kept for one release.
+    """
+    items = list(ancdata)
+    drops = None
+    for item in items:
+        try:
+            level, kind, data = item
+        except (TypeError, ValueError):
+            continue
+        if (
+            level == L.SOL_SOCKET
+            and kind == L.SO_RXQ_OVFL
+            and isinstance(data, bytes | bytearray | memoryview)
+        ):
+            drops = overflowCount(data)
+    return parseDestination(items, bound_port), drops
+
+
+# The former names, kept for one release.
+reply_control = replyControl
+enable_destination_options = enableDestinationOptions
+is_link_local_v6 = isLinkLocalV6
+is_v4_multicast_or_broadcast = isV4MulticastOrBroadcast

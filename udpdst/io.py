@@ -3,27 +3,30 @@ The system calls a L{udpdst.port.DestinationPort} reads and replies with: the
 C extension's batched C{recvmmsg}/C{sendmmsg} where it is built, otherwise a
 pure-Python twin (C{recvmsg}/C{sendmsg}), behind one interface.
 
-The interface, the same for both paths:
+The interface, the same for both paths, is a L{Path}, whose fields are:
 
-  - L{receive}C{(sock, count, size, ancsize)} returns
+  - C{receive(sock, count, size, ancsize)} returns
     C{(batch, drops, nbytes)}: up to C{count} C{(data, key, flags)}, the last
     C{SO_RXQ_OVFL} count seen (C{-1} if none) and the bytes read.  C{key} stands for the peer and the control data
     (without C{SO_RXQ_OVFL}, so the drop count never changes it): equal keys
     mean the same peer sending to the same destination, so a port caches
     what it derives from a key.  An empty batch means nothing was queued.
-  - L{read}C{(sock, count, size, ancsize, handlers)} receives as L{receive}
+  - C{read(sock, count, size, ancsize, handlers)} receives as C{receive}
     does and hands each datagram to the protocol at once, without building
     the batch; see L{Handlers} and L{dispatch}, its pure-Python twin.
-  - L{decodeKey}C{(key)} returns C{(addr, ancdata, target)}: the peer as
+  - C{decodeKey(key)} returns C{(addr, ancdata, target)}: the peer as
     C{recvmsg} gives it, the control messages as C{(level, type, data)}, and
-    the peer in the form L{send} takes.
-  - L{send}C{(sock, items, start)} sends C{items[start:]}, each
-    C{(data, target, control)} with C{control} from L{packControl} and
-    C{target} from L{decodeKey} or L{packTarget}; it returns C{(sent, errno)}
+    the peer in the form C{send} takes.
+  - C{send(sock, items, start)} sends C{items[start:]}, each
+    C{(data, target, control)} with C{control} from C{packControl} and
+    C{target} from C{decodeKey} or C{packTarget}; it returns C{(sent, errno)}
     and stops at the first failure, whose C{errno} is that of
     C{items[start + sent]}.
 
-L{QueuedWrite} is the C twin of the first branch of the port's C{write}.
+What the C code may touch of a port is one object, its L{Outbox}: whether
+it reads, whether replies are held, the queue of replies and how to flush
+it.  L{QueuedWrite} is the C twin of the first branch of the port's
+C{write}: it appends to the outbox that a peer address names.
 L{DEFAULT} is the path ports use; setting the environment variable
 C{UDPDST_IO=python} makes it the twin.  Both are importable (L{BATCHED},
 L{PLAIN}), so tests can compare them in one process.
@@ -34,11 +37,11 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import struct
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
 
 from udpdst import _linux as L
+from udpdst.cmsg import overflowCount
 
 Ancillary = tuple[int, int, bytes]
 Batch = list[tuple[bytes, Any, int]]
@@ -46,11 +49,11 @@ Batch = list[tuple[bytes, Any, int]]
 #: Datagrams asked for per system call (and replies queued before a flush).
 BATCH = 64
 
-_FAMILY = struct.Struct("=H")
-_PORT = struct.Struct("!H")
-_SCOPE = struct.Struct("=I")
-_FLOWINFO = struct.Struct("!I")  # network order; socket.recvmsg gives ntohl()
-_CMSGHDR = struct.Struct("@Nii")  # size_t cmsg_len, int level, int type
+_FAMILY = L.FAMILY
+_PORT = L.NET_PORT
+_SCOPE = L.U32
+_FLOWINFO = L.NET_U32  # socket.recvmsg gives ntohl() of it
+_CMSGHDR = L.CMSGHDR
 _V6_ADDR_LEN = 28
 _V4_ADDR_LEN = 16
 
@@ -170,8 +173,9 @@ def _receiveEach(
             kept = []
             for item in ancdata:
                 if item[0] == L.SOL_SOCKET and item[1] == L.SO_RXQ_OVFL:
-                    if len(item[2]) >= 4:
-                        drops = _SCOPE.unpack_from(item[2])[0]
+                    overflow = overflowCount(item[2])
+                    if overflow is not None:
+                        drops = overflow
                 else:
                     kept.append(item)
             key: Hashable = (addr, tuple(kept))
@@ -225,6 +229,32 @@ def _tupleTarget(addr: Any) -> Any:
     return tuple(addr)
 
 
+class Outbox:
+    """
+    What a port shares with its read pass and with the writes made in it:
+    the one object of a port that the C path (C{_mmsg.read},
+    L{QueuedWrite}) and L{dispatch} touch.  Its attributes are plain
+    instance attributes (the C path reads them from the instance's
+    C{__dict__}: a property or a slot there would be bypassed).
+
+    @ivar reading: Whether the protocol reads: after each delivery, reading
+        stops if this is false, and the rest of the batch is returned.
+    @ivar holdReplies: Whether a reply written now waits, to go out with the
+        other replies of the pass (see L{Handlers}); false outside a pass.
+    @ivar queue: The replies waiting, each C{(data, target, control)} as
+        C{Path.send} takes them.
+    @ivar flush: Sends C{queue} and empties it; called when a reply is
+        queued while C{holdReplies} is false, or when C{queue} holds
+        L{BATCH} replies.
+    """
+
+    def __init__(self, flush: Callable[[], object]) -> None:
+        self.reading = False
+        self.holdReplies = False
+        self.queue: list[tuple[bytes, Any, Any]] = []
+        self.flush = flush
+
+
 class Handlers(NamedTuple):
     """
     What L{read} and L{dispatch} hand each datagram to, from its key: a
@@ -235,16 +265,14 @@ class Handlers(NamedTuple):
     C{remember(peer, dst)} when C{peerMap} does not hold C{dst} for that
     peer yet, and C{deliver(data, peer)}.  What either raises goes to
     C{failed(peer, exception)}.  After each delivery, reading stops if
-    C{owner._reading} is false: the rest of the batch is returned.  The
-    owner's C{_reading}, C{_holdReplies} and C{_queue} are plain instance
-    attributes (the C path reads them from the instance's C{__dict__}), and
+    C{outbox.reading} is false: the rest of the batch is returned.
     C{classify} and C{failed} raise nothing: an C{OSError} out of L{read}
     is taken for the socket's.
 
-    The owner holds the replies written during a read pass to send them
-    together (while C{owner._holdReplies} is true).  When a batch emptied the
+    The port holds the replies written during a read pass to send them
+    together (while C{outbox.holdReplies} is true).  When a batch emptied the
     socket (fewer datagrams than asked for), nothing more comes in this pass:
-    C{owner._holdReplies} is set false before its last datagram is
+    C{outbox.holdReplies} is set false before its last datagram is
     delivered, so that the reply to it goes out at once, with those queued
     before it, rather than after the pass (one request in flight would wait
     for that).
@@ -260,7 +288,7 @@ class Handlers(NamedTuple):
     peerMap: dict[Any, Any] | None
     remember: Callable[[Any, Any], object]
     failed: Callable[[Any, BaseException], object]
-    owner: Any
+    outbox: Outbox
 
 
 def dispatch(
@@ -272,7 +300,7 @@ def dispatch(
 
     @param drained: Whether the batch emptied the socket (see L{Handlers}).
     """
-    peers, classify, deliver, peerMap, remember, failed, owner = handlers
+    peers, classify, deliver, peerMap, remember, failed, outbox = handlers
     delivered = 0
     last = len(batch) - 1 if drained else -1
     for index, (data, key, flags) in enumerate(batch):
@@ -284,7 +312,7 @@ def dispatch(
         delivered += 1
         peer, dst = entry
         if index == last:
-            owner._holdReplies = False
+            outbox.holdReplies = False
         try:
             if peerMap is None:
                 deliver(data, peer, dst)
@@ -294,7 +322,7 @@ def dispatch(
                 deliver(data, peer)
         except BaseException as e:
             failed(peer, e)
-        if not owner._reading:
+        if not outbox.reading:
             return delivered, batch[index + 1 :]
     return delivered, None
 
@@ -346,8 +374,13 @@ DEFAULT: Path = (
 )
 IO_PATH = DEFAULT.name
 
-#: The fast path of L{udpdst.port.DestinationPort.write} in C
-#: (C{QueuedWrite} in C{_mmsg.c}), where the C path runs; L{None} otherwise.
+#: The fast path of a port's C{write} in C (C{QueuedWrite} in C{_mmsg.c}),
+#: where the C path runs; L{None} otherwise.  C{QueuedWrite(write, peertype,
+#: limit)} wraps the Python C{write}: a reply to a C{peertype} address whose
+#: C{_reply} is C{(port, outbox, target, control, maxLength)} for this very
+#: port, with no other destination named and C{bytes} no longer than
+#: C{maxLength}, is appended to C{outbox.queue}, which is flushed as
+#: L{Outbox} says; anything else goes to the Python C{write}.
 QueuedWrite: Callable[[Callable[..., None], type, int], Any] | None = (
     _mmsg.QueuedWrite if _mmsg is not None and DEFAULT is BATCHED else None
 )

@@ -17,10 +17,10 @@ from typing import Any, cast
 from twisted.internet import error
 from twisted.internet.interfaces import IReactorFDSet
 
+from udpdst._memory import isMemoryReactor
 from udpdst.multicast import listenMulticast
 from udpdst.port import DestinationPort
 from udpdst.protocol import AnyDatagramProtocol, asTwistedProtocol
-from udpdst.testing import FakeDestinationTransport, isMemoryReactor
 
 
 def listenUDP(
@@ -49,6 +49,8 @@ def listenUDP(
         connected.
     """
     if isMemoryReactor(reactor):
+        from udpdst.testing import FakeDestinationTransport
+
         reactor.__dict__.setdefault("udpServers", []).append(
             (port, protocol, interface, maxPacketSize)
         )
@@ -94,6 +96,8 @@ def adoptDatagramPort(
     if addressFamily not in (socket.AF_INET, socket.AF_INET6):
         raise error.UnsupportedAddressFamily(addressFamily)
     if isMemoryReactor(reactor):
+        from udpdst.testing import FakeDestinationTransport
+
         reactor.adoptedPorts.append(  # type: ignore[union-attr]
             (fileDescriptor, addressFamily, protocol, maxPacketSize)
         )

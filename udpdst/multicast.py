@@ -20,9 +20,10 @@ from twisted.internet.interfaces import (
 from zope.interface import implementer
 
 from udpdst import _linux as L
+from udpdst._memory import isMemoryReactor
+from udpdst.address import interfaceIndex
 from udpdst.port import DestinationPort
 from udpdst.protocol import AnyDatagramProtocol, asTwistedProtocol
-from udpdst.testing import isMemoryReactor
 
 _IP_MREQN = struct.Struct("=4s4si")  # group, local address, ifindex
 _IPV6_MREQ = struct.Struct("=16sI")  # group, ifindex
@@ -37,15 +38,11 @@ def _interfaceIndex(interface: str | int) -> int | None:
     """
     if isinstance(interface, int):
         return interface
-    if interface.isdigit():
-        return int(interface)
     host, _, zone = interface.partition("%")
-    if zone:
-        return _interfaceIndex(zone)
-    if isIPv6Address(host):
+    if not zone and isIPv6Address(host):
         return _indexOfAddress(host)
     try:
-        return socket.if_nametoindex(interface)
+        return interfaceIndex(zone or interface)
     except OSError:
         return None
 

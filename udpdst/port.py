@@ -21,8 +21,8 @@ from zope.interface import implementer
 
 from udpdst import _linux as L
 from udpdst import io
-from udpdst.address import Destination, PeerAddress
-from udpdst.cmsg import enable_destination_options, parse_destination, reply_control
+from udpdst.address import Destination, PeerAddress, interfaceIndex, maxPayload
+from udpdst.cmsg import enableDestinationOptions, parseDestination, replyControl
 from udpdst.interfaces import IDestinationDatagramProtocol, IDestinationTransport
 
 #: The I/O path this process runs: C{"recvmmsg"} (the C extension) or
@@ -57,10 +57,6 @@ _ICMP_ERRORS = frozenset(
     }
 )
 
-# The largest UDP payload: IPv4 (also IPv4-mapped peers), and IPv6.
-_MAX_V4 = 65507
-_MAX_V6 = 65527
-
 _TRUNCATED = L.MSG_TRUNC
 _CONTROL_TRUNCATED = L.MSG_CTRUNC
 
@@ -68,7 +64,7 @@ _CONTROL_TRUNCATED = L.MSG_CTRUNC
 @dataclass(slots=True)
 class PortCounters:
     """
-    What a L{DestinationPort} has seen, for the service layer's stats.
+    What a L{DestinationPort} has seen.
 
     Every field is an C{int}; consumers read them all through L{asDict}.
 
@@ -152,10 +148,8 @@ def _scopeOf(zone: str, host: str) -> int:
 
     @raise error.InvalidAddressError: no interface has that name.
     """
-    if zone.isdigit():
-        return int(zone)
     try:
-        return socket.if_nametoindex(zone)
+        return interfaceIndex(zone)
     except OSError:
         raise error.InvalidAddressError(host, "no such interface") from None
 
@@ -175,7 +169,8 @@ class DestinationPort(udp.Port):
     A read pass receives a batch (L{udpdst.io}), classifies each datagram by
     its key (peer and control data: a cache hit gives the ready peer address
     and destination) and dispatches it, in C where the C path runs
-    (L{io.read}).  Replies written during a pass are queued and sent
+    (C{io.Path.read}).  What the C path touches of the port is its
+    L{io.Outbox}, C{_outbox}, and nothing else.  Replies written during a pass are queued and sent
     together when the batch is done, in order; a write
     outside a pass is sent at once.  Errors known at C{write} time raise;
     errors of the send itself are counted in C{counters.sendErrors} and
@@ -192,7 +187,7 @@ class DestinationPort(udp.Port):
     @ivar peerCacheSize: How many distinct (peer, destination) keys keep
         their ready peer address; the cache is emptied when full.  About
         0.8 kB a key: small enough that a flood of spoofed sources adds
-        little to the service's peak memory.
+        little to a server's peak memory.
     @ivar ancillaryBufferSize: Room for control data per datagram; sized for
         every message that can arrive together.
     """
@@ -239,15 +234,12 @@ class DestinationPort(udp.Port):
         self.counters = PortCounters()
         self._wildcard = False
         self._fixedDestination: Destination | None = None
-        self._reading = False
+        # What the read pass and the writes in it share, also with C.
+        self._outbox = io.Outbox(self._flush)
         # key -> (peer, destination); see _classify.
         self._peers: dict[Any, tuple[PeerAddress, Destination | None]] = {}
         self._peerDestinations: dict[tuple[str, int], Destination] = {}
         self._family6 = False
-        # Replies queued during a read pass, and whether a reply written now
-        # is held to go out with later ones (see io.Handlers).
-        self._queue: list[tuple[bytes, Any, Any]] = []
-        self._holdReplies = False
         # What is left of a batch when the protocol stopped reading in it.
         self._pending: io.Batch = []
         self._readHandlers: tuple[Any, io.Handlers] | None = None
@@ -281,7 +273,7 @@ class DestinationPort(udp.Port):
         self._family6 = self.socket.family == socket.AF_INET6
         if host in _WILDCARDS:
             self._wildcard = True
-            refused = enable_destination_options(self.socket)
+            refused = enableDestinationOptions(self.socket)
             if refused:
                 self._log.warn(
                     "{port}: the kernel refused {options}; replies may leave "
@@ -296,7 +288,7 @@ class DestinationPort(udp.Port):
             self._fixedDestination = Destination(host, sockname[1], ifindex, host)
 
     def startReading(self) -> None:
-        self._reading = True
+        self._outbox.reading = True
         udp.Port.startReading(self)
         if self._pending:
             # Datagrams already read when the protocol paused: deliver them
@@ -304,7 +296,7 @@ class DestinationPort(udp.Port):
             self.reactor.callLater(0, self._resume)  # type: ignore[attr-defined]
 
     def stopReading(self) -> None:
-        self._reading = False
+        self._outbox.reading = False
         udp.Port.stopReading(self)
 
     # Reading: receive -> classify -> dispatch
@@ -315,7 +307,8 @@ class DestinationPort(udp.Port):
         C{maxThroughput} bytes, and stop at once when the protocol stops
         reading or stops the port; then send the replies written meanwhile.
         """
-        self._holdReplies = True
+        outbox = self._outbox
+        outbox.holdReplies = True
         try:
             if self._pending:
                 batch, self._pending = self._pending, []
@@ -325,7 +318,7 @@ class DestinationPort(udp.Port):
             budget = self.maxThroughput
             size = self.maxPacketSize
             ancSize = self.ancillaryBufferSize if self._wildcard else 0
-            while remaining > 0 and budget > 0 and self._reading:
+            while remaining > 0 and budget > 0 and outbox.reading:
                 want = min(io.BATCH, remaining)
                 got = self._receive(want, size, ancSize, self._handlers())
                 if got is None:
@@ -342,12 +335,12 @@ class DestinationPort(udp.Port):
                 remaining -= want
                 budget -= nbytes + 64 * want
         finally:
-            self._holdReplies = False
-            if self._queue:
+            outbox.holdReplies = False
+            if outbox.queue:
                 self._flush()
 
     def _resume(self) -> None:
-        if self._pending and self._reading:
+        if self._pending and self._outbox.reading:
             self.doRead()
 
     def _handlers(self) -> io.Handlers:
@@ -355,7 +348,7 @@ class DestinationPort(udp.Port):
         What the next batch is handed to (see L{io.Handlers}), made again
         only when C{self.protocol} or its C{datagramReceived} changed (making
         them costs about a microsecond, which a pass of one datagram would
-        pay each time): the service replaces the protocol on reload, and a
+        pay each time): a server may replace the protocol (on reload, say), and a
         protocol may rebind its own C{datagramReceived}.
         """
         protocol = self.protocol
@@ -375,7 +368,7 @@ class DestinationPort(udp.Port):
             None if aware else self._peerDestinations,
             self._rememberPeer,
             self._deliveryFailed,
-            self,
+            self._outbox,
         )
 
     def _delivered(self, delivered: int, rest: io.Batch | None) -> bool:
@@ -452,7 +445,7 @@ class DestinationPort(udp.Port):
         """
         self._drainErrors()
         self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if self._reading and self.connected:
+        if self._outbox.reading and self.connected:
             udp.Port.startReading(self)
 
     def writeConnectionLost(self, reason: Any) -> None:
@@ -478,7 +471,7 @@ class DestinationPort(udp.Port):
         if not self._wildcard:
             dst = self._fixedDestination
         elif useCache:
-            dst = parse_destination(ancdata, self._realPortNumber or 0)[0]
+            dst = parseDestination(ancdata, self._realPortNumber or 0)
         else:
             dst = None
         host = addr[0]
@@ -487,11 +480,11 @@ class DestinationPort(udp.Port):
             host = f"{host}%{_interfaceName(addr[3])}"
         peer = PeerAddress(host, addr[1], dst)
         control = (
-            self.ioPath.packControl(reply_control(self.addressFamily, dst, host))
+            self.ioPath.packControl(replyControl(self.addressFamily, dst, host))
             if self._wildcard
             else self.ioPath.packControl(())
         )
-        peer._reply = (self, target, control, self._maxLength(host))
+        peer._reply = (self, self._outbox, target, control, maxPayload(host))
         entry = (peer, dst)
         if useCache and not scoped:
             peers = self._peers
@@ -541,11 +534,6 @@ class DestinationPort(udp.Port):
             del peers[next(iter(peers))]
         peers[peer] = dst
 
-    def _maxLength(self, host: str) -> int:
-        if not self._family6 or (host.startswith("::ffff:") and "." in host):
-            return _MAX_V4
-        return _MAX_V6
-
     # Writing
 
     def write(  # type: ignore[override]
@@ -569,14 +557,11 @@ class DestinationPort(udp.Port):
                 and reply[0] is self
                 and (dst is None or dst is addr.destination)
             ):
-                if len(datagram) > reply[3]:
+                if len(datagram) > reply[4]:
                     self._tooLong()
                 if type(datagram) is not bytes:
                     datagram = bytes(datagram)
-                queue = self._queue
-                queue.append((datagram, reply[1], reply[2]))
-                if not self._holdReplies or len(queue) >= io.BATCH:
-                    self._flush()
+                self._enqueue((datagram, reply[2], reply[3]))
                 return
         self._writeSlow(datagram, addr, dst)
 
@@ -608,13 +593,13 @@ class DestinationPort(udp.Port):
         except error.InvalidAddressError:
             self.counters.sendErrors += 1
             raise
-        if len(datagram) > self._maxLength(host):
+        if len(datagram) > maxPayload(host):
             self._tooLong()
         control: Any = ()
         if self._wildcard:
             if dst is None:
                 dst = self._destinationFor(addr)
-            control = reply_control(self.addressFamily, dst, host)
+            control = replyControl(self.addressFamily, dst, host)
         if type(datagram) is not bytes:
             datagram = bytes(datagram)
         self._enqueue((datagram, target, self.ioPath.packControl(control)))
@@ -669,9 +654,10 @@ class DestinationPort(udp.Port):
             )
 
     def _enqueue(self, item: tuple[bytes, Any, Any]) -> None:
-        queue = self._queue
+        outbox = self._outbox
+        queue = outbox.queue
         queue.append(item)
-        if not self._holdReplies or len(queue) >= io.BATCH:
+        if not outbox.holdReplies or len(queue) >= io.BATCH:
             self._flush()
 
     def _flush(self) -> None:
@@ -680,7 +666,8 @@ class DestinationPort(udp.Port):
         allows; a reply that fails is retried without control data if its
         source vanished, otherwise counted (and logged sparsely).
         """
-        queue, self._queue = self._queue, []
+        outbox = self._outbox
+        queue, outbox.queue = outbox.queue, []
         counters = self.counters
         start = 0
         total = len(queue)
@@ -737,8 +724,8 @@ class DestinationPort(udp.Port):
         self.write(b"".join(seq), addr, dst)
 
     def connectionLost(self, reason: Any = None) -> None:
-        self._reading = False
-        if self._queue:
+        self._outbox.reading = False
+        if self._outbox.queue:
             self._flush()
         self._pending = []
         # The handlers refer back to the port: no cycle outlives the socket.

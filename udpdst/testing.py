@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import sys
 from typing import Any
 
 from twisted.internet import defer, error
@@ -22,7 +21,8 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IListeningPort, IReactorFDSet
 from zope.interface import implementer
 
-from udpdst.address import Destination, PeerAddress
+from udpdst._memory import isMemoryReactor  # noqa: F401 - part of this module's API
+from udpdst.address import Destination, PeerAddress, interfaceIndex, splitHostPort
 from udpdst.interfaces import IDestinationDatagramProtocol, IDestinationTransport
 from udpdst.port import DestinationPort
 from udpdst.protocol import AnyDatagramProtocol, asTwistedProtocol
@@ -38,14 +38,8 @@ def _unicastDestination(text: str) -> Destination:
     @raise ValueError: C{text} is not C{ADDRESS:PORT}, names a broadcast or
         multicast address, or a zone that is no interface here.
     """
-    host, colon, portText = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(
-            f"{text!r}: put an IPv6 address in brackets, as in [2001:db8::3]:53"
-        )
-    if not colon or not portText.isdigit() or not 0 < int(portText) < 65536:
+    host, portText = splitHostPort(text)
+    if not portText.isdigit() or not 0 < int(portText) < 65536:
         raise ValueError(f"{text!r} is not ADDRESS:PORT (a port from 1 to 65535)")
     bare, _, zone = host.partition("%")
     try:
@@ -65,16 +59,13 @@ def _unicastDestination(text: str) -> Destination:
     if zone:
         if ip.version == 4:
             raise ValueError(f"{text!r}: IPv4 addresses have no zone")
-        if zone.isdigit():
-            ifindex = int(zone)
-        else:
-            try:
-                ifindex = socket.if_nametoindex(zone)
-            except OSError:
-                raise ValueError(
-                    f"{text!r}: no interface named {zone!r} here; give its "
-                    "index instead ([fe80::1%2]:53)"
-                ) from None
+        try:
+            ifindex = interfaceIndex(zone)
+        except OSError:
+            raise ValueError(
+                f"{text!r}: no interface named {zone!r} here; give its "
+                "index instead ([fe80::1%2]:53)"
+            ) from None
     return Destination(str(ip), int(portText), ifindex, str(ip))
 
 
@@ -235,10 +226,10 @@ class FakeDestinationTransport(DestinationPort):
         return self._broadcastAllowed
 
     def startReading(self) -> None:
-        self._reading = True
+        self._outbox.reading = True
 
     def stopReading(self) -> None:
-        self._reading = False
+        self._outbox.reading = False
 
     def stopListening(self) -> defer.Deferred[None]:
         """
@@ -269,13 +260,3 @@ class FakeDestinationTransport(DestinationPort):
 
     def doRead(self) -> None:
         pass
-
-
-def isMemoryReactor(reactor: object) -> bool:
-    """
-    Whether C{reactor} is one of Twisted's memory reactors
-    (C{MemoryReactor}, C{MemoryReactorClock}), which have no sockets.
-    """
-    testing = sys.modules.get("twisted.internet.testing")
-    # Without that module loaded, no memory reactor exists.
-    return testing is not None and isinstance(reactor, testing.MemoryReactor)

@@ -2,7 +2,7 @@ from twisted.application.service import ServiceMaker
 
 udpdst = ServiceMaker(
     "udpdst",
-    "udpdst.tap",
+    "udpdst.echo.tap",
     "A UDP echo service that replies from the address each datagram was sent to",
     "udpdst",
 )

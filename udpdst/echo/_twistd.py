@@ -1,7 +1,8 @@
 """
 What the udpdst service needs from twistd, in one place: the log observer
-twistd would build (put behind our log level, in our format), and a failed
-start reported the way twistd's daemon mode expects (status pipe, pid file).
+twistd would build (put behind our log level, in our format), the observer
+for C{twistd --logger}, and a failed start reported the way twistd's daemon
+mode expects (status pipe, pid file).
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ import signal
 import sys
 from typing import IO, Any
 
-from twisted.logger import ILogObserver, textFileLogObserver
+from twisted.logger import ILogObserver, jsonFileLogObserver, textFileLogObserver
 from twisted.python.components import Componentized
 from twisted.python.logfile import LogFile
 from twisted.python.util import untilConcludes
 
-from udpdst import logs
+from udpdst.echo import logs
 
 #: The hooks of the twistd run in this process, once L{TwistdHooks.install}
 #: ran (C{twistd --logger} factories find twistd's options there).
@@ -188,3 +189,16 @@ def _replaceWaitForStart() -> None:
     from twisted.scripts._twistd_unix import UnixApplicationRunner
 
     UnixApplicationRunner._waitForStart = waitForStart  # type: ignore[method-assign, assignment]
+
+
+def jsonLogObserver() -> ILogObserver:
+    """
+    For C{twistd --logger udpdst.echo.jsonLogObserver}: Twisted's own event
+    JSON (C{twisted.logger.eventsFromJSONLogFile} reads it back), one
+    object per line, behind the log level, written where twistd would log
+    (C{--logfile} in daemon mode).  For lines meant for people and log
+    collectors, C{[log] format = "json"} is the one to use.
+    """
+    running = current
+    out = running.logOutput() if running is not None else sys.stdout
+    return logs.filtered(jsonFileLogObserver(out, recordSeparator=""))

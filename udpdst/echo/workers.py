@@ -21,7 +21,8 @@ object per line:
     the worker's number); standard input then stays open, and its end
     (the parent is gone) stops the worker;
   - worker to parent, on standard output: C{{"ready": true}} once it
-    serves, C{{"stats": ..., "final": bool}} every L{REPORT_INTERVAL}
+    serves, C{{"stats": ..., "final": bool}} every
+    L{udpdst.echo.worker.REPORT_INTERVAL}
     seconds and at stop, and C{{"log": ...}} for each log event (as
     L{twisted.logger.eventAsJSON} writes it), which the parent publishes as
     its own, so that one log level and one log destination cover all
@@ -29,6 +30,8 @@ object per line:
 
 Standard error is logged by the parent line by line (a worker that cannot
 even start writes its traceback there).
+
+This module is the parent's side; L{udpdst.echo.worker} is the worker's.
 """
 
 from __future__ import annotations
@@ -38,37 +41,25 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields, is_dataclass, replace
-from ipaddress import IPv4Network, IPv6Network
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.error import ConnectionDone, ProcessExitedAlready
-from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import (
-    ILogFilterPredicate,
-    ILogObserver,
     Logger,
-    LogLevel,
-    PredicateResult,
-    eventAsJSON,
     eventFromJSON,
     globalLogPublisher,
 )
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
-from udpdst.config import Config, ConfigError, ListenConfig, parseConfig
-from udpdst.service import EchoService
-from udpdst.stats import Snapshot
+from udpdst.echo.config import ListenConfig, configDocument
+from udpdst.echo.service import EchoService
+from udpdst.echo.stats import Snapshot
 
-_log = Logger(namespace="udpdst.workers")
-
-#: Seconds between a worker's stats reports to the parent: what a worker
-#: that is killed outright can take with it uncounted.
-REPORT_INTERVAL = 1.0
+_log = Logger(namespace="udpdst.echo.workers")
 
 #: The longest line the parent accepts from a worker; a longer one is cut
 #: off (a worker is our own code, but a runaway one must not exhaust memory).
@@ -92,29 +83,6 @@ def workerCount(setting: int | str) -> int:
     CPU, an integer is itself.
     """
     return cpuCount() if setting == "auto" else int(setting)
-
-
-# The configuration, sent to the worker as a plain document.
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, IPv4Network | IPv6Network):
-        return str(value)
-    if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
-    if is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
-    return value
-
-
-def configDocument(config: Any) -> dict[str, Any]:
-    """
-    A L{udpdst.config.Config} as the document (tables of plain values) that
-    L{udpdst.config.parseConfig} reads back to an equal configuration.
-    """
-    document = _plain(config)
-    assert isinstance(document, dict)
-    return document
 
 
 # Backoff for restarts.
@@ -153,7 +121,7 @@ class Backoff:
 @dataclass(frozen=True)
 class WorkerSocket:
     """
-    A socket the workers serve: the L{udpdst.config.ListenConfig} it was
+    A socket the workers serve: the L{udpdst.echo.config.ListenConfig} it was
     made for, its descriptor in the parent, and its address for log lines.
     """
 
@@ -233,7 +201,7 @@ class WorkerPool(Service):
         reload, the one it replaces is its C{replaces}.
     """
 
-    _log = Logger(namespace="udpdst.workers")
+    _log = Logger(namespace="udpdst.echo.workers")
 
     def __init__(
         self,
@@ -308,7 +276,7 @@ class WorkerPool(Service):
         # The document's listeners are those of the sockets, in their order:
         # systemd may pass several sockets for one listener.
         document = dict(self.document)
-        document["listen"] = [_plain(s.listener) for s in self._fds]
+        document["listen"] = [configDocument(s.listener) for s in self._fds]
         setup = {
             "worker": number,
             "config": document,
@@ -527,7 +495,7 @@ class WorkerPool(Service):
         The sum of what the workers reported: the last report of every
         worker that ended, and the latest of each running one.  It covers
         everything the workers counted, except what a worker killed
-        outright counted in its last L{REPORT_INTERVAL}.
+        outright counted in its last L{udpdst.echo.worker.REPORT_INTERVAL}.
         """
         total = self._retired
         for snapshot in self._latest.values():
@@ -576,7 +544,7 @@ def serveWithWorkers(
     service: EchoService, count: int, reactor: Any = None
 ) -> WorkerPool:
     """
-    Make an L{udpdst.service.EchoService} serve its sockets with C{count}
+    Make an L{udpdst.echo.service.EchoService} serve its sockets with C{count}
     worker processes: it still binds them (or takes systemd's), but stops
     reading them itself, and reports the sum of what its workers count.
 
@@ -608,195 +576,10 @@ def serveWithWorkers(
 
 def workerCommand() -> list[str]:
     """
-    The command line that runs a worker: this Python, this module.
+    The command line that runs a worker: this Python, L{udpdst.echo.worker}.
     """
     return [
         sys.executable,
         "-c",
-        "from udpdst.workers import runWorker; raise SystemExit(runWorker())",
+        "from udpdst.echo.worker import runWorker; raise SystemExit(runWorker())",
     ]
-
-
-# The worker side.
-
-
-@implementer(IReadDescriptor)
-class _ParentWatch:
-    """
-    Standard input, on which the parent never writes again: its end means
-    the parent is gone, and the worker stops.
-    """
-
-    def __init__(self, fd: int, gone: Callable[[], None]) -> None:
-        self._fd = fd
-        self._gone = gone
-        os.set_blocking(fd, False)
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def logPrefix(self) -> str:
-        return "udpdst parent"
-
-    def doRead(self) -> Any:
-        try:
-            data = os.read(self._fd, 4096)
-        except BlockingIOError:
-            return None
-        except OSError:
-            data = b""
-        return None if data else ConnectionDone()
-
-    def connectionLost(self, reason: Any) -> None:
-        self._gone()
-
-
-#: Where the info lines that every worker would repeat come from: Twisted's
-#: own (protocol started, SIGTERM received), the service's (where it
-#: listens, that it runs), which the parent logs once for all.
-_REPEATED = ("log_legacy", "twisted.", "udpdst.service.", "udpdst.workers.")
-
-
-@implementer(ILogFilterPredicate)
-class _Forwarded:
-    """
-    Which of a worker's log events go to the parent: all but the info lines
-    that every worker would repeat.
-    """
-
-    def __call__(self, event: dict[str, Any]) -> PredicateResult:
-        if event.get("log_level") == LogLevel.info and str(
-            event.get("log_namespace", "")
-        ).startswith(_REPEATED):
-            return PredicateResult.no
-        return PredicateResult.maybe
-
-
-class _WorkerEchoService(EchoService):
-    """
-    The echo service as a worker runs it: it reports its stats to the
-    parent, which logs the sum over all workers.
-    """
-
-    def __init__(self, channel: _Channel, *args: Any, **kwargs: Any) -> None:
-        EchoService.__init__(self, *args, **kwargs)
-        self._channel = channel
-
-    def logStats(self, final: bool = False) -> None:
-        self._channel.send({"stats": self.localSnapshot().asDict(), "final": final})
-
-
-@implementer(ILogObserver)
-class _Channel:
-    """
-    The worker's end of the line protocol: one JSON object per line on the
-    original standard output.
-    """
-
-    def __init__(self, out: Any) -> None:
-        self._out = out
-
-    def send(self, message: Mapping[str, Any]) -> None:
-        try:
-            self._out.write(json.dumps(message).encode() + b"\n")
-            self._out.flush()
-        except (OSError, ValueError):
-            # The parent is gone; its end of standard input says so too.
-            pass
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        self.send({"log": eventAsJSON(event)})
-
-
-def workerConfig(document: Mapping[str, Any]) -> Config:
-    """
-    The configuration a worker runs from its parent's document: the same,
-    except that it runs no workers of its own, serves no metrics (the
-    parent does, for all) and reports its stats every L{REPORT_INTERVAL}.
-    """
-    config = parseConfig(document, "the parent's configuration")
-    return replace(
-        config,
-        log=replace(config.log, stats_interval=REPORT_INTERVAL),
-        service=replace(config.service, workers=1),
-        metrics=replace(config.metrics, listen=""),
-    )
-
-
-def runWorker(stdin: int = 0, stdout: int = 1) -> int:
-    """
-    Run one worker: read the setup from C{stdin}, serve the descriptors it
-    names until SIGTERM or until the parent is gone.
-
-    @return: The exit status.
-    """
-    with os.fdopen(os.dup(stdin), "rb") as setupFile:
-        line = setupFile.readline()
-    try:
-        setup = json.loads(line)["setup"]
-        config = workerConfig(setup["config"])
-    except (ValueError, KeyError, TypeError):
-        sys.stderr.write(
-            "udpdst.workers: no setup on standard input; workers are started "
-            "by twistd udpdst with workers >= 2, not by hand\n"
-        )
-        return 2
-    except ConfigError as e:
-        # The parent checked this configuration: a different udpdst?
-        sys.stderr.write(f"udpdst.workers: {e}\n")
-        return 2
-    out = os.fdopen(os.dup(stdout), "wb")
-    # Stray prints must not corrupt the line protocol: they go to standard
-    # error, which the parent logs line by line.
-    os.dup2(2, stdout)
-    channel = _Channel(out)
-
-    from twisted.internet import reactor
-    from twisted.logger import FilteringLogObserver, globalLogBeginner
-
-    from udpdst import logs
-    from udpdst.systemd import InheritedSocket
-
-    logs.setLogLevel(config.log.level)
-    globalLogBeginner.beginLoggingTo(
-        [FilteringLogObserver(channel, [logs.minimumLevel, _Forwarded()])],
-        redirectStandardIO=False,
-    )
-
-    sockets = [
-        (listener, InheritedSocket(s["fd"], s["name"]))
-        for listener, s in zip(config.listen, setup["sockets"], strict=True)
-    ]
-    service = _WorkerEchoService(channel, config, sockets, reactor)
-    status = [0]
-
-    def start() -> None:
-        try:
-            service.privilegedStartService()
-            service.startService()
-        except SystemExit as e:
-            # A listener could not start: its one critical line is logged.
-            status[0] = e.code if isinstance(e.code, int) else 1
-            reactor.stop()
-            return
-        except Exception:
-            _log.failure("worker could not start")
-            status[0] = 1
-            reactor.stop()
-            return
-        reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-        # The parent stops its workers with SIGTERM; an interrupt from the
-        # terminal reaches the parent too, which then does so.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        # The parent reloads on SIGHUP and replaces its workers.
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        reactor.addReader(_ParentWatch(stdin, _parentGone))
-        channel.send({"ready": True})
-
-    def _parentGone() -> None:
-        if reactor.running:
-            reactor.stop()
-
-    reactor.callWhenRunning(start)
-    reactor.run()
-    return status[0]

@@ -21,7 +21,8 @@ from twisted.logger import LogLevel, LogLevelFilterPredicate, PredicateResult
 
 from tests._service_helpers import Twistd, echo, startedTwistd, stopDaemon
 from tests.conftest import pidFileRemoved
-from udpdst import io, logs
+from udpdst import io
+from udpdst.echo import logs
 from udpdst.port import IO_PATH
 
 
@@ -49,7 +50,7 @@ def records(lines: list[str]) -> list[dict[str, Any]]:
 
 def checkServiceRecords(found: list[dict[str, Any]], port: int) -> None:
     (start,) = [r for r in found if r["text"].startswith("udpdst echo listening")]
-    assert start["namespace"] == "udpdst.service.ListenerService"
+    assert start["namespace"] == "udpdst.echo.listeners.ListenerService"
     assert start["address"] == f"127.0.0.1:{port}"
     # Every field means something on its own: no pieces of the text.
     assert (start["amplification"], start["reusePort"]) == (0, False)
@@ -138,7 +139,7 @@ def test_jsonDaemonBindFailure(started, tmp_path: Path) -> None:  # type: ignore
 
 def test_twistedJsonLoggerInDaemonMode(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """
-    twistd --logger udpdst.logs.jsonLogObserver --logfile F: Twisted's event
+    twistd --logger udpdst.echo.jsonLogObserver --logfile F: Twisted's event
     JSON goes to F (it used to vanish).
     """
     pidfile, logfile = tmp_path / "d.pid", tmp_path / "d.log"
@@ -151,7 +152,7 @@ def test_twistedJsonLoggerInDaemonMode(started, tmp_path: Path) -> None:  # type
             "--logfile",
             str(logfile),
             "--logger",
-            "udpdst.logs.jsonLogObserver",
+            "udpdst.echo.jsonLogObserver",
         ],
     )
     assert process.finish() == 0, process.output()

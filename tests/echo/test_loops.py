@@ -1,5 +1,5 @@
 """
-Tests for the end of echo loops (udpdst.limits.LoopGuard in the echo): two
+Tests for the end of echo loops (udpdst.echo.limits.LoopGuard in the echo): two
 echo ports, and two C{twistd udpdst} services, with one spoofed datagram
 between them on real loopback sockets; a loop through a slow peer; and
 clients that repeat themselves, which must keep their answers.
@@ -11,40 +11,21 @@ import json
 import signal
 import time
 import tracemalloc
-from collections.abc import Callable
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import LogLevel, globalLogPublisher
 
 from tests._raw import requiresRawSockets, spoof
 from tests._service_helpers import DEADLINE, Twistd, freePort
 from tests.clients import client, echo, send
+from tests.echo._helpers import portCounters, run, server, until
 from tests.netns import REPO
-from tests.test_echo import portCounters, run, server
 from udpdst.address import Destination, PeerAddress
-from udpdst.config import LimitsConfig
-from udpdst.echo import EchoProtocol
-from udpdst.limits import LoopGuard
-
-
-def until(reactor: Any, condition: Callable[[], bool]) -> Deferred[None]:
-    """
-    Fire once C{condition()} holds, checking every few milliseconds (the
-    caller's run() bounds the wait).
-    """
-    d: Deferred[None] = Deferred()
-
-    def check() -> None:
-        if condition():
-            d.callback(None)
-        else:
-            reactor.callLater(0.005, check)
-
-    check()
-    return d
+from udpdst.echo.config import LimitsConfig
+from udpdst.echo.limits import LoopGuard
+from udpdst.echo.protocol import EchoProtocol
 
 
 @pytest.fixture
@@ -346,7 +327,7 @@ def test_loopBetweenTwoServicesEnds(workers: str) -> None:
                 workers,
             ],
             REPO,
-            twistdArgs=["-n", "--pidfile=", "--logger", "udpdst.logs.jsonLogObserver"],
+            twistdArgs=["-n", "--pidfile=", "--logger", "udpdst.echo.jsonLogObserver"],
         )
         for p in ports
     ]

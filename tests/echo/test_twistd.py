@@ -34,6 +34,7 @@ from tests._service_helpers import (
 )
 from tests.clients import REPLY_TIMEOUT, echo
 from tests.conftest import HAVE_IPV6, pidFileRemoved, requiresIPv6
+from tests.echo._helpers import BAD_CONFIGS
 from udpdst.check import Answer, Probe, askAll
 
 FINAL_STATS = re.compile(
@@ -136,12 +137,12 @@ def test_helpDoesNotImportTheApplication(tmp_path: Path) -> None:
     assert "--listen=" in result.stdout and "--config=" in result.stdout
     assert "--prefix=" in result.stdout
     modules = set(result.stdout.split("MODULES ", 1)[1].split())
-    assert "udpdst.tap" in modules
+    assert "udpdst.echo.tap" in modules
     for heavy in (
         "udpdst.port",
-        "udpdst.service",
-        "udpdst.echo",
-        "udpdst.limits",
+        "udpdst.echo.service",
+        "udpdst.echo.protocol",
+        "udpdst.echo.limits",
         "twisted.internet.reactor",
         "twisted.internet.udp",
     ):
@@ -274,14 +275,14 @@ def test_sigintAndStats(started) -> None:  # type: ignore[no-untyped-def]
 def test_logLevelDebugAndJson(started) -> None:  # type: ignore[no-untyped-def]
     """
     At debug level one line per datagram, with structured fields in JSON
-    logs (twistd --logger udpdst.logs.jsonLogObserver).
+    logs (twistd --logger udpdst.echo.jsonLogObserver).
     """
     process = started(
         "--listen",
         "0.0.0.0:0",
         "--log-level",
         "debug",
-        twistdArgs=["-n", "--pidfile=", "--logger", "udpdst.logs.jsonLogObserver"],
+        twistdArgs=["-n", "--pidfile=", "--logger", "udpdst.echo.jsonLogObserver"],
     )
     ((_, port),) = process.listening()
     with Probe("127.0.0.2", port, source="127.0.0.5") as probe:
@@ -353,16 +354,6 @@ def test_privilegedPortThenDropPrivileges(started) -> None:  # type: ignore[no-u
 
 #: Config files twistd udpdst (and udpdst check-config) refuse, and a regular
 #: expression for what their one-line error says.
-BAD_CONFIGS = [
-    ("[limits]\nper_source_rat = 5\n", r"unknown key 'per_source_rat'"),
-    ("[[listen]]\nport = '7'\n", r"must be an integer port number"),
-    ("[[listen]]\naddress = 'eth0'\n", r"bad address 'eth0'"),
-    (
-        "[[listen]]\nport = 65536\n",
-        r"port = 65536 is out of range; use a port number 0\.\.65535",
-    ),
-    ("[echo]\nprefix = 'x'\n\n[limits\n", r"invalid TOML: .*\(at line 4, column 8\)"),
-]
 
 
 @pytest.mark.parametrize("text, cause", BAD_CONFIGS)
@@ -595,7 +586,7 @@ def test_daemonModePortInUse(started, tmp_path: Path) -> None:  # type: ignore[n
     log = (tmp_path / "d.log").read_text()
     assert "Traceback" not in log
     assert (
-        f"[udpdst.service.EchoService#critical] cannot listen on 127.0.0.1:{port}"
+        f"[udpdst.echo.service.EchoService#critical] cannot listen on 127.0.0.1:{port}"
         in log
     )
     assert pidFileRemoved(tmp_path / "d.pid")

@@ -162,8 +162,8 @@ def test_reloadCannotAddASystemdListener() -> None:
     systemd passes sockets only at start: a reload that adds a systemd
     listener is refused before anything changes.
     """
-    from udpdst.config import Config, ConfigError, ListenConfig
-    from udpdst.service import EchoService
+    from udpdst.echo.config import Config, ConfigError, ListenConfig
+    from udpdst.echo.service import EchoService
 
     listener = ListenConfig("127.0.0.1", 0)
     config = Config(listen=(listener,))

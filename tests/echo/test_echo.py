@@ -9,52 +9,25 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
-import weakref
-from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
-from twisted.internet.defer import ensureDeferred
 from twisted.internet.error import InvalidAddressError, MessageLengthError
 from twisted.logger import LogLevel, globalLogPublisher
 
 from tests.clients import Client, client, send
 from tests.conftest import requiresIPv6
-from tests.reactors import runUntil
-from udpdst import listenUDP, logs
+from tests.echo._helpers import portCounters, run, server
+from udpdst import listenUDP
 from udpdst.address import Destination, PeerAddress
-from udpdst.config import LimitsConfig
-from udpdst.echo import REFUSAL_REASONS, EchoProtocol
-from udpdst.limits import AccessList, RateLimiter
+from udpdst.echo import logs
+from udpdst.echo.config import LimitsConfig
+from udpdst.echo.limits import AccessList, RateLimiter
+from udpdst.echo.protocol import REFUSAL_REASONS, EchoProtocol
 
 net = ipaddress.ip_network
 EVERYONE = (net("0.0.0.0/0"), net("::/0"))
 requiresRoot = pytest.mark.skipif(os.geteuid() != 0, reason="binding port 7 needs root")
-
-
-def run(reactor: Any, scenario: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
-    return runUntil(reactor, lambda: ensureDeferred(scenario()), timeout=20)
-
-
-# The port each server() protocol listened on, for its counters once stopped.
-_ports: weakref.WeakKeyDictionary[EchoProtocol, Any] = weakref.WeakKeyDictionary()
-
-
-def portCounters(protocol: EchoProtocol) -> Any:
-    """
-    The counters of the port C{protocol} listened on: it counts what came in
-    and went out, the echo only its refusals.
-    """
-    return _ports[protocol].counters
-
-
-def server(
-    reactor: Any, interface: str, protocol: EchoProtocol | None = None
-) -> tuple[EchoProtocol, int]:
-    protocol = protocol or EchoProtocol()
-    port = listenUDP(0, protocol, interface, 65535, reactor)
-    _ports[protocol] = port
-    return protocol, port.getHost().port
 
 
 # Replies

@@ -22,11 +22,11 @@ from typing import Any
 import pytest
 
 from tests._service_helpers import Twistd, freePort
-from tests.netns import REPO
+from tests.netns import HERE, REPO
 
 pytestmark = pytest.mark.soak
 
-LOAD_SCRIPT = Path(__file__).resolve().parent / "_netns_load.py"
+LOAD_SCRIPT = HERE / "_netns_load.py"
 SECONDS = float(os.environ.get("UDPDST_SOAK_SECONDS", "180"))
 #: Growth of resident memory allowed after the first fifth of the run.
 RSS_SLACK = 4 * 2**20
@@ -70,7 +70,7 @@ def test_soak(tmp_path: Path) -> None:
             str(max(1.0, SECONDS / 20)),
         ],
         REPO,
-        twistdArgs=["-n", "--pidfile=", "--logger", "udpdst.logs.jsonLogObserver"],
+        twistdArgs=["-n", "--pidfile=", "--logger", "udpdst.echo.jsonLogObserver"],
     )
     try:
         process.listening()

@@ -11,7 +11,6 @@ the output with.
 
 from __future__ import annotations
 
-import importlib.metadata
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,10 +20,12 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+import udpdst
 from udpdst.address import formatHostPort
 from udpdst.application import ListeningService
-from udpdst.config import MetricsConfig
-from udpdst.stats import Snapshot
+from udpdst.echo.config import MetricsConfig
+from udpdst.echo.listeners import ListenError, bindFailure
+from udpdst.echo.stats import Snapshot
 
 #: What to tell an operator whose config asks for metrics without the extra.
 MISSING_EXTRA = (
@@ -63,13 +64,6 @@ def metricName(counter: str) -> str:
     return "udpdst_" + re.sub(r"[A-Z]", lambda m: "_" + m.group().lower(), counter)
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("udpdst")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
 class SnapshotCollector:
     """
     A C{prometheus_client} collector that reads one L{Snapshot} per scrape.
@@ -89,7 +83,7 @@ class SnapshotCollector:
 
         snapshot = self._snapshot()
         info = InfoMetricFamily("udpdst", "The udpdst version and I/O path.")
-        info.add_metric([], {"version": _version(), "io_path": port.IO_PATH})
+        info.add_metric([], {"version": udpdst.__version__, "io_path": port.IO_PATH})
         yield info
 
         families: dict[str, Any] = {}
@@ -179,8 +173,6 @@ class MetricsService(ListeningService[Any]):
         self._reactor = reactor
 
     def _listen(self) -> Any:
-        from udpdst.service import ListenError, bindFailure
-
         reactor = self._reactor
         if reactor is None:
             from twisted.internet import reactor

@@ -14,7 +14,7 @@ from typing import Any
 from twisted.logger import Logger
 from twisted.python import usage
 
-from udpdst.config import (
+from udpdst.echo.config import (
     LISTEN_HELP,
     OPTIONS,
     REUSE_PORT_HELP,
@@ -23,9 +23,9 @@ from udpdst.config import (
     loadConfig,
     withOverrides,
 )
-from udpdst.systemd import assignSockets, listenFds
+from udpdst.echo.systemd import assignSockets, listenFds
 
-_log = Logger(namespace="udpdst.tap")
+_log = Logger(namespace="udpdst.echo.tap")
 
 
 class _ConfigUsageError(usage.UsageError):
@@ -97,7 +97,7 @@ class Options(usage.Options):
             reusePort=bool(self["reuse-port"]),
         )
         if config.metrics.listen:
-            from udpdst.metrics import MISSING_EXTRA, checkAvailable
+            from udpdst.echo.metrics import MISSING_EXTRA, checkAvailable
 
             try:
                 checkAvailable()
@@ -140,11 +140,11 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     Build the echo service from parsed L{Options}.
 
     @param reactor: The reactor; the global one if L{None}.
-    @return: A L{udpdst.service.EchoService}.
+    @return: A L{udpdst.echo.service.EchoService}.
     """
-    from udpdst import logs
-    from udpdst.service import EchoService
-    from udpdst.systemd import Notifier
+    from udpdst.echo import logs
+    from udpdst.echo.service import EchoService
+    from udpdst.echo.systemd import Notifier
 
     config = options["udpdst"]
     logs.setLogLevel(config.log.level)
@@ -156,7 +156,7 @@ def makeService(options: Options, reactor: Any = None) -> Any:
         reloader=options.readConfig,
         notifier=Notifier(options.environ, reactor),
     )
-    from udpdst.workers import serveWithWorkers, workerCount
+    from udpdst.echo.workers import serveWithWorkers, workerCount
 
     count = workerCount(config.service.workers)
     if count > 1:

@@ -1,5 +1,5 @@
 """
-Tests for udpdst.config and the command-line options of udpdst.tap: every
+Tests for udpdst.echo.config and the command-line options of udpdst.echo.tap: every
 key's default, every kind of mistake (one line, no traceback), and overrides.
 """
 
@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from twisted.python import usage
 
-from udpdst.config import (
+from tests._service_helpers import REPO
+from udpdst.echo.config import (
     OPTIONS,
     TABLES,
     Config,
@@ -28,7 +29,7 @@ from udpdst.config import (
     loadConfig,
     parseListen,
 )
-from udpdst.tap import Options
+from udpdst.echo.tap import Options
 
 #: The example config and the units, shipped in the package.
 DATA = importlib.resources.files("udpdst").joinpath("data")
@@ -104,7 +105,7 @@ def test_etcKeepsCopiesOfThePackageData(name: str) -> None:
     etc/ holds copies of the example config and units for readers of the
     repository; the package's are the ones installed.
     """
-    etc = Path(__file__).resolve().parent.parent / "etc" / name
+    etc = REPO / "etc" / name
     assert etc.read_text() == DATA.joinpath(name).read_text()
 
 
@@ -456,7 +457,7 @@ def test_makeServiceOneChildPerListener() -> None:
     makeService builds a listening service per listener, also for listeners
     that look alike (they are not told apart by name).
     """
-    from udpdst.tap import makeService
+    from udpdst.echo.tap import makeService
 
     options = parse(["--listen", "127.0.0.1:0", "--listen", "127.0.0.1:0"])
     service = makeService(options)

@@ -1,5 +1,5 @@
 """
-Tests for the Prometheus endpoint (udpdst.metrics): a real C{twistd udpdst}
+Tests for the Prometheus endpoint (udpdst.echo.metrics): a real C{twistd udpdst}
 scraped over loopback after known traffic, its text parsed with
 C{prometheus_client}'s own parser.
 """
@@ -30,8 +30,8 @@ prometheus_client = pytest.importorskip(
     "prometheus_client", reason="the metrics extra (prometheus_client) is not installed"
 )
 
-from udpdst.echo import REFUSAL_REASONS  # noqa: E402
-from udpdst.metrics import metricName  # noqa: E402
+from udpdst.echo.metrics import metricName  # noqa: E402
+from udpdst.echo.protocol import REFUSAL_REASONS  # noqa: E402
 from udpdst.port import IO_PATH, PortCounters  # noqa: E402
 
 METRICS_LINE = re.compile(r"udpdst metrics on http://(\S+)/metrics")

@@ -1,5 +1,5 @@
 """
-Tests for udpdst.workers: C{twistd udpdst --workers N} as an operator runs
+Tests for udpdst.echo.workers: C{twistd udpdst --workers N} as an operator runs
 it (real twistd and worker processes, real sockets on loopback), and the
 restart policy with real worker processes that exit at once or hang.
 """
@@ -35,10 +35,16 @@ from tests._service_helpers import (
     startedTwistd,
     systemdCommand,
 )
-from udpdst.config import Config, EchoConfig, LimitsConfig, ListenConfig, parseConfig
-from udpdst.workers import (
-    Backoff,
+from udpdst.echo.config import (
+    Config,
+    EchoConfig,
+    LimitsConfig,
+    ListenConfig,
     configDocument,
+    parseConfig,
+)
+from udpdst.echo.workers import (
+    Backoff,
     cpuCount,
     workerCommand,
     workerCount,
@@ -230,7 +236,7 @@ def test_workerStartedByHand() -> None:
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr == (
-        "udpdst.workers: no setup on standard input; workers are started by "
+        "udpdst.echo.worker: no setup on standard input; workers are started by "
         "twistd udpdst with workers >= 2, not by hand\n"
     )
 
@@ -243,7 +249,7 @@ import sys
 from pathlib import Path
 from twisted.internet import reactor, task
 from twisted.logger import globalLogBeginner, textFileLogObserver
-from udpdst.workers import Backoff, WorkerPool
+from udpdst.echo.workers import Backoff, WorkerPool
 
 starts, how, count = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 starts.touch()
@@ -423,7 +429,7 @@ def test_restartedWorkerServesPrivilegedPort(started, tmp_path: Path) -> None:  
         # Workers are started after the drop: nobody must be able to run
         # this Python and import udpdst.
         subprocess.run(
-            [sys.executable, "-c", "import udpdst.workers"],
+            [sys.executable, "-c", "import udpdst.echo.workers"],
             user=nobody.pw_uid,
             group=nobody.pw_gid,
             extra_groups=[],

@@ -1,5 +1,5 @@
 """
-Tests for udpdst.systemd: finding the sockets systemd passed (sd_listen_fds
+Tests for udpdst.echo.systemd: finding the sockets systemd passed (sd_listen_fds
 rules) and pairing them with listeners.  Descriptors 3 and up are set up in
 a child process, as systemd would, so the test process's own are untouched.
 """
@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 
 from tests._service_helpers import TWISTD
-from udpdst.config import ConfigError, ListenConfig
-from udpdst.systemd import assignSockets, listenFds
+from udpdst.echo.config import ConfigError, ListenConfig
+from udpdst.echo.systemd import assignSockets, listenFds
 
 CHILD = textwrap.dedent(
     """
     import json, os, socket, sys
-    from udpdst.config import ConfigError, ListenConfig
-    from udpdst.systemd import assignSockets, listenFds, socketFamily
+    from udpdst.echo.config import ConfigError, ListenConfig
+    from udpdst.echo.systemd import assignSockets, listenFds, socketFamily
 
     six = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
     four = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -1,7 +1,7 @@
 """
 The configuration of the udpdst echo service: its schema (keys, defaults,
-types and validation, in this one place), the TOML loader, and command-line
-overrides.
+types and validation, in this one place), the TOML loader, command-line
+overrides, and the inverse of the loader (L{configDocument}).
 
 Each table is a frozen dataclass; each field is a key of that table, and its
 metadata holds the validator, the one-line description and, for keys that
@@ -17,15 +17,10 @@ import ipaddress
 import math
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, TypeVar
 
-from udpdst.address import formatHostPort
-
-#: The largest UDP payload over IPv4 (65,535 - 20 byte IP header - 8 byte UDP
-#: header); over IPv6 it is 65,527.  A reply larger than this cannot be sent.
-MAX_UDP_PAYLOAD_V4 = 65507
-MAX_UDP_PAYLOAD_V6 = 65527
+from udpdst.address import formatHostPort, splitHostPort
 
 #: The longest allowed echo prefix, in bytes once UTF-8 encoded.  Every reply
 #: may be this much larger than its request (reflection amplification).
@@ -208,23 +203,11 @@ def _workers(value: Any, where: str) -> int | str:
     return value
 
 
-def _splitHostPort(text: str, shape: str) -> tuple[str, str]:
-    """
-    C{ADDRESS:PORT} (IPv6 in brackets) split in two, unchecked.
-    """
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]:")
-        if not sep or ":" not in host:
-            raise ConfigError(shape)
-    else:
-        host, sep, rest = text.rpartition(":")
-        if not sep or ":" in host:
-            raise ConfigError(shape)
-    return host, rest
-
-
 def _hostPort(text: str, where: str, shape: str) -> tuple[str, int]:
-    host, rest = _splitHostPort(text, shape)
+    try:
+        host, rest = splitHostPort(text)
+    except ValueError:
+        raise ConfigError(shape) from None
     try:
         port = int(rest, 10)
     except ValueError:
@@ -654,3 +637,27 @@ def withOverrides(
             config, **{option.table: replace(table, **{option.key: value})}
         )
     return config
+
+
+# The inverse of parseConfig: a configuration as a plain document (what the
+# parent sends its workers).
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, _Network):
+        return str(value)
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    return value
+
+
+def configDocument(config: Any) -> dict[str, Any]:
+    """
+    A L{udpdst.echo.config.Config} as the document (tables of plain values) that
+    L{udpdst.echo.config.parseConfig} reads back to an equal configuration.
+    """
+    document = _plain(config)
+    assert isinstance(document, dict)
+    return document

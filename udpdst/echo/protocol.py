@@ -13,10 +13,23 @@ from dataclasses import dataclass, field
 from twisted.internet.error import InvalidAddressError, MessageLengthError
 from twisted.logger import Logger
 
-from udpdst import logs
-from udpdst.address import Destination, PeerAddress, formatHostPort
-from udpdst.config import MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6, LimitsConfig
-from udpdst.limits import AccessList, LoopGuard, RateLimiter, sourceKey
+from udpdst.address import (
+    MAX_UDP_PAYLOAD_V4,
+    Destination,
+    PeerAddress,
+    formatHostPort,
+    maxPayload,
+)
+from udpdst.echo import logs
+from udpdst.echo.config import LimitsConfig
+from udpdst.echo.limits import (
+    AccessList,
+    LoopGuard,
+    RateLimiter,
+    accessListFor,
+    rateLimiterFor,
+    sourceKey,
+)
 from udpdst.port import sparse
 from udpdst.protocol import DestinationDatagramProtocol
 
@@ -143,11 +156,9 @@ class EchoProtocol(DestinationDatagramProtocol):
             source has one budget across listeners.
         """
         if access is None:
-            access = AccessList(limits.allow, limits.deny)
+            access = accessListFor(limits)
         if rateLimiter is None:
-            rateLimiter = RateLimiter(
-                limits.per_source_rate, limits.per_source_burst, limits.max_sources
-            )
+            rateLimiter = rateLimiterFor(limits)
         return cls(
             prefix,
             denySourcePorts=limits.deny_source_ports,
@@ -194,7 +205,7 @@ class EchoProtocol(DestinationDatagramProtocol):
         prefix = self.prefix
         if prefix:
             reply = prefix + datagram
-            if len(reply) > MAX_UDP_PAYLOAD_V4 and len(reply) > _maxPayload(host):
+            if len(reply) > MAX_UDP_PAYLOAD_V4 and len(reply) > maxPayload(host):
                 return self._refuse("too-large", datagram, addr, dst)
         else:
             reply = datagram
@@ -246,9 +257,3 @@ class EchoProtocol(DestinationDatagramProtocol):
                 size=len(datagram),
                 reason=reason,
             )
-
-
-def _maxPayload(host: str) -> int:
-    if ":" in host and not (host.startswith("::ffff:") and "." in host):
-        return MAX_UDP_PAYLOAD_V6
-    return MAX_UDP_PAYLOAD_V4

@@ -19,7 +19,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.systemd import ListenFDs
 
-from udpdst.config import ConfigError, ListenConfig
+from udpdst.echo.config import ConfigError, ListenConfig
 
 _VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 

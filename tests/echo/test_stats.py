@@ -1,5 +1,5 @@
 """
-Tests for udpdst.stats (the one snapshot of every counter) and for the stats
+Tests for udpdst.echo.stats (the one snapshot of every counter) and for the stats
 lines a real C{twistd udpdst} logs from it.
 """
 
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from tests._service_helpers import Twistd, echo
-from udpdst.echo import REFUSAL_REASONS, EchoCounters
+from udpdst.echo.protocol import REFUSAL_REASONS, EchoCounters
+from udpdst.echo.stats import ListenerStats, Snapshot, portFigures, takeSnapshot
 from udpdst.port import PortCounters
-from udpdst.stats import ListenerStats, Snapshot, portFigures, takeSnapshot
 
 
 def listener(**counters: int) -> ListenerStats:

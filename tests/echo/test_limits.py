@@ -1,5 +1,5 @@
 """
-Tests for udpdst.limits: access lists, source keys and the per-source rate
+Tests for udpdst.echo.limits: access lists, source keys and the per-source rate
 limiter, including its memory bound under a flood of sources.
 """
 
@@ -10,7 +10,7 @@ import tracemalloc
 
 import pytest
 
-from udpdst.limits import AccessList, Memo, RateLimiter, sourceAddress, sourceKey
+from udpdst.echo.limits import AccessList, Memo, RateLimiter, sourceAddress, sourceKey
 
 net = ipaddress.ip_network
 EVERYONE = (net("0.0.0.0/0"), net("::/0"))

@@ -24,13 +24,13 @@ from typing import Any
 import pytest
 
 from tests._service_helpers import TWISTD, Twistd
-from tests.netns import REPO, Pair, builtPair
-from udpdst.echo import REFUSAL_REASONS
+from tests.netns import HERE, REPO, Pair, builtPair
+from udpdst.echo.protocol import REFUSAL_REASONS
 from udpdst.port import PortCounters
 
 pytestmark = pytest.mark.netns
 
-LOAD_SCRIPT = Path(__file__).resolve().parent / "_netns_load.py"
+LOAD_SCRIPT = HERE / "_netns_load.py"
 PORT = 12345
 
 #: The README's bound on what a flood of spoofed sources adds to the
@@ -257,7 +257,7 @@ def test_statsLineAddsUp(pair: Pair, tmp_path: Path) -> None:
             "-n",
             "--pidfile=",
             "--logger",
-            "udpdst.logs.jsonLogObserver",
+            "udpdst.echo.jsonLogObserver",
             "udpdst",
             "--config",
             str(config),

@@ -16,11 +16,10 @@ from typing import Any
 
 from tests._raw import requiresRawSockets, spoof
 from tests.clients import Client, client, send
-from tests.test_echo import run
-from tests.test_loops import until
+from tests.echo._helpers import run, until
 from udpdst import listenUDP
-from udpdst.echo import REFUSAL_REASONS, EchoProtocol
-from udpdst.limits import AccessList, LoopGuard, RateLimiter
+from udpdst.echo.limits import AccessList, LoopGuard, RateLimiter
+from udpdst.echo.protocol import REFUSAL_REASONS, EchoProtocol
 
 net = ipaddress.ip_network
 
@@ -43,7 +42,7 @@ def test_everyDatagramCountedOnce(epollReactor: Any) -> None:
     received = replied + refused (by reason) + send errors, every reason
     counted exactly as provoked, oversized datagrams and the kernel's drops
     counted apart.  (Send errors are provoked in
-    L{tests.test_hardening.test_statsLineAddsUp}: loopback cannot fail a
+    L{tests.echo.test_hardening.test_statsLineAddsUp}: loopback cannot fail a
     send.)
     """
     access = AccessList([net("127.0.0.0/25"), net("::/0")], [net("127.0.0.9/32")])

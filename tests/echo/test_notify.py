@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests._service_helpers import DEADLINE, Twistd, echo, freePort
-from udpdst.systemd import Notifier
+from udpdst.echo.systemd import Notifier
 
 
 class Manager:

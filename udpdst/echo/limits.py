@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from udpdst.echo.config import LimitsConfig
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -338,3 +341,28 @@ def _endsWithHashed(datagram: bytes, last: tuple[int, int]) -> bool:
     if size < length:
         return False
     return hash(datagram if size == length else datagram[size - length :]) == digest
+
+
+# Built from the configuration's [limits] table, here only.
+
+
+def accessListFor(limits: LimitsConfig) -> AccessList:
+    """
+    The L{AccessList} of C{[limits] allow} and C{deny}.
+    """
+    return AccessList(limits.allow, limits.deny)
+
+
+def rateSettings(limits: LimitsConfig) -> tuple[float, int, int]:
+    """
+    What a L{RateLimiter} is built from: C{(rate, burst, maxSources)}.  A
+    reload that leaves these unchanged keeps the buckets.
+    """
+    return (limits.per_source_rate, limits.per_source_burst, limits.max_sources)
+
+
+def rateLimiterFor(limits: LimitsConfig) -> RateLimiter:
+    """
+    The L{RateLimiter} of C{[limits] per_source_*} and C{max_sources}.
+    """
+    return RateLimiter(*rateSettings(limits))

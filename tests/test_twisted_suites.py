@@ -105,9 +105,10 @@ def byOutcome(outcomes: dict[str, str]) -> dict[str, set[str]]:
 @pytest.mark.parametrize("ours", list(REACTORS))
 def test_sameOutcomesAsStockTwisted(runs: dict[str, dict[str, Any]], ours: str) -> None:
     """
-    Under C{--reactor ours}, Twisted's suites started only udpdst's ports
-    (some of each kind), on the I/O path under test, and every test ends as
-    it does on the stock reactor of the same kind, where none fails.
+    Under C{--reactor ours}, Twisted's suites started only udpdst's ports,
+    one for each port they start on stock Twisted, on the I/O path under
+    test; and every test ends as it does on the stock reactor of the same
+    kind, where none fails.
     """
     patched, stock = runs[ours], runs[REACTORS[ours]]
     assert patched["reactor"] == stock["reactor"]
@@ -115,11 +116,11 @@ def test_sameOutcomesAsStockTwisted(runs: dict[str, dict[str, Any]], ours: str) 
 
     ports = Counter(patched["ports"])
     stockPorts = Counter(stock["ports"])
-    assert all(ports[name] > 0 for name in OURS), ports
+    assert ports["DestinationPort"] > 0, ports
     assert not any(ports[name] for name in STOCK), ports
-    assert all(stockPorts[name] > 0 for name in STOCK), stockPorts
     assert not any(stockPorts[name] for name in OURS), stockPorts
-    # One of ours for each port Twisted's own run started.
+    # One of ours for each port Twisted's own run started (no multicast
+    # ports where the stack has no multicast: Twisted skips those tests).
     assert [ports[name] for name in OURS] == [stockPorts[name] for name in STOCK]
 
     expected = byOutcome(stock["outcomes"])

@@ -36,7 +36,7 @@ OUTCOMES = {
 def countPorts() -> Counter[str]:
     """
     Count every UDP port started from now on (Twisted's and udpdst's, which
-    subclass it), by class name.
+    subclass it), by class name; a port whose bind failed is not counted.
     """
     from twisted.internet import udp
 
@@ -44,8 +44,8 @@ def countPorts() -> Counter[str]:
     startListening = udp.Port.startListening
 
     def counted(self: Any) -> None:
-        started[type(self).__name__] += 1
         startListening(self)
+        started[type(self).__name__] += 1
 
     udp.Port.startListening = counted  # type: ignore[method-assign]
     return started

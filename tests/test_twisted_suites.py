@@ -106,9 +106,9 @@ def byOutcome(outcomes: dict[str, str]) -> dict[str, set[str]]:
 def test_sameOutcomesAsStockTwisted(runs: dict[str, dict[str, Any]], ours: str) -> None:
     """
     Under C{--reactor ours}, Twisted's suites started only udpdst's ports,
-    one for each port they start on stock Twisted, on the I/O path under
-    test; and every test ends as it does on the stock reactor of the same
-    kind, where none fails.
+    of each kind they start on stock Twisted, on the I/O path under test;
+    and every test ends as it does on the stock reactor of the same kind,
+    where none fails.
     """
     patched, stock = runs[ours], runs[REACTORS[ours]]
     assert patched["reactor"] == stock["reactor"]
@@ -119,9 +119,11 @@ def test_sameOutcomesAsStockTwisted(runs: dict[str, dict[str, Any]], ours: str) 
     assert ports["DestinationPort"] > 0, ports
     assert not any(ports[name] for name in STOCK), ports
     assert not any(stockPorts[name] for name in OURS), stockPorts
-    # One of ours for each port Twisted's own run started (no multicast
-    # ports where the stack has no multicast: Twisted skips those tests).
-    assert [ports[name] for name in OURS] == [stockPorts[name] for name in STOCK]
+    # Ours of each kind where Twisted's own run started its own of that kind
+    # (no multicast ports where the stack has no multicast: Twisted skips
+    # those tests).
+    started = [ports[name] > 0 for name in OURS]
+    assert started == [stockPorts[name] > 0 for name in STOCK], (ports, stockPorts)
 
     expected = byOutcome(stock["outcomes"])
     got = byOutcome(patched["outcomes"])

@@ -6,16 +6,18 @@ traffic itself is tested in network namespaces (test_multicast_netns.py).
 
 from __future__ import annotations
 
+import errno
 import socket
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from twisted.internet import error
-from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IMulticastTransport
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IMulticastTransport, IResolverSimple
 from twisted.internet.protocol import DatagramProtocol
 from twisted.python.failure import Failure
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 import udpdst
@@ -167,7 +169,10 @@ def test_joinAndLeaveOnDualStack(
             "interface name or index",
             marks=requiresIPv6,
         ),
-        ("", {}, "239.1.2.3", "nosuchif0", "no such interface"),
+        ("", {}, "239.1.2.3", "::1", "give an IPv4 group an IPv4 address"),
+        pytest.param(
+            "::", {}, "ff15::1234", "fd00:dead::1", "no interface", marks=requiresIPv6
+        ),
         ("", {}, "10.1.2.3", "", "Invalid argument"),
     ],
 )
@@ -187,6 +192,68 @@ def test_joinErrors(
     port = listen(epollReactor, ports, interface, **kwargs)
     with pytest.raises(error.MulticastJoinError, match=why):
         result(port.joinGroup(group, joinOn))
+
+
+@implementer(IResolverSimple)
+class HostsResolver:
+    """
+    A resolver that knows only the names given, and records every name it
+    is asked: the port's host-name lookups go through the reactor's
+    resolver, and none reaches the network.
+    """
+
+    def __init__(self, hosts: dict[str, str]) -> None:
+        self.hosts = hosts
+        self.asked: list[str] = []
+
+    def getHostByName(self, name: str, timeout: Any = None) -> Deferred[str]:
+        self.asked.append(name)
+        if name in self.hosts:
+            return succeed(self.hosts[name])
+        return fail(error.DNSLookupError(name))
+
+
+@pytest.fixture
+def resolver(epollReactor: Any) -> HostsResolver:
+    hosts = HostsResolver({"server.test": "127.0.0.1"})
+    epollReactor.installResolver(hosts)
+    return hosts
+
+
+def test_interfaceByHostName(
+    epollReactor: Any, ports: list[Any], resolver: HostsResolver
+) -> None:
+    """
+    An IPv4 port takes an interface by a host name, resolved through the
+    reactor's resolver, as Twisted's does; a name that does not resolve
+    fails with the resolver's error, as there.  Interface names and
+    indexes are not looked up.
+    """
+    port = listen(epollReactor, ports)
+    assert result(port.setOutgoingInterface("server.test")) == 1
+    assert port.getOutgoingInterface() == "127.0.0.1"
+    assert result(port.joinGroup("239.1.2.3", "server.test")) is None
+    assert result(port.leaveGroup("239.1.2.3", "server.test")) is None
+    assert result(port.joinGroup("239.1.2.3", "lo")) is None
+    assert result(port.setOutgoingInterface(str(LO))) == 1
+    with pytest.raises(error.DNSLookupError):
+        result(port.joinGroup("239.1.2.4", "nosuchif0"))
+    with pytest.raises(error.DNSLookupError):
+        result(port.setOutgoingInterface("nosuchif0"))
+    assert resolver.asked == ["server.test"] * 3 + ["nosuchif0"] * 2
+
+
+def test_outgoingInterfaceErrors(epollReactor: Any, ports: list[Any]) -> None:
+    """
+    On an IPv4 port an IPv6 address is no interface (as in Twisted); an
+    address the kernel refuses fails with its L{OSError}, as Twisted's does.
+    """
+    port = listen(epollReactor, ports)
+    with pytest.raises(error.MulticastJoinError, match="an IPv4 port needs"):
+        result(port.setOutgoingInterface("::1"))
+    with pytest.raises(OSError) as refused:
+        result(port.setOutgoingInterface("192.0.2.1"))
+    assert refused.value.errno == errno.EADDRNOTAVAIL
 
 
 def test_listenMultiple(epollReactor: Any, ports: list[Any]) -> None:

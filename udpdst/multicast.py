@@ -68,13 +68,14 @@ def _indexOfAddress(host: str) -> int | None:
 class DestinationMulticastPort(DestinationPort):
     """
     A L{DestinationPort} with Twisted's L{IMulticastTransport}, for IPv4 and
-    IPv6 groups (Twisted's C{MulticastPort} joins IPv4 groups only).
+    IPv6 groups.
 
-    A port on C{"::"} serves both families: it joins IPv4 groups with
-    C{IP_ADD_MEMBERSHIP} and IPv6 groups with C{IPV6_JOIN_GROUP}, and sets
-    the TTL and loopback mode for both.  Interfaces are given as Twisted
-    does for IPv4 (a local address), or by name or index (C{"eth0"},
-    C{2}), or, for IPv6, by a local address (C{"fe80::2%eth0"}).
+    A port on C{"::"} serves both families (Twisted's joins IPv6 groups
+    only): it joins IPv4 groups with C{IP_ADD_MEMBERSHIP} and IPv6 groups
+    with C{IPV6_JOIN_GROUP}, and sets the TTL and loopback mode for both.
+    Interfaces are given as Twisted does for IPv4 (a local address, or a
+    host name resolved through the reactor), or by name or index
+    (C{"eth0"}, C{2}), or, for IPv6, by a local address (C{"fe80::2%eth0"}).
     """
 
     def __init__(
@@ -162,38 +163,50 @@ class DestinationMulticastPort(DestinationPort):
     def setOutgoingInterface(self, addr: str | int) -> defer.Deferred[int]:
         """
         Send datagrams to groups out of the interface C{addr}: its IPv4
-        address, its name or index, or (IPv6) one of its IPv6 addresses.
+        address or a host name that resolves to it (as in Twisted), its name
+        or index, or (not on an IPv4 port) one of its IPv6 addresses.
 
-        @return: A Deferred that fires with C{1}, or fails with
-            L{error.MulticastJoinError} naming what was wrong.
+        @return: A Deferred that fires with C{1}; or fails with
+            L{error.MulticastJoinError} if C{addr} names no interface this
+            port can use, with the resolver's error (C{DNSLookupError}) if a
+            host name does not resolve, or with the kernel's L{OSError} if
+            it refuses the interface, as Twisted's port does.
         """
-        return defer.maybeDeferred(self._setOutgoingInterface, addr)
+        return defer.Deferred.fromCoroutine(self._setOutgoingInterface(addr))
 
-    def _setOutgoingInterface(self, addr: str | int) -> int:
-        local, index = self._interface(addr)
+    async def _setOutgoingInterface(self, addr: str | int) -> int:
+        local, index, family = await self._interface(addr)
         levels = [level for level, _, _ in self._levels()]
+        if family == socket.AF_INET6 and L.SOL_IPV6 not in levels:
+            raise error.MulticastJoinError(
+                addr,
+                "an IPv4 port needs an IPv4 address, or an interface name or index",
+            )
         if L.SOL_IPV6 in levels:
             if index == 0 and L.SOL_IP not in levels:
                 raise error.MulticastJoinError(
                     addr, "an IPv6-only port needs an interface, not an IPv4 address"
                 )
             if index:
-                self._setsockopt(L.SOL_IPV6, socket.IPV6_MULTICAST_IF, index, addr)
+                self.socket.setsockopt(L.SOL_IPV6, socket.IPV6_MULTICAST_IF, index)
         if L.SOL_IP in levels:
             request = _IP_MREQN.pack(_V4_ANY, local, index)
-            self._setsockopt(L.SOL_IP, socket.IP_MULTICAST_IF, request, addr)
+            self.socket.setsockopt(L.SOL_IP, socket.IP_MULTICAST_IF, request)
         return 1
 
     def joinGroup(self, addr: str, interface: str | int = "") -> defer.Deferred[None]:
         """
         Join the IPv4 or IPv6 group C{addr} on C{interface}: C{""} lets the
-        kernel choose by route; else the interface's IPv4 address (IPv4
-        groups, as in Twisted), its name or index, or (IPv6 groups) one of
-        its IPv6 addresses.
+        kernel choose by route; else, for IPv4 groups, the interface's IPv4
+        address or a host name that resolves to it (as in Twisted); its name
+        or index; or, for IPv6 groups, one of its IPv6 addresses.
 
-        @return: A Deferred that fires when joined, or fails with
+        @return: A Deferred that fires when joined; or fails with
             L{error.MulticastJoinError} (no such group or interface, a group
-            of a family this port does not serve, or the kernel refused).
+            of a family this port does not serve, an interface address of
+            the other family, or the kernel refused), or with the resolver's
+            error (C{DNSLookupError}) if a host name does not resolve, as
+            Twisted's port does.
         """
         return defer.Deferred.fromCoroutine(self._joinLeave(addr, interface, True))
 
@@ -205,12 +218,18 @@ class DestinationMulticastPort(DestinationPort):
 
     async def _joinLeave(self, addr: str, interface: str | int, join: bool) -> None:
         group = await _maybeResolve(self.reactor, addr)
-        local, index = self._interface(interface)
+        local, index, family = await self._interface(interface)
         levels = [level for level, _, _ in self._levels()]
         if isIPAddress(group):
             if L.SOL_IP not in levels:
                 raise error.MulticastJoinError(
                     addr, interface, "an IPv6-only port cannot join an IPv4 group"
+                )
+            if family == socket.AF_INET6:
+                raise error.MulticastJoinError(
+                    addr,
+                    interface,
+                    "give an IPv4 group an IPv4 address, or an interface name or index",
                 )
             option = socket.IP_ADD_MEMBERSHIP if join else socket.IP_DROP_MEMBERSHIP
             request = _IP_MREQN.pack(socket.inet_aton(group), local, index)
@@ -220,7 +239,7 @@ class DestinationMulticastPort(DestinationPort):
             raise error.MulticastJoinError(
                 addr, interface, "an IPv4 port cannot join an IPv6 group"
             )
-        if local != _V4_ANY:
+        if family == socket.AF_INET:
             raise error.MulticastJoinError(
                 addr, interface, "give an IPv6 group an interface name or index"
             )
@@ -228,24 +247,43 @@ class DestinationMulticastPort(DestinationPort):
         request = _IPV6_MREQ.pack(socket.inet_pton(socket.AF_INET6, group), index)
         self._setsockopt(L.SOL_IPV6, option, request, addr, interface)
 
-    @staticmethod
-    def _interface(interface: str | int) -> tuple[bytes, int]:
+    async def _interface(self, interface: str | int) -> tuple[bytes, int, int]:
         """
-        C{(IPv4 address, index)} of an interface given by IPv4 address
-        (index 0), or by name, index or IPv6 address (address C{0.0.0.0});
-        C{""} is C{(0.0.0.0, 0)}: the kernel chooses.  Names are never
-        looked up in DNS: a mistyped interface is an error, not a query.
+        C{(IPv4 address, index, family)} of an interface: given by IPv4
+        address, C{(address, 0, AF_INET)}; by name or index,
+        C{(0.0.0.0, index, 0)}; by IPv6 address, C{(0.0.0.0, index,
+        AF_INET6)}; C{""} is C{(0.0.0.0, 0, 0)}: the kernel chooses.  A
+        string that is none of these is a host name, resolved through the
+        reactor's resolver as Twisted's port does (an interface name is
+        never looked up).
 
-        @raise error.MulticastJoinError: no such interface here.
+        @raise error.MulticastJoinError: No interface here has that IPv6
+            address, or the resolver gave no IP address.
+        @raise twisted.internet.error.DNSLookupError: (Or whatever the
+            reactor's resolver fails with) a host name that does not resolve.
         """
         if interface == "":
-            return _V4_ANY, 0
-        if isinstance(interface, str) and isIPAddress(interface):
-            return socket.inet_aton(interface), 0
+            return _V4_ANY, 0, 0
+        if isinstance(interface, str):
+            if isIPAddress(interface):
+                return socket.inet_aton(interface), 0, socket.AF_INET
+            if isIPv6Address(interface):
+                index = _interfaceIndex(interface)
+                if index is None:
+                    raise error.MulticastJoinError(
+                        interface, "no interface has this address here"
+                    )
+                return _V4_ANY, index, socket.AF_INET6
         index = _interfaceIndex(interface)
-        if index is None:
-            raise error.MulticastJoinError(interface, "no such interface here")
-        return _V4_ANY, index
+        if index is not None:
+            return _V4_ANY, index, 0
+        assert isinstance(interface, str)
+        resolved = await _maybeResolve(self.reactor, interface)
+        if not isIPAddress(resolved):
+            raise error.MulticastJoinError(
+                interface, f"resolved to {resolved!r}, not an IPv4 address"
+            )
+        return socket.inet_aton(resolved), 0, socket.AF_INET
 
     def _setsockopt(
         self, level: int, option: int, value: int | bytes, *about: object
@@ -256,17 +294,15 @@ class DestinationMulticastPort(DestinationPort):
             raise error.MulticastJoinError(*about, *e.args) from e
 
 
-async def _maybeResolve(reactor: object, host: str) -> str:
+def _maybeResolve(reactor: object, host: str) -> defer.Deferred[str]:
     """
-    C{host} as an IP address: as given, or resolved (IPv4) like Twisted's
-    multicast port resolves names.
+    C{host} as an IP address: as given, or resolved (IPv4) through the
+    reactor's resolver, as Twisted's multicast port resolves names; the
+    resolver's failure (C{DNSLookupError}) is passed on, as there.
     """
     if isIPAddress(host) or isIPv6Address(host):
-        return host
-    try:
-        resolved: str = await IReactorCore(reactor).resolve(host)
-    except Exception as e:
-        raise error.MulticastJoinError(host, f"cannot resolve: {e}") from e
+        return defer.succeed(host)
+    resolved: defer.Deferred[str] = IReactorCore(reactor).resolve(host)
     return resolved
 
 

@@ -31,6 +31,10 @@ IO_PATH = io.IO_PATH
 
 _WILDCARDS = frozenset({"", "0.0.0.0", "::"})
 
+#: What C{"<broadcast>"} stands for as a destination host (Python's socket
+#: module reads it so; Twisted's port passes it through).
+_LIMITED_BROADCAST = "255.255.255.255"
+
 # A send whose chosen source address is gone (removed, or IPv6 still
 # tentative) fails with one of these; the reply then goes without control data.
 _SOURCE_VANISHED = frozenset({errno.EINVAL, errno.EADDRNOTAVAIL, errno.ENETUNREACH})
@@ -612,7 +616,9 @@ class DestinationPort(udp.Port):
         """
         C{addr} as L{io.send} takes it; a scoped IPv6 host (C{"fe80::5%eth0"})
         is sent with its interface index (Python would ignore the zone in
-        the text), looked up now, so a re-created interface is found.
+        the text), looked up now, so a re-created interface is found;
+        C{"<broadcast>"} is the limited broadcast address, as Python's
+        C{sendto} (and so Twisted's port) reads it.
         """
         host = addr[0]
         if self._family6:
@@ -620,7 +626,7 @@ class DestinationPort(udp.Port):
             scope = _scopeOf(zone, host) if zone else 0
             sockaddr: Any = (bare, addr[1], 0, scope)
         else:
-            sockaddr = (host, addr[1])
+            sockaddr = (_LIMITED_BROADCAST if host == "<broadcast>" else host, addr[1])
         try:
             return self.ioPath.packTarget(sockaddr)
         except (OSError, ValueError):

@@ -58,3 +58,11 @@ def test_metadata(wheel: zipfile.ZipFile) -> None:
     metadata = wheel.read(name).decode()
     assert "Provides-Extra: metrics" in metadata
     assert "Requires-Dist: prometheus_client" in metadata.replace("-client", "_client")
+    # The library and the udpdst command (udpdst check included) need
+    # nothing else at run time; everything more is an extra.
+    required = sorted(
+        line.split()[1].split(">")[0].split("=")[0].lower()
+        for line in metadata.splitlines()
+        if line.startswith("Requires-Dist:") and "extra ==" not in line
+    )
+    assert required == ["twisted", "zope.interface"], required

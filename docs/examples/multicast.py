@@ -17,8 +17,8 @@ class Echo(udpdst.DestinationDatagramProtocol):
     def datagramReceived(
         self, data: bytes, addr: PeerAddress, dst: Destination | None
     ) -> None:
-        # To a group, dst.host is the group and dst.replyFrom a unicast
-        # address of the receiving interface: the reply leaves from there.
+        # To a group, dst.host is the group; the reply leaves from a unicast
+        # address of the receiving interface.
         self.transport.write(data, addr, dst)
 
 

@@ -32,6 +32,8 @@ intersphinx_mapping: dict[str, tuple[str, str | None]] = {}
 source_suffix = {".md": "markdown"}
 exclude_patterns = ["_build", "examples"]
 myst_heading_anchors = 3
+# A reference to the API that does not resolve is an error, like any warning.
+nitpicky = True
 html_static_path = ["_static"]
 html_title = f"udpdst {release}"
 

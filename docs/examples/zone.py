@@ -1,7 +1,7 @@
 # A zone in Twisted's --pyzone format: SOA and A are given by Twisted's
 # authority loader, so this file is read by it, not imported.
 zone = [
-    SOA(  # noqa: F821
+    SOA(
         "example.com",
         mname="ns1.example.com",
         rname="root.example.com",
@@ -11,5 +11,5 @@ zone = [
         expire=86400,
         minimum=300,
     ),
-    A("example.com", "192.0.2.1"),  # noqa: F821
+    A("example.com", "192.0.2.1"),
 ]

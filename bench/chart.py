@@ -53,6 +53,16 @@ def caption(result: dict[str, Any]) -> str:
     config = result["config"]
     when = result.get("finished") or "date unknown"
     commit = env.get("git") or "unknown commit"
+    others = [
+        v["other_on_server_core_median"]
+        for v in result["summary"].values()
+        if v.get("other_on_server_core_median") is not None
+    ]
+    busy = (
+        f", other processes took up to {100 * max(others):.0f}% of the server's core"
+        if others
+        else ""
+    )
     if env.get("git_dirty"):
         commit += " (with uncommitted changes to udpdst/)"
     return (
@@ -62,7 +72,7 @@ def caption(result: dict[str, Any]) -> str:
         f"{config['rounds']} rounds x {config['duration']:g} s, "
         f"{config['sockets']} sockets x {config['window']} in flight, "
         f"{config['size']}-byte datagrams, load average at start "
-        f"{env['loadavg_start'][0]:.1f}"
+        f"{env['loadavg_start'][0]:.1f}{busy}"
     )
 
 

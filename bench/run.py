@@ -10,8 +10,10 @@ variant the median over rounds of the server's CPU time per echoed datagram
 replies per second, each also as the median of the per-round ratios to stock
 Twisted.  See bench/README.md for how to read the result.
 
-    python bench/run.py            # full run, about 2-3 minutes
-    python bench/run.py --quick    # smoke run, well under 30 seconds
+    python bench/run.py            # full run, about 5 minutes
+    python bench/run.py --quick    # smoke run, about 50 seconds
+
+It also draws the run as a chart (bench/chart.py; bench/out/chart.svg).
 """
 
 from __future__ import annotations
@@ -663,7 +665,15 @@ def parseArgs(argv):
         "quick 2000; 0 skips)",
     )
     p.add_argument("--python", default=sys.executable, help="interpreter for servers")
-    p.add_argument("--out", type=Path, default=OUT, help="directory for the JSON")
+    p.add_argument(
+        "--out", type=Path, default=OUT, help="directory for the JSON and the chart"
+    )
+    p.add_argument(
+        "--chart",
+        type=Path,
+        help="where to draw the chart, .svg or .png (default OUT/chart.svg; "
+        "needs matplotlib: pip install -e '.[bench]')",
+    )
     args = p.parse_args(argv)
     if args.rounds is None:
         args.rounds = 2 if args.quick else 5
@@ -911,6 +921,7 @@ def main(argv=None) -> int:
         "memory": memory,
         "records": records,
         "elapsed_s": elapsed,
+        "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -918,7 +929,25 @@ def main(argv=None) -> int:
     path.write_text(json.dumps(result, indent=1))
     (args.out / "latest.json").write_text(json.dumps(result, indent=1))
     print(f"JSON: {path}")
+    drawChart(result, args.chart or args.out / "chart.svg")
     return 0
+
+
+def drawChart(result: dict, path: Path) -> None:
+    """
+    Draw the run's chart (bench/chart.py), or say in one line why not.
+    """
+    sys.path.insert(0, str(BENCH))
+    try:
+        import chart
+    finally:
+        sys.path.remove(str(BENCH))
+    try:
+        chart.draw(result, path)
+    except ImportError:
+        print("chart: not drawn: matplotlib is missing; pip install -e '.[bench]'")
+        return
+    print(f"chart: {path}")
 
 
 if __name__ == "__main__":

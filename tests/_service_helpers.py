@@ -201,6 +201,9 @@ class Twistd:
                 raise AssertionError(
                     f"{self.argv} did not answer in {DEADLINE}s:\n{self.output()}"
                 )
+            # A port nobody listens on yet refuses at once: ask again in a
+            # moment, not in a loop that takes the core the server starts on.
+            time.sleep(0.05)
 
     def listening(self, count: int = 1) -> list[tuple[str, int]]:
         """

@@ -72,6 +72,13 @@ def quickRun(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
     return json.loads((out / "latest.json").read_text()), proc.stdout
 
 
+@pytest.fixture(scope="module")
+def chartOf(quickRun: tuple[dict, str]) -> Path:
+    return (
+        Path(quickRun[1].split("JSON: ", 1)[1].split("\n", 1)[0]).parent / "chart.svg"
+    )
+
+
 def test_completes_with_a_table(quickRun: tuple[dict, str]) -> None:
     result, stdout = quickRun
     assert "µs/dgram" in stdout
@@ -80,6 +87,25 @@ def test_completes_with_a_table(quickRun: tuple[dict, str]) -> None:
     assert result["summary"]["udpdst-dst4"]["rtt_p50_us_window1"] > 0
     rss = result["memory"]["udpdst-dst4"]["rss_kb"]
     assert len(rss) == 4 and None not in rss
+
+
+def test_chart(quickRun: tuple[dict, str], chartOf: Path) -> None:
+    """
+    The run draws its chart (where matplotlib is installed, the bench
+    extra): every server is on it, with the run's commit; else it says why
+    not.
+    """
+    stdout = quickRun[1]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "chart: not drawn: matplotlib is missing" in stdout
+        return
+    assert f"chart: {chartOf}" in stdout
+    svg = chartOf.read_text()
+    for label in ("stock Twisted listenUDP echo", "C echo, recvmmsg/sendmmsg"):
+        assert label in svg
+    assert f"commit {quickRun[0]['environment']['git']}" in svg
 
 
 def test_client_drops_wrong_source_replies(quickRun: tuple[dict, str]) -> None:

@@ -10,11 +10,13 @@ namespace these tests created: never here, in the host's own.
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,7 +43,8 @@ TENTATIVE = "fd00:7::1"
 GENEROUS = ("--timeout", str(DEADLINE / 3))
 
 ROW = re.compile(
-    r"^(\S+)(?: \(secondary\))?\s+(\S+)\s+(\S+)\s+(ok|wrong source|no answer)$"
+    r"^(\S+)(?: \(secondary\))?\s+(\S+)\s+(\S+)\s+"
+    r"(ok|wrong source|no answer|refused \(nothing listening\))$"
 )
 
 
@@ -262,18 +265,19 @@ def test_listenerOnNoLocalAddress(pair: Pair, tmp_path: Path) -> None:
     assert "0 of 0 addresses answered" in result.stdout
 
 
-def test_noAnswer(pair: Pair, tmp_path: Path) -> None:
+def test_nothingListening(pair: Pair, tmp_path: Path) -> None:
     """
-    Nothing listening: every address is named as not answering, exit 1.
+    Nothing listening: every address is named as refused (the kernel's port
+    unreachable), without waiting out the timeout; exit 1.
     """
     result = udpdst(
-        "check", "--port", "7009", "--timeout", "0.5", cwd=tmp_path, ns=pair
+        "check", "--port", "7009", "--timeout", str(DEADLINE / 2), cwd=tmp_path, ns=pair
     )
     assert result.returncode == 1, result.stdout + result.stderr
     table = rows(result.stdout)
     assert len(table) == len(probedAddresses())
     assert {(fromWhere, verdict) for _, fromWhere, verdict in table.values()} == {
-        ("-", "no answer")
+        ("-", "refused (nothing listening)")
     }
     assert f"0 of {len(table)} addresses answered" in result.stdout
 
@@ -314,20 +318,25 @@ def test_hostWithoutIPv6Loopback(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stderr
     assert result.stderr == ""
     table = rows(result.stdout)
-    assert table["[fd00:5::1]:7009"] == ("v0", "-", "no answer"), result.stdout
+    assert table["[fd00:5::1]:7009"] == (
+        "v0",
+        "-",
+        "refused (nothing listening)",
+    ), result.stdout
     assert "[::1]:7009" not in table
 
 
-def test_withoutPyroute2(pair: Pair, tmp_path: Path) -> None:
+def test_addressesAsIpSeesThem(pair: Pair, tmp_path: Path) -> None:
     """
-    Without the optional pyroute2: one line naming the extra, exit 1.
+    The check's own netlink dump lists the addresses, interfaces and flags
+    that C{ip -json address} lists, secondary and tentative ones included.
     """
     assert pair.server is not None
     script = (
-        "import sys\n"
-        "sys.modules['pyroute2'] = None\n"
-        "from udpdst.__main__ import main\n"
-        "sys.exit(main(['check', '--port', '7009']))\n"
+        "import json\n"
+        "from udpdst.check import localAddresses\n"
+        "print(json.dumps([[a.host, a.interface, a.ifindex, a.secondary, "
+        "(a.unusable or '').split(' ')[0]] for a in localAddresses()]))\n"
     )
     result = subprocess.run(
         pair.server.argv(sys.executable, "-c", script),
@@ -336,13 +345,26 @@ def test_withoutPyroute2(pair: Pair, tmp_path: Path) -> None:
         text=True,
         timeout=DEADLINE,
     )
-    assert result.returncode == 1
-    assert result.stdout == ""
-    assert result.stderr == (
-        "udpdst check: listing this host's addresses needs pyroute2; install it "
-        "with pip install '/path/to/udpdst-checkout[check]' (or pip install "
-        "pyroute2)\n"
+    assert result.returncode == 0, result.stderr
+    ours = sorted(tuple(row) for row in json.loads(result.stdout))
+    expected = sorted(
+        (
+            info["local"],
+            link["ifname"],
+            link["ifindex"],
+            info["family"] == "inet" and bool(info.get("secondary")),
+            "duplicate"
+            if info.get("dadfailed")
+            else "tentative"
+            if info.get("tentative")
+            else "",
+        )
+        for link in json.loads(pair.server.ip("-json", "address").stdout)
+        for info in link["addr_info"]
     )
+    assert ours == expected
+    assert (P.SERVER_V4_SECONDARY, P.SERVER_IF) in {row[:2] for row in ours if row[3]}
+    assert (TENTATIVE, DARK_IF, "tentative") in {(r[0], r[1], r[4]) for r in ours}
 
 
 # Without probing: safe anywhere
@@ -486,13 +508,29 @@ def test_probeCatchesWrongSource(naiveEcho: int) -> None:
     ]
 
 
-def test_probeNoAnswer(tmp_path: Path) -> None:
+def test_probeNoAnswer() -> None:
     """
-    Nobody on the port: the ICMP error reads as no answer, after the
-    timeout.
+    A socket on the port that never answers: no answer, after the timeout,
+    and not refused.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        with Probe("127.0.0.1", silent.getsockname()[1]) as probe:
+            assert askAll([probe], [b"anyone?"], 0.3) == [None]
+            assert not probe.refused
+
+
+def test_probeRefused() -> None:
+    """
+    Nobody on the port: the kernel's port unreachable marks the probe
+    refused, and it is not waited for.
     """
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
         holder.bind(("127.0.0.1", 0))
         port = holder.getsockname()[1]
     with Probe("127.0.0.1", port) as probe:
-        assert askAll([probe], [b"anyone?"], 0.3) == [None]
+        start = time.monotonic()
+        assert askAll([probe], [b"anyone?"], DEADLINE) == [None]
+        assert probe.refused
+        # Not the timeout: no waiting once refused.
+        assert time.monotonic() - start < DEADLINE

@@ -9,6 +9,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+from twisted import copyright
+
 import udpdst
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,6 +37,24 @@ def test_twistdUdpdstVersion() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"udpdst {udpdst.__version__} (Twisted "), out.stdout
+
+
+def test_udpdstVersion() -> None:
+    """
+    C{udpdst --version} exits 0 and prints what C{twistd udpdst --version}
+    prints.
+    """
+    bindir = Path(sys.executable).parent
+    tool, twistd = (
+        subprocess.run(command, capture_output=True, text=True, timeout=60, cwd="/")
+        for command in (
+            [str(bindir / "udpdst"), "--version"],
+            [str(bindir / "twistd"), "udpdst", "--version"],
+        )
+    )
+    assert tool.returncode == 0, tool.stderr
+    assert tool.stdout == twistd.stdout
+    assert tool.stdout == f"udpdst {udpdst.__version__} (Twisted {copyright.version})\n"
 
 
 def test_everyNameLoads() -> None:

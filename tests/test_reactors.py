@@ -238,6 +238,13 @@ def test_stockTac(
         )
         reply = echo(target, port, b"hello", timeout=10.0)
         assert reply == b"tac hello", process.output()
+        # One line says the reactor's ports are udpdst's.
+        (line,) = [
+            line
+            for line in process.output().splitlines()
+            if "destination-aware UDP ports are on" in line
+        ]
+        assert f"(--reactor {reactor}: Twisted's " in line, line
 
 
 def test_stockTacAdoptingASocket(tmp_path: Path) -> None:

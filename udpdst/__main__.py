@@ -45,10 +45,27 @@ def _portNumber(text: str) -> int:
     return int(text)
 
 
+def _versionLine() -> str:
+    """
+    What C{udpdst --version} prints, as C{twistd udpdst --version} does.
+    """
+    from twisted import copyright
+
+    from udpdst import __version__
+
+    return f"udpdst {__version__} (Twisted {copyright.version})"
+
+
 def parser() -> argparse.ArgumentParser:
     top = _Parser(
         prog="udpdst",
         description="Tools for the udpdst UDP echo service.",
+    )
+    top.add_argument(
+        "--version",
+        action="version",
+        version=_versionLine(),
+        help="print udpdst's version (and Twisted's) and exit",
     )
     commands = top.add_subparsers(
         dest="command", metavar="COMMAND", required=True, parser_class=_Parser

@@ -1,7 +1,8 @@
 """
 The deployment check: probe every local address of this host on a UDP echo
 port, each from a connected socket, and tell which addresses answered from
-themselves, which from another source, and which not at all.
+themselves, which from another source, which refused (nothing listens on the
+port there) and which did not answer at all.
 
 It diagnoses any UDP echo server, not only udpdst's.  Each probe is a
 connected socket (so, as for any real client, the kernel drops a reply from
@@ -26,6 +27,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from udpdst import _rtnetlink
 from udpdst.address import formatHostPort
 from udpdst.echo.config import Config
 
@@ -38,6 +40,7 @@ IFA_F_TENTATIVE = 0x40
 OK = "ok"
 WRONG_SOURCE = "wrong source"
 NO_ANSWER = "no answer"
+REFUSED = "refused (nothing listening)"
 
 
 class CheckError(Exception):
@@ -96,47 +99,31 @@ def localAddresses() -> list[LocalAddress]:
     Every address of every interface of this host (of this network
     namespace), IPv4 and IPv6, in the kernel's order, from netlink.
 
-    @raise CheckError: pyroute2 is not installed, or netlink fails.
+    @raise CheckError: Netlink fails.
     """
     try:
-        from pyroute2 import IPRoute  # type: ignore[import-untyped]
-    except ImportError:
-        raise CheckError(
-            "listing this host's addresses needs pyroute2; install it with "
-            "pip install '/path/to/udpdst-checkout[check]' (or pip install pyroute2)"
-        ) from None
-    found = []
-    try:
-        with IPRoute() as ipr:
-            names = {
-                link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()
-            }
-            for message in ipr.get_addr():
-                # IFA_LOCAL is the address itself; IFA_ADDRESS is the peer's
-                # on a point-to-point IPv4 link (IPv6 has only IFA_ADDRESS).
-                host = message.get_attr("IFA_LOCAL") or message.get_attr("IFA_ADDRESS")
-                flags = message.get_attr("IFA_FLAGS") or message["flags"]
-                unusable = None
-                if flags & IFA_F_DADFAILED:
-                    unusable = "duplicate (duplicate address detection failed)"
-                elif flags & IFA_F_TENTATIVE:
-                    unusable = "tentative (duplicate address detection not done)"
-                index = message["index"]
-                found.append(
-                    LocalAddress(
-                        host=host,
-                        interface=names.get(index, str(index)),
-                        ifindex=index,
-                        secondary=bool(
-                            message["family"] == socket.AF_INET
-                            and flags & IFA_F_SECONDARY
-                        ),
-                        unusable=unusable,
-                    )
-                )
+        found = _rtnetlink.addresses()
     except OSError as e:
         raise CheckError(f"cannot list this host's addresses: {e}") from None
-    return found
+    result = []
+    for address in found:
+        unusable = None
+        if address.flags & IFA_F_DADFAILED:
+            unusable = "duplicate (duplicate address detection failed)"
+        elif address.flags & IFA_F_TENTATIVE:
+            unusable = "tentative (duplicate address detection not done)"
+        result.append(
+            LocalAddress(
+                host=address.host,
+                interface=_interfaceName(address.ifindex),
+                ifindex=address.ifindex,
+                secondary=bool(
+                    address.family == socket.AF_INET and address.flags & IFA_F_SECONDARY
+                ),
+                unusable=unusable,
+            )
+        )
+    return result
 
 
 def _interfaceName(ifindex: int) -> str:
@@ -169,7 +156,12 @@ class Probe:
     replies from any other source, as it does for real clients; and a catcher
     socket bound to the same local address and port, which receives the
     replies the connected socket refuses.
+
+    @ivar refused: Whether the kernel reported the target's port unreachable
+        (an ICMP error on the connected socket: nothing listens there).
     """
+
+    refused = False
 
     def __init__(
         self,
@@ -227,11 +219,15 @@ class Probe:
     def receive(self, sock: socket.socket, size: int = 65536) -> Answer | None:
         """
         Read one reply from C{sock} (one of this probe's sockets), or L{None}
-        if none is there.  ICMP errors (nothing listening) read as no reply.
+        if none is there.  An ICMP port unreachable (nothing listening) reads
+        as no reply and sets L{refused}.
         """
         try:
             data, source = sock.recvfrom(size)
-        except (BlockingIOError, ConnectionRefusedError):
+        except BlockingIOError:
+            return None
+        except ConnectionRefusedError:
+            self.refused = True
             return None
         host = source[0]
         if len(source) == 4 and source[3]:
@@ -264,7 +260,8 @@ def askAll(
     for an answer to each: the first reply that contains the payload (any
     reply, unless C{echoed}).  Unanswered probes are sent again, up to
     C{attempts} times in all, spread over the timeout, in case a datagram
-    was lost.
+    was lost.  A probe the kernel refused (L{Probe.refused}) is not waited
+    for.
 
     @return: Per probe, its answer or L{None}.
     """
@@ -276,7 +273,10 @@ def askAll(
         start = time.monotonic()
         deadline = start + timeout
         resends = [start + timeout * k / attempts for k in range(attempts)]
-        while None in answers:
+        while any(
+            answer is None and not probe.refused
+            for probe, answer in zip(probes, answers, strict=True)
+        ):
             now = time.monotonic()
             if now >= deadline:
                 break
@@ -285,7 +285,7 @@ def askAll(
                 for probe, payload, answer in zip(
                     probes, payloads, answers, strict=True
                 ):
-                    if answer is None:
+                    if answer is None and not probe.refused:
                         try:
                             probe.send(payload)
                         except OSError:
@@ -309,11 +309,12 @@ class Result:
     address: LocalAddress
     port: int
     answer: Answer | None
+    refused: bool = False
 
     @property
     def verdict(self) -> str:
         if self.answer is None:
-            return NO_ANSWER
+            return REFUSED if self.refused else NO_ANSWER
         return OK if self.answer.fromTarget else WRONG_SOURCE
 
     @property
@@ -397,8 +398,8 @@ def check(
         for probe in probes:
             probe.close()
     return [
-        Result(address, port, answer)
-        for (port, address), answer in zip(pairs, answers, strict=True)
+        Result(address, port, answer, probe.refused)
+        for (port, address), answer, probe in zip(pairs, answers, probes, strict=True)
     ]
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import warnings
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
 
@@ -384,3 +385,29 @@ IO_PATH = DEFAULT.name
 QueuedWrite: Callable[[Callable[..., None], type, int], Any] | None = (
     _mmsg.QueuedWrite if _mmsg is not None and DEFAULT is BATCHED else None
 )
+
+_fallbackWarned = False
+
+
+def warnIfFallback() -> None:
+    """
+    Warn once per process, when a port starts, that the pure-Python path runs
+    because the C extension is missing (not when C{UDPDST_IO=python} chose it).
+    """
+    global _fallbackWarned
+    if (
+        _mmsg is None
+        and not _fallbackWarned
+        and os.environ.get("UDPDST_IO") != "python"
+    ):
+        _fallbackWarned = True
+        # Named after the package, not after whichever frame started the port.
+        warnings.warn_explicit(
+            "udpdst: the C extension udpdst._mmsg is not built here, so ports "
+            "run the slower pure-Python I/O path; install a C compiler and the "
+            "Python headers (gcc, python3-dev) and reinstall udpdst, or set "
+            "UDPDST_IO=python to choose this path without this warning",
+            RuntimeWarning,
+            os.path.dirname(__file__),
+            0,
+        )

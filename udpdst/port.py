@@ -292,6 +292,7 @@ class DestinationPort(udp.Port):
             self._fixedDestination = Destination(host, sockname[1], ifindex, host)
 
     def startReading(self) -> None:
+        io.warnIfFallback()
         self._outbox.reading = True
         udp.Port.startReading(self)
         if self._pending:

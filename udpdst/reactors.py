@@ -11,8 +11,11 @@ the reactor and the port are imported only by L{DestinationReactor.install}.
 from __future__ import annotations
 
 from twisted.application.reactors import IReactorInstaller, Reactor
+from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
+
+_log = Logger()
 
 
 @implementer(IPlugin, IReactorInstaller)
@@ -32,6 +35,7 @@ class DestinationReactor(Reactor):
         @param kind: Twisted's reactor: C{"epoll"}, C{"asyncio"}, C{"poll"}
             or C{"select"} (its module is C{twisted.internet.<kind>reactor}).
         """
+        self.kind = kind
         Reactor.__init__(
             self,
             shortName,
@@ -40,9 +44,24 @@ class DestinationReactor(Reactor):
         )
 
     def install(self) -> None:
+        """
+        Install and patch the reactor, and say so in the log once it runs
+        (twistd's own line names only Twisted's reactor class).
+        """
         Reactor.install(self)
         from twisted.internet import reactor
 
         from udpdst.listening import patchReactor
+        from udpdst.port import IO_PATH
 
         patchReactor(reactor)
+        reactor.callWhenRunning(  # type: ignore[attr-defined]
+            _log.info,
+            "udpdst: destination-aware UDP ports are on (--reactor {shortName}: "
+            "Twisted's {kind} reactor, I/O path {ioPath}); listenUDP, "
+            "adoptDatagramPort and listenMulticast reply from the address each "
+            "datagram was sent to",
+            shortName=self.shortName,
+            kind=self.kind,
+            ioPath=IO_PATH,
+        )

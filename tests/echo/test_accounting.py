@@ -184,7 +184,5 @@ def test_everyDatagramCountedOnce(epollReactor: Any) -> None:
     assert counters.received == (
         counters.replied + sum(refused.values()) + counters.sendErrors
     )
-    replies = (
-        survived[0] + 30 + BURST + NETWORK_BURST + LoopGuard.maxBounces + 3
-    )
+    replies = survived[0] + 30 + BURST + NETWORK_BURST + LoopGuard.maxBounces + 3
     assert counters.replied == replies + len(markers.received)

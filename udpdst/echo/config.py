@@ -119,9 +119,7 @@ def _number(low: float, high: float, zero: bool = False) -> _Check:
         # An integer too large for a float is out of range, not an error.
         number = float(value) if abs(value) <= high else math.inf
         if not (low <= number <= high or (zero and number == 0)):
-            raise ConfigError(
-                f"{where} = {_shown(value)} is out of range; use {span}"
-            )
+            raise ConfigError(f"{where} = {_shown(value)} is out of range; use {span}")
         return number
 
     return check
@@ -605,7 +603,9 @@ def loadConfig(path: str | None = None) -> Config:
     except ValueError as e:
         # Python's own limits, e.g. an integer of thousands of digits.
         cause = str(e).partition(";")[0]
-        raise ConfigError(f"{path}: invalid TOML: {cause}; fix the value there") from None
+        raise ConfigError(
+            f"{path}: invalid TOML: {cause}; fix the value there"
+        ) from None
     return parseConfig(document, path)
 
 

@@ -253,12 +253,15 @@ class NetworkLimiter(RateLimiter):
     spoofer rotating through the addresses of a network (its victim's) draws
     no more than one such bucket, however many addresses it uses.
 
-    The buckets are kept as L{RateLimiter}'s, with the same memory bound
-    (C{maxNetworks} buckets at most, in two generations); the network of
-    each host is memoised, at most L{networkKeys} hosts.
+    The buckets are kept in two generations as L{RateLimiter}'s, with the
+    same memory bound (C{maxNetworks} buckets at most): a network not seen
+    while C{maxNetworks / 2} new ones came is forgotten.  Each bucket is a
+    one-item list (when it is full again), and the bucket of each host seen
+    lately is memoised (at most L{hostsKept} hosts, and forgotten whenever a
+    generation is), so that a datagram costs one lookup by host.
     """
 
-    networkKeys = 8192
+    hostsKept = 8192
 
     def __init__(
         self, rate: float, burst: int, maxNetworks: int, prefixV4: int, prefixV6: int
@@ -275,9 +278,11 @@ class NetworkLimiter(RateLimiter):
         RateLimiter.__init__(self, rate, burst, maxNetworks)
         self.prefixV4 = prefixV4
         self.prefixV6 = prefixV6
-        self._networks = Memo(
-            lambda host: networkKey(host, prefixV4, prefixV6), self.networkKeys
-        )
+        # network key -> [when its bucket is full again]
+        self._recent: dict[Hashable, list[float]] = {}  # type: ignore[assignment]
+        self._older: dict[Hashable, list[float]] = {}  # type: ignore[assignment]
+        # host -> its network's bucket
+        self._hosts: dict[str, list[float]] = {}
 
     def allow(self, source: str, now: float) -> bool:
         """
@@ -290,18 +295,42 @@ class NetworkLimiter(RateLimiter):
         """
         if self.unlimited:
             return True
-        network = self._networks[source]
-        # RateLimiter.allow's arithmetic, inline: a call per datagram costs
-        # more than these lines.
-        full = self._recent.get(network)
-        if full is None:
-            full = self._admit(network, now)
+        bucket = self._hosts.get(source)
+        if bucket is None:
+            bucket = self._bucketOf(source, now)
+        full = bucket[0]
         if full < now:
             full = now
         elif full - now > self._tolerance:
             return False
-        self._recent[network] = full + self._interval
+        bucket[0] = full + self._interval
         return True
+
+    def _bucketOf(self, source: str, now: float) -> list[float]:
+        """
+        The bucket of C{source}'s network, put into the recent generation
+        (from the older one, or new and full, dropping the older generation
+        if the recent one is full), and memoised for C{source}.
+        """
+        network = networkKey(source, self.prefixV4, self.prefixV6)
+        recent = self._recent
+        bucket = recent.get(network)
+        if bucket is None:
+            bucket = self._older.pop(network, None)  # type: ignore[call-overload]
+            if bucket is None:
+                bucket = [now]
+            if len(recent) >= self._generation:
+                self.evictions += len(self._older)
+                self._older = recent
+                self._recent = recent = {}
+                # Hosts may hold buckets of the generation just dropped.
+                self._hosts.clear()
+            recent[network] = bucket
+        hosts = self._hosts
+        if len(hosts) >= self.hostsKept:
+            hosts.clear()
+        hosts[source] = bucket
+        return bucket
 
 
 class LoopGuard:

@@ -123,8 +123,7 @@ class SnapshotCollector:
         )
         yield CounterMetricFamily(
             "udpdst_network_limiter_evictions",
-            "Source networks the per-network limiter forgot to make room "
-            "for new ones.",
+            "Source networks the per-network limiter forgot to make room for new ones.",
             value=snapshot.networkEvictions,
         )
 

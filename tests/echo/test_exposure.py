@@ -315,3 +315,39 @@ def test_oneBucketPerIPv6Network(pair: Pair, tmp_path: Path) -> None:
     stats = finalStats(process)
     assert stats["refusedBy"]["prefix-rate"] == stats["received"] - 11
     assert stats["replied"] == 11
+
+
+# Reload
+
+
+def test_reloadKeepsNetworkBuckets() -> None:
+    """
+    A reload that leaves the per-network settings as they were keeps the
+    buckets (a spoofer gains nothing from an operator's reload); one that
+    changes them starts afresh, keeping the count of evictions.  Either way
+    every listener's echo uses the service's one limiter.
+    """
+    from dataclasses import replace
+
+    from udpdst.echo.config import Config, ListenConfig
+    from udpdst.echo.service import EchoService
+
+    listener = ListenConfig("127.0.0.1", 0)
+    config = Config(listen=(listener,))
+    service = EchoService(config, [(listener, None)])
+    buckets = service.networkLimiter
+    assert buckets.allow("10.9.8.7", 0.0)
+    buckets.evictions = 3
+    same = replace(config, limits=replace(config.limits, per_source_burst=5))
+    service.reload(same)
+    assert service.networkLimiter is buckets
+    assert b"\n\t\x08\x00" in buckets  # 10.9.8.0/24: its bucket is kept
+    assert service.listeners[0].protocol._allowNetwork == buckets.allow  # type: ignore[attr-defined]
+    other = replace(same, limits=replace(same.limits, prefix_v6=48))
+    service.reload(other)
+    assert service.networkLimiter is not buckets
+    assert service.networkLimiter.prefixV6 == 48
+    assert service.networkLimiter.evictions == 3
+    assert service.listeners[0].protocol._allowNetwork == (  # type: ignore[attr-defined]
+        service.networkLimiter.allow
+    )

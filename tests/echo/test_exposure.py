@@ -351,3 +351,22 @@ def test_reloadKeepsNetworkBuckets() -> None:
     assert service.listeners[0].protocol._allowNetwork == (  # type: ignore[attr-defined]
         service.networkLimiter.allow
     )
+
+
+def test_reloadTurnsAnswerBroadcastOn() -> None:
+    """
+    C{[echo] answer_broadcast} changes at reload, in the listeners' echo.
+    """
+    from dataclasses import replace
+
+    from udpdst.echo.config import Config, ListenConfig
+    from udpdst.echo.service import EchoService, _changes
+
+    listener = ListenConfig("127.0.0.1", 0)
+    config = Config(listen=(listener,))
+    service = EchoService(config, [(listener, None)])
+    assert service.listeners[0].protocol._refuseBroadcast  # type: ignore[attr-defined]
+    labs = replace(config, echo=replace(config.echo, answer_broadcast=True))
+    assert _changes(config, labs, [], []) == ["broadcast and multicast answered"]
+    service.reload(labs)
+    assert not service.listeners[0].protocol._refuseBroadcast  # type: ignore[attr-defined]

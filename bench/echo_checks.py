@@ -7,6 +7,10 @@ interleaved; the best of the rounds is shown.
 
     python bench/echo_checks.py [--datagrams N] [--rounds R] [--peers P]
 
+Each check's own cost is the difference between the default-limits variant
+and the variant without that check (the broadcast check: answer_broadcast on;
+the per-network bucket: per_prefix_rate = 0; and so on).
+
 Every datagram differs (a sequence number, as in a load test), so nothing is
 refused; the clock advances 1 ms per datagram so that the rate limit never
 refuses either while every datagram still comes within the loop guard's
@@ -25,7 +29,7 @@ from typing import Any
 
 from udpdst.address import Destination, PeerAddress
 from udpdst.echo.config import LimitsConfig
-from udpdst.echo.limits import AccessList, RateLimiter
+from udpdst.echo.limits import AccessList, NetworkLimiter, RateLimiter
 from udpdst.echo.protocol import EchoProtocol
 from udpdst.protocol import DestinationDatagramProtocol
 
@@ -61,6 +65,8 @@ def _clock() -> Callable[[], float]:
 BENCH_LIMITS = LimitsConfig(
     per_source_rate=1e9,
     per_source_burst=10**9,
+    per_prefix_rate=1e9,
+    per_prefix_burst=10**9,
     deny=(ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8::/32")),
 )
 
@@ -85,8 +91,20 @@ def variants() -> dict[str, Callable[[], Any]]:
             clock=_clock(),
             **_shared(limits),
         ),
-        "EchoProtocol, no rate limit": lambda: EchoProtocol.fromConfig(
+        "EchoProtocol, no broadcast check": lambda: EchoProtocol.fromConfig(
+            b"", limits, clock=_clock(), answerBroadcast=True
+        ),
+        "EchoProtocol, no per-network limit": lambda: EchoProtocol.fromConfig(
+            b"", LimitsConfig(per_prefix_rate=0), clock=_clock()
+        ),
+        "EchoProtocol, no per-source limit": lambda: EchoProtocol.fromConfig(
             b"", LimitsConfig(per_source_rate=0), clock=_clock()
+        ),
+        "EchoProtocol, no rate limits": lambda: EchoProtocol.fromConfig(
+            b"", LimitsConfig(per_source_rate=0, per_prefix_rate=0), clock=_clock()
+        ),
+        "EchoProtocol, default limits, prefix": lambda: EchoProtocol.fromConfig(
+            b"echo: ", limits, clock=_clock()
         ),
     }
 
@@ -96,6 +114,13 @@ def _shared(limits: LimitsConfig) -> dict[str, Any]:
         "access": AccessList(limits.allow, limits.deny),
         "rateLimiter": RateLimiter(
             limits.per_source_rate, limits.per_source_burst, limits.max_sources
+        ),
+        "networkLimiter": NetworkLimiter(
+            limits.per_prefix_rate,
+            limits.per_prefix_burst,
+            limits.max_sources,
+            limits.prefix_v4,
+            limits.prefix_v6,
         ),
     }
 
@@ -135,10 +160,11 @@ def main() -> None:
                 measure(factory, options.datagrams, options.peers, name in MAPPED)
             )
     base = min(found["bare aware echo"])
-    print(f"{'variant':<46} {'ns/datagram':>12} {'over bare':>10}")
+    full = min(found["EchoProtocol, default limits"])
+    print(f"{'variant':<46} {'ns/datagram':>12} {'over bare':>10} {'vs default':>10}")
     for name, values in found.items():
         best = min(values)
-        print(f"{name:<46} {best:12.0f} {best - base:+10.0f}")
+        print(f"{name:<46} {best:12.0f} {best - base:+10.0f} {best - full:+10.0f}")
 
 
 if __name__ == "__main__":

@@ -170,23 +170,30 @@ def _serviceEcho(reactor):
     """
     The service's echo protocol as the service builds it (C{fromConfig}), with
     its checks engaged but never refusing the benchmark's traffic: an ACL
-    with a deny list that does not match loopback, and a per-source rate
-    limit far above any rate reached here.  So the benchmark pays for the
+    with a deny list that does not match loopback, per-source and
+    per-network rate limits far above any rate reached here, and the
+    broadcast check.  So the benchmark pays for the
     checks and measures every datagram.
     """
+    import dataclasses
     import ipaddress
 
     from udpdst.echo.config import LimitsConfig
     from udpdst.echo.protocol import EchoProtocol
 
-    limits = LimitsConfig(
-        per_source_rate=1e9,
-        per_source_burst=10**9,
-        deny=(
+    settings: dict[str, object] = {
+        "per_source_rate": 1e9,
+        "per_source_burst": 10**9,
+        "per_prefix_rate": 1e9,
+        "per_prefix_burst": 10**9,
+        "deny": (
             ipaddress.ip_network("192.0.2.0/24"),
             ipaddress.ip_network("2001:db8::/32"),
         ),
-    )
+    }
+    # Only the keys the measured tree has (--tree runs an older one too).
+    known = {f.name for f in dataclasses.fields(LimitsConfig)}
+    limits = LimitsConfig(**{k: v for k, v in settings.items() if k in known})
     return EchoProtocol.fromConfig(b"", limits, clock=reactor.seconds)
 
 

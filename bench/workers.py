@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "udpdst.toml"
         config.write_text(
-            '[limits]\nper_source_rate = 0\n[log]\nlevel = "info"\nstats_interval = 0\n'
+            '[limits]\nper_source_rate = 0\nper_prefix_rate = 0\n[log]\nlevel = "info"\nstats_interval = 0\n'
         )
         variants: dict[str, list[Server]] = {}
         port = freePort()

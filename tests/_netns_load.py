@@ -21,6 +21,14 @@ the flood never outruns the server::
      "batch": 100, "wait": 2.0}
     -> {"spoofed": 100000, "asked": 1000, "answered": 1000}
 
+C{spread}: send one datagram to C{target} from each of C{sources} (local
+addresses, each bound to a connected socket of its own), all at once, then
+wait up to C{wait} seconds for the answers::
+
+    {"target": ["127.0.0.1", 12345], "sources": ["127.0.7.1", ...],
+     "wait": 1.0}
+    -> {"sent": 254, "answered": ["127.0.7.1", ...]}
+
 C{blast}: keep C{window} numbered datagrams in flight on each of C{sockets}
 connected sockets for C{duration} seconds, a new one for each answer::
 
@@ -198,9 +206,37 @@ def blast(spec: dict[str, Any]) -> dict[str, Any]:
     return {"sent": sent, "answered": answered, "lost": lost}
 
 
+def spread(spec: dict[str, Any]) -> dict[str, Any]:
+    host, port = spec["target"]
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sockets: dict[socket.socket, str] = {}
+    try:
+        for source in spec["sources"]:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sockets[sock] = source
+            sock.bind((source, 0))
+            sock.connect((host, port))
+        for sock, source in sockets.items():
+            sock.send(b"from " + source.encode())
+        answered: set[str] = set()
+        deadline = time.monotonic() + spec["wait"]
+        while len(answered) < len(sockets):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            for sock in select.select(list(sockets), [], [], left)[0]:
+                sock.recv(65535)
+                answered.add(sockets[sock])
+    finally:
+        for sock in sockets:
+            sock.close()
+    return {"sent": len(sockets), "answered": sorted(answered)}
+
+
 def main(argv: list[str]) -> int:
     mode, spec = argv[0], json.loads(argv[1])
-    print(json.dumps({"ask": ask, "flood": flood, "blast": blast}[mode](spec)))
+    modes = {"ask": ask, "flood": flood, "blast": blast, "spread": spread}
+    print(json.dumps(modes[mode](spec)))
     return 0
 
 

@@ -69,4 +69,44 @@ BAD_CONFIGS = [
         r"port = 65536 is out of range; use a port number 0\.\.65535",
     ),
     ("[echo]\nprefix = 'x'\n\n[limits\n", r"invalid TOML: .*\(at line 4, column 8\)"),
+    # What makes the parser itself raise.
+    ("x = " + "[" * 5000 + "]" * 5000 + "\n", r"invalid TOML: arrays or tables nested"),
+    ("x = " + "{a=" * 3000 + "1" + "}" * 3000 + "\n", r"invalid TOML: .* nested too"),
+    (
+        "[limits]\nmax_sources = " + "9" * 5000 + "\n",
+        r"invalid TOML: Exceeds the limit \(4300 digits\) for integer string "
+        r"conversion: value has 5000 digits; fix the value there$",
+    ),
+    # Every number bounded, so that what is accepted also runs.
+    (
+        "[limits]\nper_source_burst = 100000000000000000000\n",
+        r"per_source_burst = 100000000000000000000 is out of range; "
+        r"use 1\.\.1000000000$",
+    ),
+    (
+        "[limits]\nmax_sources = " + "9" * 4000 + "\n",
+        r"max_sources = 9{20}\.\.\.9{8} is out of range; use 1\.\.16777216$",
+    ),
+    ("[limits]\nper_source_rate = 1e-9\n", r"= 1e-09 is out of range; use 0\.001\."),
+    ("[limits]\nper_source_rate = 1e300\n", r"use 0\.001\.\.1e\+09, or 0$"),
+    ("[limits]\nper_prefix_rate = -1\n", r"per_prefix_rate = -1 is out of range"),
+    ("[limits]\nper_prefix_burst = 0\n", r"per_prefix_burst = 0 is out of range"),
+    ("[limits]\nprefix_v4 = 33\n", r"prefix_v4 = 33 is out of range; use 0\.\.32$"),
+    ("[limits]\nprefix_v6 = 129\n", r"prefix_v6 = 129 is out of range; use 0\.\.128"),
+    ("[limits]\nprefix_v4 = 24.0\n", r"prefix_v4 must be an integer, not a number"),
+    ("[log]\nstats_interval = 1e300\n", r"stats_interval = 1e\+300 is out of range"),
+    (
+        "[service]\nworkers = 100000\n",
+        r"workers = 100000 is out of range; use 1\.\.256",
+    ),
+    (
+        "[[listen]]\nreceive_buffer = 2147483648\n",
+        r"receive_buffer = 2147483648 is out",
+    ),
+    ("[echo]\nanswer_broadcast = 'yes'\n", r"answer_broadcast must be true or false"),
+    (
+        "[[listen]]\naddress = '224.0.0.1'\n",
+        r"224\.0\.0\.1 is a multicast or broadcast",
+    ),
+    ("[[listen]]\naddress = '255.255.255.255'\n", r"multicast or broadcast address"),
 ]

@@ -18,15 +18,20 @@ from tests._raw import requiresRawSockets, spoof
 from tests.clients import Client, client, send
 from tests.echo._helpers import run, until
 from udpdst import listenUDP
-from udpdst.echo.limits import AccessList, LoopGuard, RateLimiter
+from udpdst.echo.limits import AccessList, LoopGuard, NetworkLimiter, RateLimiter
 from udpdst.echo.protocol import REFUSAL_REASONS, EchoProtocol
 
 net = ipaddress.ip_network
 
 SERVER = "127.0.0.2"
-PREFIX = b"p" * 600
-MAX_PACKET = 65100
+#: Short enough that every request here but the "tiny" one is answered (the
+#: floor is its length less the 28 bytes of IPv4 and UDP headers).
+PREFIX = b"p" * 34
+MAX_PACKET = 65490
 BURST = 500
+#: Networks are /28 here (16 addresses): each client's network's bucket holds
+#: what it sends, except the network flood's.
+NETWORK_BURST = 600
 
 
 @requiresRawSockets
@@ -47,8 +52,13 @@ def test_everyDatagramCountedOnce(epollReactor: Any) -> None:
     """
     access = AccessList([net("127.0.0.0/25"), net("::/0")], [net("127.0.0.9/32")])
     limiter = RateLimiter(rate=1, burst=BURST, maxSources=1000)
+    networks = NetworkLimiter(1, NETWORK_BURST, 1000, 28, 56)
     proto = EchoProtocol(
-        PREFIX, access=access, rateLimiter=limiter, clock=lambda: 100.0
+        PREFIX,
+        access=access,
+        rateLimiter=limiter,
+        networkLimiter=networks,
+        clock=lambda: 100.0,
     )
     port = listenUDP(0, proto, "0.0.0.0", MAX_PACKET, epollReactor)
     number = port.getHost().port
@@ -95,6 +105,12 @@ def test_everyDatagramCountedOnce(epollReactor: Any) -> None:
             )
 
         # Refused, for every reason.
+        broadcaster = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with broadcaster:
+            broadcaster.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            broadcaster.bind(("127.0.0.70", 0))
+            broadcaster.sendto(b"to everyone", ("127.255.255.255", number))
+        expected["broadcast"] += 1
         for sourcePort in (0, 19):
             spoof(("127.0.0.20", sourcePort), (SERVER, number), b"source port")
             expected["source-port"] += 1
@@ -114,8 +130,21 @@ def test_everyDatagramCountedOnce(epollReactor: Any) -> None:
                 send(flooder, b"flood %d" % i)
             await marker()
         expected["rate"] += 100
+        # 16 sources of 127.0.0.112/28, 50 datagrams each: all within their
+        # own bucket, the last 200 beyond their network's.
+        neighbours = [
+            client(epollReactor, f"127.0.0.{112 + i}", SERVER, number)
+            for i in range(16)
+        ]
+        for i in range(50):
+            for neighbour in neighbours:
+                send(neighbour, b"neighbour %d" % i)
+            await marker()
+        expected["prefix-rate"] += 16 * 50 - NETWORK_BURST
         big = client(epollReactor, "127.0.0.61", SERVER, number)
-        send(big, b"t" * 65000)  # fits maxPacketSize, not with the prefix
+        send(big, b"tiny")
+        expected["too-small"] += 1
+        send(big, b"t" * 65480)  # fits maxPacketSize, not with the prefix
         expected["too-large"] += 1
         # A peer that echoes our replies back (a loop).
         repeater = client(epollReactor, "127.0.0.62", SERVER, number)
@@ -126,11 +155,12 @@ def test_everyDatagramCountedOnce(epollReactor: Any) -> None:
         expected["loop"] += 1
         await marker()
         assert len(flooder.received) == BURST
+        assert sum(len(n.received) for n in neighbours) == NETWORK_BURST
         assert len(repeater.received) == LoopGuard.maxBounces
         assert denied.received == notAllowed.received == big.received == []
 
         # Oversized: larger than maxPacketSize, dropped by the port.
-        send(big, b"o" * (MAX_PACKET + 100))
+        send(big, b"o" * (MAX_PACKET + 10))
         # Control data truncated: delivered with no destination, answered
         # from the kernel's choice (so to an unconnected client).
         port.ancillaryBufferSize = socket.CMSG_SPACE(4)
@@ -154,5 +184,5 @@ def test_everyDatagramCountedOnce(epollReactor: Any) -> None:
     assert counters.received == (
         counters.replied + sum(refused.values()) + counters.sendErrors
     )
-    replies = survived[0] + 30 + BURST + LoopGuard.maxBounces + 3
+    replies = survived[0] + 30 + BURST + NETWORK_BURST + LoopGuard.maxBounces + 3
     assert counters.replied == replies + len(markers.received)

@@ -10,7 +10,15 @@ import tracemalloc
 
 import pytest
 
-from udpdst.echo.limits import AccessList, Memo, RateLimiter, sourceAddress, sourceKey
+from udpdst.echo.limits import (
+    AccessList,
+    Memo,
+    NetworkLimiter,
+    RateLimiter,
+    networkKey,
+    sourceAddress,
+    sourceKey,
+)
 
 net = ipaddress.ip_network
 EVERYONE = (net("0.0.0.0/0"), net("::/0"))
@@ -233,3 +241,104 @@ def test_rateEvictedSourceStartsAfresh() -> None:
 def test_rateBadArguments(rate: float, burst: int, cap: int) -> None:
     with pytest.raises(ValueError):
         RateLimiter(rate, burst, cap)
+
+
+# Per network
+
+
+def test_networkKey() -> None:
+    """
+    Hosts of one network share a key, whatever their form (IPv4-mapped,
+    scoped); IPv4 and IPv6 networks never do.
+    """
+    key = networkKey("10.1.2.5", 24, 56)
+    assert key == networkKey("10.1.2.250", 24, 56)
+    assert key == networkKey("::ffff:10.1.2.7", 24, 56)
+    assert key != networkKey("10.1.3.5", 24, 56)
+    assert networkKey("10.1.2.5", 32, 56) != networkKey("10.1.2.6", 32, 56)
+    assert networkKey("10.1.2.5", 0, 56) == networkKey("192.0.2.1", 0, 56)
+    v6 = networkKey("2001:db8:1:ff::1", 24, 56)
+    assert v6 == networkKey("2001:db8:1:0::2", 24, 56)
+    assert v6 != networkKey("2001:db8:1:100::1", 24, 56)
+    assert networkKey("fe80::5%eth0", 24, 64) == networkKey("fe80::6", 24, 64)
+    # 0.0.0.0/0 and ::/0 differ: 4 and 16 bytes.
+    assert networkKey("0.0.0.0", 0, 0) != networkKey("::", 0, 0)
+    assert networkKey("not an address", 24, 56) == "not an address"
+
+
+def test_networkSharesOneBucket() -> None:
+    """
+    The sources of one network draw from one bucket, beside their own;
+    another network has its own.
+    """
+    limiter = NetworkLimiter(
+        rate=1, burst=10, maxNetworks=100, prefixV4=24, prefixV6=56
+    )
+    allowed = [limiter.allow(f"10.1.2.{i}", 5.0) for i in range(1, 255)]
+    assert allowed == [True] * 10 + [False] * 244
+    assert limiter.allow("10.1.3.1", 5.0)
+    assert not limiter.allow("::ffff:10.1.2.99", 5.0)
+    # One token a second.
+    assert limiter.allow("10.1.2.77", 6.0)
+    assert not limiter.allow("10.1.2.78", 6.0)
+    assert len(limiter) == 2
+
+
+def test_networkBucketsMemoryBounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    A flood of distinct networks keeps at most maxNetworks buckets and
+    hostsKept memoised hosts; a network active while fewer than
+    maxNetworks / 2 new ones came keeps its (empty) bucket.
+    """
+    monkeypatch.setattr(NetworkLimiter, "hostsKept", 50)
+    limiter = NetworkLimiter(rate=1, burst=2, maxNetworks=100, prefixV4=24, prefixV6=56)
+    assert limiter.allow("192.0.2.1", 0.0)
+    assert limiter.allow("192.0.2.2", 0.0)
+    for i in range(5000):
+        limiter.allow(f"10.{i >> 8 & 255}.{i & 255}.1", 0.0)
+        assert len(limiter) <= 100
+        assert len(limiter._hosts) <= 50
+        if i % 40 == 0:
+            assert not limiter.allow("192.0.2.3", 0.0)
+    assert limiter.evictions == 5001 - len(limiter)
+
+
+def test_networkMemoryFootprint() -> None:
+    """
+    The docs' figure holds: with the default max_sources (65,536), a flood
+    of sources each in another IPv6 /56 peaks under 13 MB, about 190 bytes
+    per network (its key, its bucket, and the memo of recent hosts).
+    """
+    limiter = NetworkLimiter(
+        rate=2000, burst=4000, maxNetworks=65_536, prefixV4=24, prefixV6=56
+    )
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(150_000):
+            limiter.allow(f"2001:db8:{i >> 8:x}:{(i & 255) << 8:x}::1", 1.0)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert 32_768 <= len(limiter) <= 65_536
+    print(f"network limiter: peak {peak} bytes, {peak / 65_536:.0f} per network")
+    assert peak < 13_000_000
+    assert peak / 65_536 < 200
+
+
+@pytest.mark.parametrize(
+    "rate, burst, cap, v4, v6",
+    [
+        (-1, 1, 1, 24, 56),
+        (1, 0, 1, 24, 56),
+        (1, 1, 0, 24, 56),
+        (1, 1, 1, 33, 56),
+        (1, 1, 1, 24, 129),
+        (1, 1, 1, -1, 56),
+    ],
+)
+def test_networkBadArguments(
+    rate: float, burst: int, cap: int, v4: int, v6: int
+) -> None:
+    with pytest.raises(ValueError):
+        NetworkLimiter(rate, burst, cap, v4, v6)

@@ -59,7 +59,7 @@ def test_soak(tmp_path: Path) -> None:
     port = freePort()
     config = tmp_path / "udpdst.toml"
     # A load test from one source: no rate limit (as the example config says).
-    config.write_text("[limits]\nper_source_rate = 0\n")
+    config.write_text("[limits]\nper_source_rate = 0\nper_prefix_rate = 0\n")
     process = Twistd(
         [
             "--config",

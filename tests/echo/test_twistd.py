@@ -365,6 +365,35 @@ def test_badConfigFile(started, tmp_path: Path, text: str, cause: str) -> None: 
     assert str(config) in line
 
 
+def test_numbersAtTheirBoundsRun(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """
+    A config with every number at an end of its range (the workers aside:
+    256 processes) is accepted by check-config and runs: what validates,
+    starts.
+    """
+    config = tmp_path / "edges.toml"
+    config.write_text(
+        '[[listen]]\naddress = "127.0.0.1"\nport = 0\n'
+        "receive_buffer = 2147483647\nmax_packet_size = 65535\n"
+        "[limits]\nper_source_rate = 1e9\nper_source_burst = 1000000000\n"
+        "per_prefix_rate = 0.001\nper_prefix_burst = 1000000000\n"
+        "prefix_v4 = 0\nprefix_v6 = 128\nmax_sources = 16777216\n"
+        "[log]\nstats_interval = 86400\n"
+    )
+    checked = subprocess.run(
+        [sys.executable, "-m", "udpdst", "check-config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert checked.returncode == 0, checked.stderr
+    process = started("--config", str(config))
+    ((host, port),) = process.listening()
+    assert echo(host, port, b"edge") == b"edge"
+    process.stop()
+    assert "Traceback" not in process.output()
+
+
 def test_missingConfigFile(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     line = oneLineError(started("--config", str(tmp_path / "nope.toml")))
     assert line == (

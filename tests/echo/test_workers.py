@@ -167,6 +167,7 @@ def _config(tmp_path: Path, statsInterval: float = 0) -> str:
         "port = 0\n"
         "[limits]\n"
         "per_source_rate = 0\n"
+        "per_prefix_rate = 0\n"
         "[log]\n"
         f"stats_interval = {statsInterval}\n"
     )
@@ -477,7 +478,8 @@ def test_reloadReplacesWorkersWithoutLoss(started, tmp_path: Path) -> None:  # t
         config.write_text(
             "".join(f'[[listen]]\naddress = "127.0.0.1"\nport = {p}\n' for p in ports)
             + f'[echo]\nprefix = "{prefix}"\n'
-            + "[limits]\nper_source_rate = 0\n[log]\nstats_interval = 0\n"
+            + "[limits]\nper_source_rate = 0\nper_prefix_rate = 0\n"
+            + "[log]\nstats_interval = 0\n"
         )
 
     config = tmp_path / "udpdst.toml"

@@ -26,6 +26,25 @@ from udpdst.address import formatHostPort, splitHostPort
 #: may be this much larger than its request (reflection amplification).
 MAX_PREFIX = 1024
 
+#: The most worker processes (C{[service] workers}).
+MAX_WORKERS = 256
+
+#: The highest rate (datagrams per second) and burst a limit may have: far
+#: above what one process answers, and exact as floats.
+MAX_RATE = 1e9
+MAX_BURST = 10**9
+
+#: The lowest rate a limit may have (one datagram per 1,000 s): a smaller
+#: one would round its refill interval to infinity.
+MIN_RATE = 0.001
+
+#: The most sources (and networks) the rate limiters track: 16,777,216,
+#: about 2.3 GB each at the figure the docs give per source.
+MAX_SOURCES = 2**24
+
+#: The longest stats interval, in seconds (a day).
+MAX_STATS_INTERVAL = 86400.0
+
 #: Log levels, in increasing order of severity (names of L{twisted.logger.LogLevel}).
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 
@@ -47,6 +66,15 @@ class ConfigError(Exception):
 _Check = Callable[[Any, str], Any]
 
 
+def _shown(value: Any) -> str:
+    """
+    A value as a message quotes it: at most about 40 characters, so that a
+    number of thousands of digits still makes one readable line.
+    """
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...{text[-8:]}"
+
+
 def _describe(value: Any) -> str:
     kind = {
         bool: "a boolean",
@@ -56,7 +84,7 @@ def _describe(value: Any) -> str:
         list: "an array",
         dict: "a table",
     }.get(type(value), type(value).__name__)
-    return f"{kind} ({value!r})" if not isinstance(value, list | dict) else kind
+    return f"{kind} ({_shown(value)})" if not isinstance(value, list | dict) else kind
 
 
 def _boolean(value: Any, where: str) -> bool:
@@ -65,27 +93,34 @@ def _boolean(value: Any, where: str) -> bool:
     return value
 
 
-def _integer(low: int, high: int | None = None) -> _Check:
+def _integer(low: int, high: int) -> _Check:
     def check(value: Any, where: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where} must be an integer, not {_describe(value)}")
-        if value < low or (high is not None and value > high):
-            bound = f"{low}..{high}" if high is not None else f"at least {low}"
-            raise ConfigError(f"{where} = {value} is out of range; use {bound}")
+        if not low <= value <= high:
+            raise ConfigError(
+                f"{where} = {_shown(value)} is out of range; use {low}..{high}"
+            )
         return value
 
     return check
 
 
-def _number(low: float) -> _Check:
+def _number(low: float, high: float, zero: bool = False) -> _Check:
+    """
+    A number from C{low} to C{high}; with C{zero}, also C{0} (which then
+    means "none" or "no limit").
+    """
+    span = f"{low:g}..{high:g}" + (", or 0" if zero else "")
+
     def check(value: Any, where: str) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where} must be a number, not {_describe(value)}")
-        if not math.isfinite(value) or value < low:
-            raise ConfigError(
-                f"{where} = {value} is out of range; use a number >= {low:g}"
-            )
-        return float(value)
+        # An integer too large for a float is out of range, not an error.
+        number = float(value) if abs(value) <= high else math.inf
+        if not (low <= number <= high or (zero and number == 0)):
+            raise ConfigError(f"{where} = {_shown(value)} is out of range; use {span}")
+        return number
 
     return check
 
@@ -114,6 +149,18 @@ def _address(value: Any, where: str) -> str:
             '"::" (all, IPv6 and IPv4), "0.0.0.0" (all IPv4) or "127.0.0.1"'
         ) from None
     return value
+
+
+def _listenAddress(value: Any, where: str) -> str:
+    address = _address(value, where)
+    ip = ipaddress.ip_address(address)
+    if ip.is_multicast or (ip.version == 4 and int(ip) >> 28 == 0xF):
+        raise ConfigError(
+            f"{where}: {address} is a multicast or broadcast address, which "
+            "no reply can come from; bind a unicast address, or a wildcard "
+            '("::", "0.0.0.0") to serve every address'
+        )
+    return address
 
 
 def _text(value: Any, where: str) -> str:
@@ -195,10 +242,10 @@ def _workers(value: Any, where: str) -> int | str:
         raise ConfigError(
             f'{where} must be an integer or "auto", not {_describe(value)}'
         )
-    if value < 1:
+    if not 1 <= value <= MAX_WORKERS:
         raise ConfigError(
-            f'{where} = {value} is out of range; use at least 1, or "auto" '
-            "(one per CPU)"
+            f"{where} = {_shown(value)} is out of range; use 1..{MAX_WORKERS}, "
+            'or "auto" (one per CPU)'
         )
     return value
 
@@ -247,7 +294,9 @@ class ListenConfig:
     """
 
     address: str = _key(
-        "::", _address, 'address to bind; "::" = all IPv6 and IPv4 (dual-stack)'
+        "::",
+        _listenAddress,
+        'address to bind; "::" = all IPv6 and IPv4 (dual-stack)',
     )
     port: int = _key(12345, _port, "UDP port; 0 = any free port (logged at start)")
     reuse_port: bool = _key(
@@ -286,8 +335,15 @@ class EchoConfig:
     prefix: str = _key(
         "",
         _prefix,
-        'text put before every reply; "" = the exact bytes (RFC 862)',
+        'text put before every reply; "" = the exact bytes (RFC 862); '
+        "requests shorter than it less 28 bytes are not answered",
         option="prefix",
+    )
+    answer_broadcast: bool = _key(
+        False,
+        _boolean,
+        "answer datagrams sent to broadcast or multicast addresses (every "
+        "host on the link answers one spoofed datagram: for labs only)",
     )
 
     @property
@@ -302,15 +358,37 @@ class LimitsConfig:
     """
 
     per_source_rate: float = _key(
-        1000.0, _number(0), "datagrams per second answered per source; 0 = no limit"
+        1000.0,
+        _number(MIN_RATE, MAX_RATE, zero=True),
+        "datagrams per second answered per source; 0 = no limit",
     )
     per_source_burst: int = _key(
-        2000, _integer(1), "datagrams a source may send at once above the rate"
+        2000,
+        _integer(1, MAX_BURST),
+        "datagrams a source may send at once above the rate",
+    )
+    per_prefix_rate: float = _key(
+        2000.0,
+        _number(MIN_RATE, MAX_RATE, zero=True),
+        "datagrams per second answered per source network (prefix_v4, "
+        "prefix_v6), all its sources together; 0 = no limit",
+    )
+    per_prefix_burst: int = _key(
+        4000,
+        _integer(1, MAX_BURST),
+        "datagrams a source network may send at once above its rate",
+    )
+    prefix_v4: int = _key(
+        24, _integer(0, 32), "prefix length of an IPv4 source network"
+    )
+    prefix_v6: int = _key(
+        56, _integer(0, 128), "prefix length of an IPv6 source network"
     )
     max_sources: int = _key(
         65536,
-        _integer(1),
-        "sources whose rate is tracked; the longest unseen are forgotten",
+        _integer(1, MAX_SOURCES),
+        "sources, and source networks, whose rate is tracked; the longest "
+        "unseen are forgotten",
     )
     allow: tuple[_Network, ...] = _key(
         (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")),
@@ -342,7 +420,7 @@ class LogConfig:
     )
     stats_interval: float = _key(
         60.0,
-        _number(0),
+        _number(1e-3, MAX_STATS_INTERVAL, zero=True),
         "seconds between stats lines; 0 = only at stop",
         option="stats-interval",
     )
@@ -517,6 +595,17 @@ def loadConfig(path: str | None = None) -> Config:
         ) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}; fix the syntax there") from None
+    except RecursionError:
+        raise ConfigError(
+            f"{path}: invalid TOML: arrays or tables nested too deep; "
+            "nest them a few levels at most"
+        ) from None
+    except ValueError as e:
+        # Python's own limits, e.g. an integer of thousands of digits.
+        cause = str(e).partition(";")[0]
+        raise ConfigError(
+            f"{path}: invalid TOML: {cause}; fix the value there"
+        ) from None
     return parseConfig(document, path)
 
 
@@ -537,7 +626,7 @@ def parseListen(text: str, where: str = "--listen") -> ListenConfig:
         "([::]:12345, 0.0.0.0:12345), or systemd[:NAME]"
     )
     address, port = _hostPort(text, where, shape)
-    return ListenConfig(address=address, port=port)
+    return ListenConfig(address=_listenAddress(address, where), port=port)
 
 
 #: The help text of the two options that are not one key: C{--listen} (a

@@ -1,6 +1,7 @@
 """
-Who the echo service answers: source networks (allow/deny), a per-source
-token bucket, and the end of echo loops, each with bounded memory.
+Who the echo service answers: source networks (allow/deny), a token bucket
+per source and one per source network, and the end of echo loops, each with
+bounded memory.
 
 These are plain objects with no I/O and no clock of their own (the caller
 passes the time), so they are cheap on the per-datagram path and easy to test.
@@ -9,7 +10,8 @@ passes the time), so they are cheap on the per-datagram path and easy to test.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterable
+import socket
+from collections.abc import Callable, Hashable, Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -45,6 +47,37 @@ def sourceKey(host: str) -> str:
     if host.startswith("::ffff:") and "." in host:
         return host[7:]
     return host
+
+
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+def networkKey(host: str, prefixV4: int, prefixV6: int) -> Hashable:
+    """
+    The key of the network a peer is in, for a bucket per network: its
+    address with all but the first C{prefixV4} (IPv4, IPv4-mapped IPv6
+    included) or C{prefixV6} (IPv6) bits cleared, packed (4 or 16 bytes, so
+    IPv4 and IPv6 networks never share a key).  A link-local peer's zone is
+    dropped.
+
+    @param host: The peer's host, as the port gives it.
+    @return: The key; C{host} itself if it is not an IP address.
+    """
+    text = host.partition("%")[0]
+    try:
+        if ":" in text:
+            packed = socket.inet_pton(socket.AF_INET6, text)
+            if packed.startswith(_V4_MAPPED):
+                packed, bits = packed[12:], prefixV4
+            else:
+                bits = prefixV6
+        else:
+            packed, bits = socket.inet_pton(socket.AF_INET, text), prefixV4
+    except OSError:
+        return host
+    size = len(packed) * 8
+    value = int.from_bytes(packed, "big") >> (size - bits) << (size - bits)
+    return value.to_bytes(len(packed), "big")
 
 
 class Memo(dict[str, Any]):
@@ -159,8 +192,8 @@ class RateLimiter:
         self._tolerance = (burst - 1 + 1e-6) * self._interval
         self._generation = max(1, maxSources // 2)
         # source -> when its bucket is full again
-        self._recent: dict[str, float] = {}
-        self._older: dict[str, float] = {}
+        self._recent: dict[Hashable, float] = {}
+        self._older: dict[Hashable, float] = {}
         self._keys = Memo(sourceKey, self.mappedKeys)
 
     def __len__(self) -> int:
@@ -194,7 +227,7 @@ class RateLimiter:
         self._recent[source] = full + self._interval
         return True
 
-    def _admit(self, source: str, now: float) -> float:
+    def _admit(self, source: Hashable, now: float) -> float:
         """
         Put C{source}, not in the recent generation, into it: from the older
         generation, or with a full bucket, dropping the older generation if
@@ -210,6 +243,94 @@ class RateLimiter:
             self._recent = recent = {}
         recent[source] = full
         return full
+
+
+class NetworkLimiter(RateLimiter):
+    """
+    A token bucket per source network (as DNS response-rate limiting does):
+    the sources of one IPv4 C{/prefixV4} or IPv6 C{/prefixV6} share one
+    bucket of C{burst} datagrams refilled at C{rate} per second, so that a
+    spoofer rotating through the addresses of a network (its victim's) draws
+    no more than one such bucket, however many addresses it uses.
+
+    The buckets are kept in two generations as L{RateLimiter}'s, with the
+    same memory bound (C{maxNetworks} buckets at most): a network not seen
+    while C{maxNetworks / 2} new ones came is forgotten.  Each bucket is a
+    one-item list (when it is full again), and the bucket of each host seen
+    lately is memoised (at most L{hostsKept} hosts, and forgotten whenever a
+    generation is), so that a datagram costs one lookup by host.
+    """
+
+    hostsKept = 8192
+
+    def __init__(
+        self, rate: float, burst: int, maxNetworks: int, prefixV4: int, prefixV6: int
+    ) -> None:
+        """
+        @param rate: Tokens added per second; C{0} means no limit.
+        @param burst: The bucket size (at least 1).
+        @param maxNetworks: The most buckets kept (at least 1; 1 keeps 2).
+        @param prefixV4: The length of an IPv4 network, 0..32.
+        @param prefixV6: The length of an IPv6 network, 0..128.
+        """
+        if not (0 <= prefixV4 <= 32 and 0 <= prefixV6 <= 128):
+            raise ValueError("prefixV4 in 0..32 and prefixV6 in 0..128 are needed")
+        RateLimiter.__init__(self, rate, burst, maxNetworks)
+        self.prefixV4 = prefixV4
+        self.prefixV6 = prefixV6
+        # network key -> [when its bucket is full again]
+        self._recent: dict[Hashable, list[float]] = {}  # type: ignore[assignment]
+        self._older: dict[Hashable, list[float]] = {}  # type: ignore[assignment]
+        # host -> its network's bucket
+        self._hosts: dict[str, list[float]] = {}
+
+    def allow(self, source: str, now: float) -> bool:
+        """
+        Take a token from the bucket of C{source}'s network.
+
+        @param source: The peer's host (an IPv4-mapped IPv6 host is in its
+            IPv4 network).
+        @param now: The current time in seconds (monotonic).
+        @return: Whether the datagram may be answered.
+        """
+        if self.unlimited:
+            return True
+        bucket = self._hosts.get(source)
+        if bucket is None:
+            bucket = self._bucketOf(source, now)
+        full = bucket[0]
+        if full < now:
+            full = now
+        elif full - now > self._tolerance:
+            return False
+        bucket[0] = full + self._interval
+        return True
+
+    def _bucketOf(self, source: str, now: float) -> list[float]:
+        """
+        The bucket of C{source}'s network, put into the recent generation
+        (from the older one, or new and full, dropping the older generation
+        if the recent one is full), and memoised for C{source}.
+        """
+        network = networkKey(source, self.prefixV4, self.prefixV6)
+        recent = self._recent
+        bucket = recent.get(network)
+        if bucket is None:
+            bucket = self._older.pop(network, None)  # type: ignore[call-overload]
+            if bucket is None:
+                bucket = [now]
+            if len(recent) >= self._generation:
+                self.evictions += len(self._older)
+                self._older = recent
+                self._recent = recent = {}
+                # Hosts may hold buckets of the generation just dropped.
+                self._hosts.clear()
+            recent[network] = bucket
+        hosts = self._hosts
+        if len(hosts) >= self.hostsKept:
+            hosts.clear()
+        hosts[source] = bucket
+        return bucket
 
 
 class LoopGuard:
@@ -366,3 +487,27 @@ def rateLimiterFor(limits: LimitsConfig) -> RateLimiter:
     The L{RateLimiter} of C{[limits] per_source_*} and C{max_sources}.
     """
     return RateLimiter(*rateSettings(limits))
+
+
+def prefixSettings(limits: LimitsConfig) -> tuple[float, int, int, int, int]:
+    """
+    What a L{NetworkLimiter} is built from: C{(rate, burst, maxNetworks,
+    prefixV4, prefixV6)}.  A reload that leaves these unchanged keeps the
+    buckets.
+    """
+    return (
+        limits.per_prefix_rate,
+        limits.per_prefix_burst,
+        limits.max_sources,
+        limits.prefix_v4,
+        limits.prefix_v6,
+    )
+
+
+def prefixLimiterFor(limits: LimitsConfig) -> NetworkLimiter:
+    """
+    The L{NetworkLimiter} of C{[limits] per_prefix_*}, C{prefix_v4},
+    C{prefix_v6} and C{max_sources} (networks are tracked within the same
+    bound as sources).
+    """
+    return NetworkLimiter(*prefixSettings(limits))

@@ -116,6 +116,16 @@ class SnapshotCollector:
             "Sources the rate limiter forgot to make room for new ones.",
             value=snapshot.limiterEvictions,
         )
+        yield GaugeMetricFamily(
+            "udpdst_rate_limited_networks",
+            "Source networks whose rate the per-network limiter tracks.",
+            value=snapshot.rateLimitedNetworks,
+        )
+        yield CounterMetricFamily(
+            "udpdst_network_limiter_evictions",
+            "Source networks the per-network limiter forgot to make room for new ones.",
+            value=snapshot.networkEvictions,
+        )
 
 
 class MetricsResource(Resource):

@@ -25,8 +25,10 @@ from udpdst.echo.config import LimitsConfig
 from udpdst.echo.limits import (
     AccessList,
     LoopGuard,
+    NetworkLimiter,
     RateLimiter,
     accessListFor,
+    prefixLimiterFor,
     rateLimiterFor,
     sourceKey,
 )
@@ -35,14 +37,23 @@ from udpdst.protocol import DestinationDatagramProtocol
 
 #: Why a datagram got no reply, in the order the checks run.
 REFUSAL_REASONS = (
+    "broadcast",  # sent to a broadcast or multicast address (reflection)
     "source-port",  # a source port in deny_source_ports (loop protection)
     "same-port",  # source port equal to the listening port (echo-echo loop)
     "denied",  # a source in a denied network
     "not-allowed",  # a source in no allowed network
     "rate",  # the source's token bucket is empty
+    "prefix-rate",  # the source network's token bucket is empty
+    "too-small",  # a reply would be over twice the request (see HEADER_BYTES)
     "too-large",  # prefix + datagram exceeds the largest UDP payload
     "loop",  # the peer keeps sending our replies back (limits.LoopGuard)
 )
+
+#: The bytes of IPv4 and UDP headers around every datagram (IPv6 has 48): with
+#: a prefix, a request is answered only if it is at least the prefix's length
+#: less these, so that a reply is never more than twice its request as the
+#: network carries them.
+HEADER_BYTES = 28
 
 _DEFAULT_LIMITS = LimitsConfig()
 
@@ -72,6 +83,30 @@ class EchoCounters:
         return sum(self.refused.values())
 
 
+def isBroadcast(dst: Destination) -> bool:
+    """
+    Whether a datagram sent to C{dst} went to a broadcast or multicast
+    address.
+
+    The kernel tells: a unicast datagram is answered from the address it was
+    sent to (C{replyFrom == host}); for an IPv4 broadcast (subnet or limited)
+    or multicast one it reports a unicast address of the receiving interface
+    (C{spec_dst}) and for an IPv6 multicast one no address (C{"::"}).
+    Without that report (C{replyFrom} is L{None}) the address decides:
+    224/4 and 240/4 (255.255.255.255 included), ff00::/8.  (A subnet
+    broadcast that was queued before the socket asked for the report looks
+    like unicast; nothing in the datagram tells it apart.)
+    """
+    host = dst.host
+    if dst.replyFrom == host:
+        return False
+    if dst.replyFrom is not None:
+        return True
+    if ":" in host:
+        return host[:2].lower() == "ff"
+    return int(host.partition(".")[0]) >= 224
+
+
 def _hostPort(host: str, port: int) -> str:
     # IPv4 clients of a dual-stack socket are logged in IPv4 form.
     return formatHostPort(sourceKey(host), port)
@@ -82,9 +117,13 @@ class EchoProtocol(DestinationDatagramProtocol):
     Reply to every datagram with C{prefix + datagram}, from the address the
     datagram was sent to, unless one of the checks refuses it.
 
-    The checks, cheapest first: the source port (loop protection), the
-    source network, the source's rate, the size of the reply, and whether
-    the datagram is one of our replies bounced back by another service (an
+    The checks, cheapest first: the destination (no answer to broadcast or
+    multicast, unless C{answerBroadcast}), the source port (loop
+    protection), the source network, the source's rate and its network's,
+    the size of the request (with a prefix, at least the prefix's length
+    less L{HEADER_BYTES}, so that a reply is at most twice its request on
+    the wire) and of the reply, and whether the
+    datagram is one of our replies bounced back by another service (an
     echo loop, L{LoopGuard}).  Refusals are counted by reason in
     C{counters} and logged per datagram only at debug level; a stopped loop
     is logged at info level, sparsely.
@@ -100,6 +139,8 @@ class EchoProtocol(DestinationDatagramProtocol):
         denySamePort: bool = True,
         access: AccessList | None = None,
         rateLimiter: RateLimiter | None = None,
+        networkLimiter: NetworkLimiter | None = None,
+        answerBroadcast: bool = False,
         loopGuard: LoopGuard | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -111,6 +152,11 @@ class EchoProtocol(DestinationDatagramProtocol):
             bounce it back forever).
         @param access: Allowed and denied networks; L{None} allows all.
         @param rateLimiter: Per-source token buckets; L{None} for no limit.
+        @param networkLimiter: Per-network token buckets, which a datagram
+            must pass too; L{None} for no limit.
+        @param answerBroadcast: Answer datagrams sent to broadcast and
+            multicast addresses too (L{isBroadcast}).  Off, as each host on
+            the link would answer one spoofed datagram ("fraggle").
         @param loopGuard: What ends echo loops; a new L{LoopGuard} if L{None}
             (one per protocol: a loop runs through one port).
         @param clock: Monotonic seconds, for the rate limiter and the loop
@@ -129,8 +175,15 @@ class EchoProtocol(DestinationDatagramProtocol):
             if rateLimiter is not None and not rateLimiter.unlimited
             else None
         )
+        self._allowNetwork = (
+            networkLimiter.allow
+            if networkLimiter is not None and not networkLimiter.unlimited
+            else None
+        )
+        self._refuseBroadcast = not answerBroadcast
         self._allowLoop = (loopGuard if loopGuard is not None else LoopGuard()).allow
         self._loopsStopped = 0
+        self._broadcastsRefused = 0
         self._clock = clock
         self._ownPort = 0
         self._log = Logger(namespace="udpdst.echo", source=self)
@@ -144,6 +197,8 @@ class EchoProtocol(DestinationDatagramProtocol):
         *,
         access: AccessList | None = None,
         rateLimiter: RateLimiter | None = None,
+        networkLimiter: NetworkLimiter | None = None,
+        answerBroadcast: bool = False,
     ) -> EchoProtocol:
         """
         Build an echo protocol from the C{[echo]} prefix and C{[limits]}: the
@@ -154,24 +209,31 @@ class EchoProtocol(DestinationDatagramProtocol):
             protocols; a new one if L{None}.
         @param rateLimiter: Likewise, a rate limiter to share, so that a
             source has one budget across listeners.
+        @param networkLimiter: Likewise, the per-network limiter.
+        @param answerBroadcast: C{[echo] answer_broadcast}.
         """
         if access is None:
             access = accessListFor(limits)
         if rateLimiter is None:
             rateLimiter = rateLimiterFor(limits)
+        if networkLimiter is None:
+            networkLimiter = prefixLimiterFor(limits)
         return cls(
             prefix,
             denySourcePorts=limits.deny_source_ports,
             denySamePort=limits.deny_same_port,
             access=access,
             rateLimiter=rateLimiter,
+            networkLimiter=networkLimiter,
+            answerBroadcast=answerBroadcast,
             clock=clock,
         )
 
     @property
     def amplification(self) -> int:
         """
-        The most bytes by which a reply can be larger than its request.
+        The most bytes by which a reply can be larger than its request (and
+        no reply is more than twice as large as its request).
         """
         return len(self.prefix)
 
@@ -185,6 +247,13 @@ class EchoProtocol(DestinationDatagramProtocol):
         # Runs per datagram: each attribute read once, and the address
         # indexed (unpacking a tuple subclass goes through an iterator).
         port = addr[1]
+        if (
+            dst is not None
+            and dst.replyFrom != dst.host
+            and self._refuseBroadcast
+            and isBroadcast(dst)
+        ):
+            return self._refuseBroadcastDatagram(datagram, addr, dst)
         if port in self._denyPorts:
             return self._refuse("source-port", datagram, addr, dst)
         if (
@@ -202,8 +271,15 @@ class EchoProtocol(DestinationDatagramProtocol):
         allowRate = self._allowRate
         if allowRate is not None and not allowRate(host, now):
             return self._refuse("rate", datagram, addr, dst)
+        allowNetwork = self._allowNetwork
+        if allowNetwork is not None and not allowNetwork(host, now):
+            return self._refuse("prefix-rate", datagram, addr, dst)
         prefix = self.prefix
         if prefix:
+            if len(datagram) < len(prefix) - HEADER_BYTES:
+                # A reply is never more than twice its request on the wire: a
+                # spoofer's tiny requests would draw the most bytes per byte.
+                return self._refuse("too-small", datagram, addr, dst)
             reply = prefix + datagram
             if len(reply) > MAX_UDP_PAYLOAD_V4 and len(reply) > maxPayload(host):
                 return self._refuse("too-large", datagram, addr, dst)
@@ -242,6 +318,23 @@ class EchoProtocol(DestinationDatagramProtocol):
                 "({count} loops stopped so far)",
                 peer=_hostPort(addr[0], addr[1]),
                 destination=str(dst) if dst is not None else "unknown",
+                count=count,
+            )
+
+    def _refuseBroadcastDatagram(
+        self, datagram: bytes, addr: PeerAddress, dst: Destination
+    ) -> None:
+        self._refuse("broadcast", datagram, addr, dst)
+        self._broadcastsRefused += 1
+        count = self._broadcastsRefused
+        # One spoofed flood costs log2(n) lines.
+        if sparse(count):
+            self._log.info(
+                "{peer} -> {destination}: not answered, a broadcast or "
+                "multicast address ({count} so far); [echo] answer_broadcast "
+                "= true answers them",
+                peer=_hostPort(addr[0], addr[1]),
+                destination=str(dst),
                 count=count,
             )
 

@@ -21,7 +21,13 @@ from twisted.python.failure import Failure
 from udpdst.echo import logs
 from udpdst.echo._twistd import TwistdHooks
 from udpdst.echo.config import Config, ConfigError, LimitsConfig, ListenConfig
-from udpdst.echo.limits import accessListFor, rateLimiterFor, rateSettings
+from udpdst.echo.limits import (
+    accessListFor,
+    prefixLimiterFor,
+    prefixSettings,
+    rateLimiterFor,
+    rateSettings,
+)
 from udpdst.echo.listeners import ListenError, ListenerService
 from udpdst.echo.protocol import EchoProtocol
 from udpdst.echo.stats import ListenerStats, Snapshot, takeSnapshot
@@ -97,6 +103,7 @@ class EchoService(MultiService):
         self._previousHangup: Any = None
         self._access = accessListFor(config.limits)
         self.limiter = rateLimiterFor(config.limits)
+        self.networkLimiter = prefixLimiterFor(config.limits)
         self.listeners: list[ListenerService] = []
         for listener, inherited in sockets:
             self._addListener(listener, inherited)
@@ -106,13 +113,15 @@ class EchoService(MultiService):
 
     def _echo(self) -> EchoProtocol:
         # One protocol per socket (a protocol has one transport); the access
-        # list and the rate limiter are shared, so that a source gets one
-        # budget however many listeners it reaches.
+        # list and the rate limiters are shared, so that a source (and a
+        # network) gets one budget however many listeners it reaches.
         protocol = EchoProtocol.fromConfig(
             self.config.echo.prefixBytes,
             self.config.limits,
             access=self._access,
             rateLimiter=self.limiter,
+            networkLimiter=self.networkLimiter,
+            answerBroadcast=self.config.echo.answer_broadcast,
         )
         # Twisted's "Starting protocol <... object at 0x...>" lines say less
         # than the service's own listening and reload lines, at every reload.
@@ -267,6 +276,10 @@ class EchoService(MultiService):
                 evictions = self.limiter.evictions
                 self.limiter = rateLimiterFor(config.limits)
                 self.limiter.evictions = evictions
+            if prefixSettings(config.limits) != prefixSettings(old.limits):
+                evictions = self.networkLimiter.evictions
+                self.networkLimiter = prefixLimiterFor(config.limits)
+                self.networkLimiter.evictions = evictions
         if config.limits != old.limits or config.echo != old.echo:
             for child in keep:
                 child.replaceProtocol(self._echo())
@@ -344,7 +357,9 @@ class EchoService(MultiService):
         This process's counters, now.
         """
         return takeSnapshot(
-            (child.counterSources() for child in self.listeners), self.limiter
+            (child.counterSources() for child in self.listeners),
+            self.limiter,
+            self.networkLimiter,
         )
 
     def snapshot(self) -> Snapshot:
@@ -374,10 +389,13 @@ class EchoService(MultiService):
             )
         self._log.info(
             "{which} rate limiter: {rateLimitedSources} sources tracked, "
-            "{limiterEvictions} evicted",
+            "{limiterEvictions} evicted; {rateLimitedNetworks} networks "
+            "tracked, {networkEvictions} evicted",
             which=which,
             rateLimitedSources=snapshot.rateLimitedSources,
             limiterEvictions=snapshot.limiterEvictions,
+            rateLimitedNetworks=snapshot.rateLimitedNetworks,
+            networkEvictions=snapshot.networkEvictions,
         )
 
 
@@ -392,8 +410,13 @@ def _changes(
     """
     changes = [f"listener {child.address} removed" for child in remove]
     changes += [f"listener {listener.describe()} added" for listener, _ in add]
-    if new.echo != old.echo:
+    if new.echo.prefix != old.echo.prefix:
         changes.append(f"prefix {old.echo.prefix!r} -> {new.echo.prefix!r}")
+    if new.echo.answer_broadcast != old.echo.answer_broadcast:
+        changes.append(
+            "broadcast and multicast "
+            + ("answered" if new.echo.answer_broadcast else "refused")
+        )
     for f in fields(LimitsConfig):
         was, now = getattr(old.limits, f.name), getattr(new.limits, f.name)
         if was != now:

@@ -70,11 +70,16 @@ class Snapshot:
     @ivar listeners: L{ListenerStats} by listener address (C{[::]:12345}).
     @ivar rateLimitedSources: Sources whose rate the limiter tracks now.
     @ivar limiterEvictions: Sources the limiter forgot to make room.
+    @ivar rateLimitedNetworks: Source networks whose rate the per-network
+        limiter tracks now.
+    @ivar networkEvictions: Networks that limiter forgot to make room.
     """
 
     listeners: Mapping[str, ListenerStats] = field(default_factory=dict)
     rateLimitedSources: int = 0
     limiterEvictions: int = 0
+    rateLimitedNetworks: int = 0
+    networkEvictions: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "listeners", MappingProxyType(dict(self.listeners)))
@@ -92,6 +97,8 @@ class Snapshot:
             listeners,
             self.rateLimitedSources + other.rateLimitedSources,
             self.limiterEvictions + other.limiterEvictions,
+            self.rateLimitedNetworks + other.rateLimitedNetworks,
+            self.networkEvictions + other.networkEvictions,
         )
 
     def asDict(self) -> dict[str, Any]:
@@ -102,6 +109,8 @@ class Snapshot:
             "listeners": {a: s.asDict() for a, s in self.listeners.items()},
             "rateLimitedSources": self.rateLimitedSources,
             "limiterEvictions": self.limiterEvictions,
+            "rateLimitedNetworks": self.rateLimitedNetworks,
+            "networkEvictions": self.networkEvictions,
         }
 
     @classmethod
@@ -116,6 +125,8 @@ class Snapshot:
             {a: ListenerStats.fromDict(s) for a, s in data["listeners"].items()},
             int(data["rateLimitedSources"]),
             int(data["limiterEvictions"]),
+            int(data["rateLimitedNetworks"]),
+            int(data["networkEvictions"]),
         )
 
 
@@ -128,7 +139,9 @@ def portFigures(port: PortCounters | None) -> dict[str, int]:
 
 
 def takeSnapshot(
-    listeners: Iterable[tuple[str, Any, Any]], limiter: Any = None
+    listeners: Iterable[tuple[str, Any, Any]],
+    limiter: Any = None,
+    networkLimiter: Any = None,
 ) -> Snapshot:
     """
     Read every counter now.
@@ -138,6 +151,7 @@ def takeSnapshot(
         protocol's counters (their C{refused} by reason).
     @param limiter: The shared rate limiter (C{len()} and C{evictions}), or
         L{None}.
+    @param networkLimiter: Likewise, the shared per-network limiter.
     """
     snapshot = Snapshot()
     for address, port, echo in listeners:
@@ -145,4 +159,8 @@ def takeSnapshot(
         snapshot = snapshot + Snapshot({address: stats})
     if limiter is not None:
         snapshot = snapshot + Snapshot({}, len(limiter), limiter.evictions)
+    if networkLimiter is not None:
+        snapshot = snapshot + Snapshot(
+            {}, 0, 0, len(networkLimiter), networkLimiter.evictions
+        )
     return snapshot

@@ -55,7 +55,7 @@ from twisted.logger import (
 )
 from twisted.python.failure import Failure
 
-from udpdst.echo.config import ListenConfig, configDocument
+from udpdst.echo.config import MAX_WORKERS, ListenConfig, configDocument
 from udpdst.echo.service import EchoService
 from udpdst.echo.stats import Snapshot
 
@@ -80,9 +80,10 @@ def cpuCount() -> int:
 def workerCount(setting: int | str) -> int:
     """
     The number of processes a C{workers} setting means: C{"auto"} is one per
-    CPU, an integer is itself.
+    CPU (at most L{MAX_WORKERS}, the most an integer may ask for), an integer
+    is itself.
     """
-    return cpuCount() if setting == "auto" else int(setting)
+    return min(cpuCount(), MAX_WORKERS) if setting == "auto" else int(setting)
 
 
 # Backoff for restarts.

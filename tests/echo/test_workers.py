@@ -245,23 +245,31 @@ def test_workerStartedByHand() -> None:
 # exits with status 3 ("exit") or hangs ("hang"); the pool runs until it
 # has started the worker N times, then stops.
 _POOL = """
+import socket
 import sys
 from pathlib import Path
 from twisted.internet import reactor, task
 from twisted.logger import globalLogBeginner, textFileLogObserver
-from udpdst.echo.workers import Backoff, WorkerPool
+from udpdst.echo.config import ListenConfig
+from udpdst.echo.workers import Backoff, WorkerPool, WorkerSocket
 
 starts, how, count = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+# A socket for the workers to serve: a pool starts none without one.
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("127.0.0.1", 0))
 starts.touch()
 globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
 then = "sys.exit(3)" if how == "exit" else "time.sleep(60)"
 pool = WorkerPool(
     1,
     {},
-    lambda: [],
+    lambda: [WorkerSocket(ListenConfig(), sock.fileno(), "test")],
     reactor,
     backoff=lambda: Backoff(initial=0.05, maximum=0.4, steady=10.0),
     readyTimeout=0.3,
+    # Restarted however often it fails, for as long as the test runs.
+    startAttempts=1000,
+    startTimeout=3600,
     command=[
         sys.executable,
         "-c",

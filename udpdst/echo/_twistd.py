@@ -7,6 +7,7 @@ mode expects (status pipe, pid file).
 
 from __future__ import annotations
 
+import atexit
 import os
 import select
 import signal
@@ -39,6 +40,10 @@ class TwistdHooks:
         self.options = options
         self.logFormat = logFormat
         self._output: IO[str] | None = None
+        #: The process's exit status once twistd is done, if not twistd's
+        #: own: set when the service stops because it cannot serve after
+        #: the reactor started (twistd would exit 0).
+        self.exitStatus: int | None = None
 
     @classmethod
     def install(cls, options: Any, logFormat: str = "text") -> TwistdHooks:
@@ -49,7 +54,20 @@ class TwistdHooks:
         global current
         current = cls(options, logFormat)
         _replaceWaitForStart()
+        # Exit handlers run after twistd's own cleanup (the pid file), this
+        # one after those registered later.
+        atexit.register(current._exit)
         return current
+
+    def _exit(self) -> None:
+        if self.exitStatus is None:
+            return
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
+        os._exit(self.exitStatus)
 
     def logOutput(self) -> IO[str]:
         """

@@ -338,3 +338,39 @@ def test_workersThatTheDroppedUserCannotRun(tmp_path: Path) -> None:
     (line,) = re.findall(r".*the workers could not start.*", output)
     assert "Permission denied" in line, line
     assert "Traceback" not in output.replace("worker 1", "").replace("worker 2", "")
+
+
+def test_reloadWithWorkersReadyOnceReplaced(manager: Manager, tmp_path: Path) -> None:
+    """
+    With workers, READY=1 after RELOADING=1 comes once only workers of the
+    new configuration serve: every answer after it has the new prefix.
+    """
+    port = freePort()
+    config = tmp_path / "udpdst.toml"
+
+    def write(prefix: str) -> None:
+        config.write_text(
+            f'[[listen]]\naddress = "127.0.0.1"\nport = {port}\n'
+            f'[echo]\nprefix = "{prefix}"\n'
+            "[limits]\nper_source_rate = 0\n[log]\nstats_interval = 0\n"
+        )
+
+    write("old ")
+    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify"))
+    process = Twistd(["--config", str(config), "--workers", "2"], tmp_path, env=env)
+    try:
+        assert manager.next()["READY"] == "1"
+        assert echo("127.0.0.1", port, b"a") == b"old a"
+        write("new ")
+        process.proc.send_signal(signal.SIGHUP)
+        assert manager.next()["RELOADING"] == "1"
+        assert manager.next() == {"READY": "1", "STATUS": "serving 1 listener"}
+        # From a new client socket each: any worker may take each one.
+        for i in range(20):
+            assert echo("127.0.0.1", port, b"%d" % i) == b"new %d" % i
+        assert process.stop() == -signal.SIGTERM
+    finally:
+        process.kill()
+    output = process.output()
+    assert len(re.findall(r"worker \d reloaded", output)) == 2
+    assert "Traceback" not in output

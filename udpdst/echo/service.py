@@ -98,7 +98,9 @@ class EchoService(MultiService):
         self._statsCall: LoopingCall | None = None
         self.snapshotProvider: Callable[[], Snapshot] | None = None
         #: Called with no arguments once a reload is applied (the worker
-        #: processes restart with the new configuration).
+        #: processes restart with the new configuration); the reload is done
+        #: (systemd hears C{READY=1}) once the L{Deferred}s they return
+        #: fire.
         self.afterReload: list[Callable[[], object]] = []
         #: L{None}, or what the service waits for, once the reactor runs,
         #: before it says it runs (and tells systemd C{READY=1}): a
@@ -301,7 +303,8 @@ class EchoService(MultiService):
         metrics endpoint, close: a socket is never closed before its
         replacement is bound.  One info line says what changed.
 
-        @return: A L{Deferred} that fires once the old sockets closed.
+        @return: A L{Deferred} that fires once the old sockets closed and
+            the L{afterReload} hooks are done.
         @raise ConfigError: The new configuration cannot be applied while
             running (a systemd listener it did not have); nothing changed.
         @raise ListenError: A new listener or the new metrics endpoint
@@ -374,16 +377,16 @@ class EchoService(MultiService):
                 metrics.setServiceParent(self)
                 metrics.announce()
 
-        def closed(_: Any) -> None:
+        def closed(_: Any) -> Deferred[Any]:
             self._log.info(
                 "reloaded configuration: {changes}",
                 changes="; ".join(changes) or "nothing changed",
             )
-            for hook in self.afterReload:
-                hook()
+            return gatherResults([maybeDeferred(hook) for hook in self.afterReload])
 
         d: Deferred[Any] = gatherResults(stopped)
         d.addCallback(closed)
+        d.addCallback(lambda _: None)
         return d
 
     def _bindHint(self, message: str, listener: ListenConfig, plan: _Plan) -> str:

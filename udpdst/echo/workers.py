@@ -163,9 +163,14 @@ class _WorkerProtocol(ProcessProtocol):
     lines, and tells the pool when it ends.
     """
 
-    def __init__(self, pool: WorkerPool, number: int, setup: bytes) -> None:
+    def __init__(
+        self, pool: WorkerPool, number: int, setup: bytes, generation: int = 0
+    ) -> None:
         self.pool = pool
         self.number = number
+        #: Which configuration it runs: the pool's count of reloads when it
+        #: was started.
+        self.generation = generation
         self._setup = setup
         self._buffers = {1: b"", 2: b""}
         self.pid: int | None = None
@@ -269,6 +274,8 @@ class WorkerPool(Service):
         self._startDeadline: Any = None
         self._waiting: list[Deferred[None]] = []
         self._failure: WorkersFailed | None = None
+        self._generation = 0
+        self._reloads: list[tuple[Deferred[None], Any]] = []
         self._command = list(command) if command is not None else workerCommand()
         self.workers: list[_WorkerProtocol | None] = [None] * count
         self._restarts: list[Any] = [None] * count
@@ -345,7 +352,9 @@ class WorkerPool(Service):
             self._gaveUp("no socket to serve")
             return
         previous = self.workers[slot]
-        worker = _WorkerProtocol(self, slot + 1, self._setup(slot + 1))
+        worker = _WorkerProtocol(
+            self, slot + 1, self._setup(slot + 1), self._generation
+        )
         childFDs: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
         for i, s in enumerate(self._fds):
             childFDs[3 + i] = s.fd
@@ -426,6 +435,7 @@ class WorkerPool(Service):
         if worker in self._retiring:
             # Replaced by a reload, or stopped.
             self._retiring.remove(worker)
+            self._checkReloaded()
             return
         slot = worker.number - 1
         newest = self.workers[slot]
@@ -514,26 +524,67 @@ class WorkerPool(Service):
         for d in waiting:
             d.errback(self._failure)
 
-    def reload(self, document: Mapping[str, Any]) -> None:
+    def reload(self, document: Mapping[str, Any]) -> Deferred[None]:
         """
         Serve a new configuration: take the sockets again and replace each
         worker by one started with C{document}; each old worker stops once
         its successor is ready, so that the sockets are served throughout.
+
+        @return: A L{Deferred} that fires once only workers of the new
+            configuration serve (every old one has ended), or after the
+            ready timeout if they do not (the old ones serve on meanwhile,
+            and the new ones are restarted as usual).
         """
         self.document = dict(document)
         if not self.running or self._stopping or self._failure is not None:
-            return
+            return succeed(None)
         fds = list(self._sockets())
         if not fds:
             self._log.error(
                 "reload: no socket to serve; the workers serve on as they were"
             )
-            return
+            return succeed(None)
         self._fds = fds
+        self._generation += 1
         for slot in range(self.count):
             # A slot waiting for its restart gets the new setup then.
             if self._restarts[slot] is None:
                 self._spawn(slot)
+        d: Deferred[None] = Deferred()
+        timeout = self.clock.callLater(self._readyTimeout, self._reloadTimedOut, d)
+        self._reloads.append((d, timeout))
+        self._checkReloaded()
+        return d
+
+    def _reloaded(self) -> bool:
+        """
+        Whether only workers of the newest configuration run, all ready.
+        """
+        return all(
+            w is not None
+            and w.ready
+            and w.replaces is None
+            and w.generation == self._generation
+            for w in self.workers
+        ) and all(w.generation == self._generation for w in self._retiring)
+
+    def _checkReloaded(self, force: bool = False) -> None:
+        if not self._reloads or not (force or self._reloaded()):
+            return
+        reloads, self._reloads = self._reloads, []
+        for d, timeout in reloads:
+            if timeout.active():
+                timeout.cancel()
+            d.callback(None)
+
+    def _reloadTimedOut(self, d: Deferred[None]) -> None:
+        self._reloads = [(w, t) for w, t in self._reloads if w is not d]
+        self._log.warn(
+            "reload: the workers of the new configuration are not all serving "
+            "after {timeout:g} s; older ones serve on until they are",
+            timeout=self._readyTimeout,
+        )
+        d.callback(None)
 
     # Messages from workers
 
@@ -600,6 +651,7 @@ class WorkerPool(Service):
                 worker=worker.number,
                 pid=worker.pid,
             )
+        self._checkReloaded()
         if self._announced:
             return
         live = [w for w in self.workers if w is not None]
@@ -636,6 +688,8 @@ class WorkerPool(Service):
     def stopService(self) -> Deferred[Any]:
         Service.stopService(self)
         self._stopping = True
+        # Nobody waits for a reload of a pool that stops.
+        self._checkReloaded(force=True)
         if self._startDeadline is not None and self._startDeadline.active():
             self._startDeadline.cancel()
         self._startDeadline = None
@@ -708,6 +762,7 @@ def serveWithWorkers(
         return service.localSnapshot() + pool.total()
 
     service.snapshotProvider = total
+    # A reload is done once the workers of the new configuration serve.
     service.afterReload.append(lambda: pool.reload(configDocument(service.config)))
     # Ready (for systemd, and the "running" line) once the workers serve.
     service.readyWhen = pool.whenReady

@@ -17,9 +17,12 @@ import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
+from twisted.logger import formatEvent
 
 from tests._service_helpers import (
     DEADLINE,
@@ -413,3 +416,60 @@ def test_replacedSocketBindsFirst(started, tmp_path: Path) -> None:  # type: ign
     assert echo("127.0.0.1", port, b"v4") == b"v4"
     process.stop()
     assert "Traceback" not in process.output()
+
+
+def test_exceptionWhileBuildingKeepsTheRunningConfig(
+    epollReactor: Any, tmp_path: Path
+) -> None:
+    """
+    A reload whose new pieces raise while being built (here a burst no
+    rate limiter can hold, given past the schema): one error line, the
+    running configuration and socket untouched, and systemd still hears
+    READY=1 after RELOADING=1.
+    """
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    from udpdst.echo.config import Config, LimitsConfig, ListenConfig
+    from udpdst.echo.service import EchoService
+    from udpdst.echo.systemd import Notifier
+
+    listener = ListenConfig("127.0.0.1", 0)
+    config = Config(listen=(listener,))
+    bad = replace(
+        config,
+        listen=(replace(listener, max_packet_size=100),),
+        limits=LimitsConfig(per_source_burst=10**400),
+    )
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind(str(tmp_path / "notify"))
+    manager.settimeout(DEADLINE)
+    service = EchoService(
+        replace(config, log=replace(config.log, stats_interval=0)),
+        [(listener, None)],
+        epollReactor,
+        reloader=lambda: bad,
+        notifier=Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify")}),
+    )
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        service.privilegedStartService()
+        service.startService()
+        (child,) = service.listeners
+        port, before = child.listeningPort, service.config
+        service._reloadOnSignal()
+        assert manager.recv(4096).startswith(b"RELOADING=1\n")
+        assert manager.recv(4096) == b"READY=1\nSTATUS=serving 1 listener"
+        assert service.config is before
+        assert service.listeners == [child] and child.listeningPort is port
+        assert port is not None and port.maxPacketSize == 65535
+        assert child.listener == listener
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        service.stopService()
+        manager.close()
+    errors = [e for e in events if e["log_level"] >= LogLevel.warn]
+    assert [formatEvent(e) for e in errors] == [
+        "reload failed, the running configuration is kept: OverflowError: int "
+        "too large to convert to float"
+    ]

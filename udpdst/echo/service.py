@@ -395,8 +395,18 @@ class EchoService(MultiService):
         with one this reload would close: that one serves until its
         replacement is bound, so only a restart can make the change.
         """
+        wildcards = ("::", "0.0.0.0")
         for child in plan.remove:
-            if child.listener.port == listener.port and listener.port:
+            old = child.listener
+            if (
+                listener.port
+                and old.port == listener.port
+                and (
+                    old.address == listener.address
+                    or old.address in wildcards
+                    or listener.address in wildcards
+                )
+            ):
                 return (
                     f"{message} (it clashes with listener {child.address}, which "
                     "serves until its replacement is bound; restart the service "

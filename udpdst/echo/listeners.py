@@ -1,7 +1,8 @@
 """
 The echo service's listeners: one service per socket, bound (or adopted from
-systemd) before twistd drops privileges, and the one-line reasons a bind
-fails, which the metrics endpoint's bind shares.
+systemd) before twistd drops privileges, what makes a listener the same
+socket across a reload (L{identity}), and the one-line reasons a bind fails,
+which the metrics endpoint's bind shares.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ class ListenerService(ListeningService[DestinationPort]):
     """
     Serve one socket: bind it (or adopt the one systemd passed) in
     L{privilegedStartService}, before twistd drops privileges, and close it
-    in L{stopService}.
+    in L{stopService}.  A reload binds a new one with L{prepare} before it
+    changes anything, and changes an open one's settings with L{update}.
 
     @ivar listeningPort: The L{DestinationPort} once listening, else L{None}.
     @ivar protocol: The L{EchoProtocol} serving it.

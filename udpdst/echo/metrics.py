@@ -1,7 +1,8 @@
 """
 The Prometheus endpoint of the udpdst service: C{/metrics} served by
 twisted.web in the service's own reactor, read from the same L{Snapshot} as
-the stats lines.
+the stats lines.  Nothing else is served, and requests are logged at debug
+level only: whoever reaches the port cannot fill the log.
 
 It needs the optional extra C{metrics} (C{prometheus_client}): the
 exposition format (escaping, types, C{_total} suffixes, OpenMetrics

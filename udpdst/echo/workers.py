@@ -31,6 +31,13 @@ object per line:
 Standard error is logged by the parent line by line (a worker that cannot
 even start writes its traceback there).
 
+The service says it runs (systemd's C{READY=1}) once every worker has said
+it serves; if they do not all do so within L{READY_TIMEOUT}, or one ends
+before it was ready L{START_ATTEMPTS} times in a row (the user twistd
+switched to cannot run this Python, say), one line says why and the process
+exits with status 1.  A reload is done once only workers of the new
+configuration serve.
+
 This module is the parent's side; L{udpdst.echo.worker} is the worker's.
 """
 

@@ -24,6 +24,7 @@ from tests._service_helpers import (
     echo,
     freePort,
     nobodyRunsPython,
+    stopDaemon,
 )
 from tests.echo._helpers import BAD_CONFIGS
 from udpdst.echo.systemd import Notifier
@@ -374,3 +375,32 @@ def test_reloadWithWorkersReadyOnceReplaced(manager: Manager, tmp_path: Path) ->
     output = process.output()
     assert len(re.findall(r"worker \d reloaded", output)) == 2
     assert "Traceback" not in output
+
+
+def test_daemonWaitsForTheWorkers(tmp_path: Path) -> None:
+    """
+    Daemonized: twistd's first process exits 0 only once the workers
+    serve, and 1 with the reason on the terminal if they cannot start.
+    """
+    pidfile, logfile = tmp_path / "d.pid", tmp_path / "d.log"
+    daemon = ["--pidfile", str(pidfile), "--logfile", str(logfile)]
+    process = Twistd(
+        ["--listen", "127.0.0.1:0", "--workers", "2"], tmp_path, twistdArgs=daemon
+    )
+    assert process.finish() == 0, process.output()
+    try:
+        # Logged before the first process was told: both workers serve.
+        assert re.search(r"udpdst workers: 2 running", logfile.read_text())
+    finally:
+        stopDaemon(pidfile)
+    command = _withWorkers("import sys; sys.exit(3)", 60)
+    command[command.index("-n") : command.index("-n") + 2] = daemon
+    failing = Twistd((), tmp_path, command=command)
+    assert failing.finish() == 1
+    (line,) = failing.err
+    assert re.fullmatch(
+        r"the workers could not start: worker \d exited with status 3 before it "
+        r"was ready, 3 times in a row\n",
+        line,
+    ), line
+    assert not pidfile.exists()

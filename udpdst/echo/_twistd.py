@@ -44,6 +44,7 @@ class TwistdHooks:
         #: own: set when the service stops because it cannot serve after
         #: the reactor started (twistd would exit 0).
         self.exitStatus: int | None = None
+        self._statusPipe: int | None = None
 
     @classmethod
     def install(cls, options: Any, logFormat: str = "text") -> TwistdHooks:
@@ -142,16 +143,45 @@ class TwistdHooks:
         daemon parent why, and remove the pid file, which twistd removes
         only after other exceptions.
         """
-        self._tellDaemonParent(message)
+        self.tellDaemonParent(message)
         self._removePidFile()
 
-    def _tellDaemonParent(self, message: str) -> None:
+    def holdStartStatus(self) -> None:
+        """
+        In daemon mode, tell twistd's first process that the service started
+        only when L{started} (or L{tellDaemonParent}) says so, rather than
+        when twistd would, before the reactor runs: for a service that
+        serves only once the reactor runs (its workers must start first).
+        """
+        pipe = self.options.get("statusPipe")
+        if pipe is not None:
+            # twistd writes its "0" only if the option is still there.
+            del self.options["statusPipe"]
+            self._statusPipe = pipe
+
+    def started(self) -> None:
+        """
+        The service serves: a daemon parent held by L{holdStartStatus}
+        exits 0.
+        """
+        pipe, self._statusPipe = self._statusPipe, None
+        if pipe is None:
+            return
+        try:
+            untilConcludes(os.write, pipe, b"0")
+            os.close(pipe)
+        except OSError:
+            pass
+
+    def tellDaemonParent(self, message: str) -> None:
         """
         In daemon mode, twistd's first process waits for a status on a pipe
         and would wait forever for a child that ends by L{SystemExit}: send
         it the whole sentence (L{waitForStart} prints it).
         """
-        pipe = self.options.get("statusPipe")
+        pipe, self._statusPipe = self._statusPipe, None
+        if pipe is None:
+            pipe = self.options.get("statusPipe")
         if pipe is None:
             return
         # Within PIPE_BUF, so that it arrives in one piece.

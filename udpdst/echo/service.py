@@ -178,6 +178,9 @@ class EchoService(MultiService):
         # Logged once the reactor runs, i.e. once SIGTERM/SIGINT stop the
         # service cleanly (twistd binds and starts services before that).
         reactor.callWhenRunning(self._whenServing)
+        if self.readyWhen is not None and self._twistd is not None:
+            # A daemon's first process exits 0 once the service serves.
+            self._twistd.holdStartStatus()
         self._startStats()
         if self._reloader is not None:
             self._previousHangup = signal.signal(
@@ -227,6 +230,7 @@ class EchoService(MultiService):
         self._log.critical("{message}; stopping", message=message)
         self._notifier.notify(f"STATUS={message}")
         if self._twistd is not None:
+            self._twistd.tellDaemonParent(message)
             self._twistd.exitStatus = 1
         reactor = self._reactor
         if reactor is None:
@@ -246,6 +250,8 @@ class EchoService(MultiService):
             logLevel=self.config.log.level,
             statsInterval=interval,
         )
+        if self._twistd is not None:
+            self._twistd.started()
         self._notifyReady()
 
     def _reloadOnSignal(self) -> None:

@@ -403,4 +403,25 @@ def test_daemonWaitsForTheWorkers(tmp_path: Path) -> None:
         r"was ready, 3 times in a row\n",
         line,
     ), line
+    # The daemon removes its pid file as it ends, after telling the first
+    # process: wait until it is gone.
+    try:
+        daemon = int(pidfile.read_text())
+    except (OSError, ValueError):
+        daemon = None
+    deadline = time.monotonic() + DEADLINE
+    while daemon is not None and _alive(daemon):
+        assert time.monotonic() < deadline, f"daemon {daemon} did not end"
+        time.sleep(0.05)
     assert not pidfile.exists()
+
+
+def _alive(pid: int) -> bool:
+    """
+    Whether C{pid} runs (a zombie waiting for its reaper does not).
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

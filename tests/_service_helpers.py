@@ -391,3 +391,95 @@ def socketActivateCommand(listen: str, *args: str) -> list[str]:
         "systemd",
         *args,
     ]
+
+
+def askThroughReload(
+    host: str,
+    port: int,
+    reload: Callable[[], object],
+    done: Callable[[], bool],
+    interval: float = 0.05,
+) -> int:
+    """
+    Ask C{host}:C{port} every C{interval} seconds from one connected client,
+    awaiting each answer (one lost fails the test, after its timeout): ten
+    times, then C{reload()}, then until C{done()} holds, then ten more.
+
+    @return: How many datagrams were asked (and answered).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    deadline = time.monotonic() + 2 * DEADLINE
+    sent = 0
+    after: int | None = None
+    with socket.socket(family, socket.SOCK_DGRAM) as client:
+        client.settimeout(DEADLINE / 3)
+        client.connect((host, port))
+        while after is None or sent < after + 10:
+            assert time.monotonic() < deadline, f"not done after {sent} asks"
+            data = b"ask %d" % sent
+            client.send(data)
+            assert client.recv(70000) == data
+            sent += 1
+            if sent == 10:
+                reload()
+            elif after is None and sent > 10 and done():
+                after = sent
+            time.sleep(interval)
+    return sent
+
+
+def assertLargestAnswered(host: str, port: int, size: int) -> None:
+    """
+    A datagram of C{size} bytes is answered, one byte larger is not: sent
+    first from the same client, it would be answered first.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as client:
+        client.settimeout(DEADLINE / 3)
+        client.connect((host, port))
+        client.send(b"L" * (size + 1))
+        client.send(b"s" * size)
+        assert client.recv(70000) == b"s" * size
+
+
+def receiveBuffer(port: int) -> int:
+    """
+    The C{SO_RCVBUF} of the UDP socket bound to C{port}, in any process, as
+    C{ss} shows it (C{skmem:(...,rbN,...)}); skips the test without C{ss}.
+    """
+    ss = shutil.which("ss")
+    if ss is None:
+        pytest.skip("ss (iproute2) is not installed")
+    out = subprocess.run(
+        [ss, "-Huanm", f"sport = :{port}"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=DEADLINE,
+    ).stdout
+    sizes = re.findall(r"\brb(\d+)\b", out)
+    assert len(sizes) == 1, out
+    return int(sizes[0])
+
+
+def nobodyRunsPython() -> str | None:
+    """
+    Why the user nobody cannot run this Python with udpdst (a worker of a
+    service that dropped to nobody could not start), or L{None} if it can.
+    """
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    try:
+        subprocess.run(
+            [sys.executable, "-c", "import udpdst.echo.worker"],
+            user=nobody.pw_uid,
+            group=nobody.pw_gid,
+            extra_groups=[],
+            check=True,
+            capture_output=True,
+            timeout=DEADLINE,
+        )
+    except (OSError, subprocess.CalledProcessError) as e:
+        return f"nobody cannot run {sys.executable} with udpdst ({e})"
+    return None

@@ -367,6 +367,6 @@ def test_reloadTurnsAnswerBroadcastOn() -> None:
     service = EchoService(config, [(listener, None)])
     assert service.listeners[0].protocol._refuseBroadcast  # type: ignore[attr-defined]
     labs = replace(config, echo=replace(config.echo, answer_broadcast=True))
-    assert _changes(config, labs, [], []) == ["broadcast and multicast answered"]
+    assert _changes(config, labs, [], [], []) == ["broadcast and multicast answered"]
     service.reload(labs)
     assert not service.listeners[0].protocol._refuseBroadcast  # type: ignore[attr-defined]

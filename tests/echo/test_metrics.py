@@ -188,3 +188,53 @@ def test_scrapeCoversEveryWorker(started) -> None:  # type: ignore[no-untyped-de
     assert f"final stats 127.0.0.1:{port}: received {sent}, replied {sent}," in (
         process.output()
     )
+
+
+def _get(url: str, method: str = "GET", agent: str = "test") -> int:
+    """
+    The status of C{method url}.
+    """
+    request = urllib.request.Request(url, method=method, headers={"User-Agent": agent})
+    try:
+        with urllib.request.urlopen(request, timeout=DEADLINE) as response:
+            response.read()
+            return int(response.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_onlyMetricsQuietly(started, level: str) -> None:  # type: ignore[no-untyped-def]
+    """
+    /metrics and nothing else: no index, no subpath, no other method.
+    Requests are logged at debug level only, one line each with the path
+    (cut short) and never the User-Agent.
+    """
+    process = started(
+        "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--log-level", level
+    )
+    process.listening()
+    (match,) = process.waitFor(METRICS_LINE)
+    base = f"http://{match.group(1)}"
+    agent = "agent-that-must-not-be-logged"
+    assert _get(base + "/metrics", agent=agent) == 200
+    assert _get(base + "/metrics?x=1", agent=agent) == 200
+    for path in ("/", "/metrics/", "/metrics/x", "/other", "/metrics.txt"):
+        assert _get(base + path, agent=agent) == 404, path
+    assert _get(base + "/metrics", "POST", agent=agent) == 405
+    assert _get(base + "/" + "p" * 300, agent=agent) == 404
+    process.stop()
+    output = process.output()
+    assert agent not in output
+    lines = re.findall(r".*metrics request from.*", output)
+    if level == "info":
+        assert lines == []
+        assert "/other" not in output
+    else:
+        assert len(lines) == 9, lines
+        assert lines[0].endswith("metrics request from 127.0.0.1: GET /metrics -> 200")
+        assert lines[4].endswith(
+            "metrics request from 127.0.0.1: GET /metrics/x -> 404"
+        )
+        assert lines[-1].endswith(" GET /" + "p" * 199 + " -> 404")
+    assert "Traceback" not in output

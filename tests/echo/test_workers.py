@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,10 +27,13 @@ from tests._service_helpers import (
     DEADLINE,
     TWISTD,
     Twistd,
+    askThroughReload,
+    assertLargestAnswered,
     assertNothingListens,
     asUser,
     echo,
     freePort,
+    nobodyRunsPython,
     scrape,
     socketActivateCommand,
     startedTwistd,
@@ -246,23 +250,31 @@ def test_workerStartedByHand() -> None:
 # exits with status 3 ("exit") or hangs ("hang"); the pool runs until it
 # has started the worker N times, then stops.
 _POOL = """
+import socket
 import sys
 from pathlib import Path
 from twisted.internet import reactor, task
 from twisted.logger import globalLogBeginner, textFileLogObserver
-from udpdst.echo.workers import Backoff, WorkerPool
+from udpdst.echo.config import ListenConfig
+from udpdst.echo.workers import Backoff, WorkerPool, WorkerSocket
 
 starts, how, count = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+# A socket for the workers to serve: a pool starts none without one.
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("127.0.0.1", 0))
 starts.touch()
 globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
 then = "sys.exit(3)" if how == "exit" else "time.sleep(60)"
 pool = WorkerPool(
     1,
     {},
-    lambda: [],
+    lambda: [WorkerSocket(ListenConfig(), sock.fileno(), "test")],
     reactor,
     backoff=lambda: Backoff(initial=0.05, maximum=0.4, steady=10.0),
     readyTimeout=0.3,
+    # Restarted however often it fails, for as long as the test runs.
+    startAttempts=1000,
+    startTimeout=3600,
     command=[
         sys.executable,
         "-c",
@@ -426,20 +438,11 @@ def test_restartedWorkerServesPrivilegedPort(started, tmp_path: Path) -> None:  
     binds anything itself).
     """
     nobody = pwd.getpwnam("nobody")
-    try:
-        # Workers are started after the drop: nobody must be able to run
-        # this Python and import udpdst.
-        subprocess.run(
-            [sys.executable, "-c", "import udpdst.echo.workers"],
-            user=nobody.pw_uid,
-            group=nobody.pw_gid,
-            extra_groups=[],
-            check=True,
-            capture_output=True,
-            timeout=DEADLINE,
-        )
-    except (OSError, subprocess.CalledProcessError) as e:
-        pytest.skip(f"nobody cannot run {sys.executable} with udpdst ({e})")
+    # Workers are started after the drop: nobody must be able to run this
+    # Python and import udpdst.
+    cannot = nobodyRunsPython()
+    if cannot:
+        pytest.skip(cannot)
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
             probe.bind(("127.0.0.7", 7))
@@ -608,3 +611,102 @@ def test_metricsSumTheWorkers(started) -> None:  # type: ignore[no-untyped-def]
         assert time.monotonic() < deadline, samples
         time.sleep(0.1)
     _stoppedWithTotal(process, 5, [first, second])
+
+
+def _reloadMaxPacketSize(
+    process: Twistd, config: Path, host: str, port: int, text: str
+) -> None:
+    """
+    Reload C{config} as C{text} with max_packet_size = 100 while a client
+    asks every 50 ms: every answer comes, from the old workers and then the
+    new ones; once the old ones are gone, 100 bytes is the largest answered.
+    """
+    old = _workers(process)
+    config.write_text(text)
+    askThroughReload(
+        host,
+        port,
+        lambda: process.proc.send_signal(signal.SIGHUP),
+        lambda: not any(map(_running, old)),
+    )
+    (line,) = process.waitFor(r"reloaded configuration: (.*)")
+    assert line.group(1) == f"listener {host}:{port}: max_packet_size 65535 -> 100"
+    new = [
+        int(m.group(1))
+        for m in process.waitFor(r"worker \d reloaded \(pid (\d+), was \d+\)", 2)
+    ]
+    for serving in new:
+        # Each new worker alone: the one paused cannot take it.
+        with paused(serving):
+            assertLargestAnswered(host, port, 100)
+    assert "Traceback" not in process.output()
+
+
+def test_reloadMaxPacketSizeWithWorkers(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """
+    With two workers, a reload that changes max_packet_size keeps the
+    socket the workers share (binding it again would fail: they hold it).
+    """
+    port = freePort()
+    config = tmp_path / "udpdst.toml"
+    text = (
+        f'[[listen]]\naddress = "127.0.0.1"\nport = {port}\n'
+        "[limits]\nper_source_rate = 0\n[log]\nstats_interval = 0\n"
+    )
+    config.write_text(text)
+    process = started("--config", str(config), "--workers", "2")
+    process.listening()
+    _reloadMaxPacketSize(
+        process,
+        config,
+        "127.0.0.1",
+        port,
+        text.replace("port = ", "max_packet_size = 100\nport = "),
+    )
+    process.stop()
+    assert len(re.findall(r"udpdst echo listening on", process.output())) == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="binding port 7 needs root")
+def test_reloadOnAPrivilegedPortWithWorkers(started) -> None:  # type: ignore[no-untyped-def]
+    """
+    Port 7 bound as root, two workers as nobody: a reload that changes
+    max_packet_size serves port 7 throughout.
+    """
+    cannot = nobodyRunsPython()
+    if cannot:
+        pytest.skip(cannot)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind(("127.0.0.7", 7))
+    except OSError as e:
+        pytest.skip(f"127.0.0.7:7 is taken ({e.strerror})")
+    public = Path(tempfile.mkdtemp(prefix="udpdst-test-"))
+    try:
+        # Read again at reload, by nobody.
+        public.chmod(0o755)
+        config = public / "udpdst.toml"
+        text = (
+            '[[listen]]\naddress = "127.0.0.7"\nport = 7\n'
+            "[limits]\nper_source_rate = 0\n[log]\nstats_interval = 0\n"
+        )
+        config.write_text(text)
+        config.chmod(0o644)
+        process = started(
+            "--config",
+            str(config),
+            "--workers",
+            "2",
+            twistdArgs=asUser(pwd.getpwnam("nobody")),
+        )
+        assert process.listening() == [("127.0.0.7", 7)]
+        _reloadMaxPacketSize(
+            process,
+            config,
+            "127.0.0.7",
+            7,
+            text.replace("port = 7", "port = 7\nmax_packet_size = 100"),
+        )
+        process.stop()
+    finally:
+        shutil.rmtree(public)

@@ -7,6 +7,7 @@ mode expects (status pipe, pid file).
 
 from __future__ import annotations
 
+import atexit
 import os
 import select
 import signal
@@ -39,6 +40,11 @@ class TwistdHooks:
         self.options = options
         self.logFormat = logFormat
         self._output: IO[str] | None = None
+        #: The process's exit status once twistd is done, if not twistd's
+        #: own: set when the service stops because it cannot serve after
+        #: the reactor started (twistd would exit 0).
+        self.exitStatus: int | None = None
+        self._statusPipe: int | None = None
 
     @classmethod
     def install(cls, options: Any, logFormat: str = "text") -> TwistdHooks:
@@ -49,7 +55,20 @@ class TwistdHooks:
         global current
         current = cls(options, logFormat)
         _replaceWaitForStart()
+        # Exit handlers run after twistd's own cleanup (the pid file), this
+        # one after those registered later.
+        atexit.register(current._exit)
         return current
+
+    def _exit(self) -> None:
+        if self.exitStatus is None:
+            return
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
+        os._exit(self.exitStatus)
 
     def logOutput(self) -> IO[str]:
         """
@@ -124,16 +143,45 @@ class TwistdHooks:
         daemon parent why, and remove the pid file, which twistd removes
         only after other exceptions.
         """
-        self._tellDaemonParent(message)
+        self.tellDaemonParent(message)
         self._removePidFile()
 
-    def _tellDaemonParent(self, message: str) -> None:
+    def holdStartStatus(self) -> None:
+        """
+        In daemon mode, tell twistd's first process that the service started
+        only when L{started} (or L{tellDaemonParent}) says so, rather than
+        when twistd would, before the reactor runs: for a service that
+        serves only once the reactor runs (its workers must start first).
+        """
+        pipe = self.options.get("statusPipe")
+        if pipe is not None:
+            # twistd writes its "0" only if the option is still there.
+            del self.options["statusPipe"]
+            self._statusPipe = pipe
+
+    def started(self) -> None:
+        """
+        The service serves: a daemon parent held by L{holdStartStatus}
+        exits 0.
+        """
+        pipe, self._statusPipe = self._statusPipe, None
+        if pipe is None:
+            return
+        try:
+            untilConcludes(os.write, pipe, b"0")
+            os.close(pipe)
+        except OSError:
+            pass
+
+    def tellDaemonParent(self, message: str) -> None:
         """
         In daemon mode, twistd's first process waits for a status on a pipe
         and would wait forever for a child that ends by L{SystemExit}: send
         it the whole sentence (L{waitForStart} prints it).
         """
-        pipe = self.options.get("statusPipe")
+        pipe, self._statusPipe = self._statusPipe, None
+        if pipe is None:
+            pipe = self.options.get("statusPipe")
         if pipe is None:
             return
         # Within PIPE_BUF, so that it arrives in one piece.

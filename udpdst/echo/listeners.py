@@ -1,13 +1,15 @@
 """
 The echo service's listeners: one service per socket, bound (or adopted from
-systemd) before twistd drops privileges, and the one-line reasons a bind
-fails, which the metrics endpoint's bind shares.
+systemd) before twistd drops privileges, what makes a listener the same
+socket across a reload (L{identity}), and the one-line reasons a bind fails,
+which the metrics endpoint's bind shares.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import socket
 from typing import Any
 
 from twisted.internet.error import CannotListenError
@@ -70,7 +72,8 @@ class ListenerService(ListeningService[DestinationPort]):
     """
     Serve one socket: bind it (or adopt the one systemd passed) in
     L{privilegedStartService}, before twistd drops privileges, and close it
-    in L{stopService}.
+    in L{stopService}.  A reload binds a new one with L{prepare} before it
+    changes anything, and changes an open one's settings with L{update}.
 
     @ivar listeningPort: The L{DestinationPort} once listening, else L{None}.
     @ivar protocol: The L{EchoProtocol} serving it.
@@ -127,7 +130,57 @@ class ListenerService(ListeningService[DestinationPort]):
             self.protocol.counters,
         )
 
+    def prepare(self) -> None:
+        """
+        Bind now, without saying so yet: a reload binds every new listener
+        before it changes anything, and L{announce}s them once it applies.
+
+        @raise ListenError: It cannot bind.
+        """
+        if self.listeningPort is None:
+            self.listeningPort = self._bind()
+
+    def update(self, listener: ListenConfig) -> list[str]:
+        """
+        Apply the settings of C{listener}, which has this listener's
+        identity (L{identity}), to the open socket: C{max_packet_size} to
+        the port, C{receive_buffer} to C{SO_RCVBUF} (of a socket it bound
+        itself: a socket unit sets its own).
+
+        @return: What changed, as phrases for the reload's log line.
+        """
+        old, self.listener = self.listener, listener
+        changes = []
+        port = self.listeningPort
+        if listener.max_packet_size != old.max_packet_size:
+            if port is not None:
+                # Read at every read pass: the next batch uses it.
+                port.maxPacketSize = listener.max_packet_size
+            changes.append(
+                f"listener {self.address}: max_packet_size "
+                f"{old.max_packet_size} -> {listener.max_packet_size}"
+            )
+        if listener.receive_buffer != old.receive_buffer and not listener.systemd:
+            if port is not None:
+                port.receiveBufferSize = listener.receive_buffer or None
+                port.socket.setsockopt(
+                    socket.SOL_SOCKET,
+                    socket.SO_RCVBUF,
+                    listener.receive_buffer or _defaultReceiveBuffer(),
+                )
+            changes.append(
+                f"listener {self.address}: receive_buffer "
+                f"{old.receive_buffer or 'default'} -> "
+                f"{listener.receive_buffer or 'default'}"
+            )
+        return changes
+
     def _listen(self) -> DestinationPort:
+        port = self._bind()
+        self.announce(port)
+        return port
+
+    def _bind(self) -> DestinationPort:
         listener = self.listener
         if self.inherited is not None:
             fd = self.inherited.fd
@@ -146,7 +199,6 @@ class ListenerService(ListeningService[DestinationPort]):
             # The port holds its own duplicate; close ours, so that stopping
             # the port really closes the socket.
             os.close(fd)
-            how = f"systemd socket {fd} ({self.inherited.name})"
         else:
             try:
                 port = listenUDP(
@@ -161,6 +213,19 @@ class ListenerService(ListeningService[DestinationPort]):
                 )
             except CannotListenError as e:
                 raise ListenError(bindFailure(listener.describe(), e)) from None
+        self._lastPort = port
+        host = port.getHost()
+        self._address = formatHostPort(host.host, host.port)
+        return port
+
+    def announce(self, port: DestinationPort | None = None) -> None:
+        """
+        Log where this listener listens, and how.
+        """
+        listener = self.listener
+        if self.inherited is not None:
+            how = f"systemd socket {self.inherited.fd} ({self.inherited.name})"
+        else:
             how = (
                 "dual-stack"
                 if listener.address == "::" and not listener.v6_only
@@ -169,9 +234,6 @@ class ListenerService(ListeningService[DestinationPort]):
             how = ", ".join(
                 x for x in (how, "reuse_port" if listener.reuse_port else "") if x
             )
-        self._lastPort = port
-        host = port.getHost()
-        self._address = formatHostPort(host.host, host.port)
         # The detail is text of the message, not a field: a JSON line
         # carries only fields that mean something on their own.
         self._log.info(
@@ -183,7 +245,36 @@ class ListenerService(ListeningService[DestinationPort]):
             maxPacketSize=listener.max_packet_size,
             reusePort=listener.reuse_port,
         )
-        return port
+
+
+def identity(listener: ListenConfig) -> tuple[Any, ...]:
+    """
+    What makes a listener the same socket across a reload: its address,
+    port, C{v6_only}, C{reuse_port} and systemd name.  Its other settings
+    are applied to the open socket (L{ListenerService.update}); a listener
+    of another identity is another socket.
+    """
+    return (
+        listener.systemd,
+        listener.fd_name,
+        listener.address,
+        listener.port,
+        listener.v6_only,
+        listener.reuse_port,
+    )
+
+
+def _defaultReceiveBuffer() -> int:
+    """
+    What to set C{SO_RCVBUF} to for the kernel's default size: half of
+    C{net.core.rmem_default}, as the kernel doubles what is set.
+    """
+    try:
+        with open("/proc/sys/net/core/rmem_default") as f:
+            return max(1, int(f.read()) // 2)
+    except (OSError, ValueError):
+        # Linux's usual default.
+        return 212992 // 2
 
 
 def _literal(text: str) -> str:

@@ -1,7 +1,8 @@
 """
 The Prometheus endpoint of the udpdst service: C{/metrics} served by
 twisted.web in the service's own reactor, read from the same L{Snapshot} as
-the stats lines.
+the stats lines.  Nothing else is served, and requests are logged at debug
+level only: whoever reaches the port cannot fill the log.
 
 It needs the optional extra C{metrics} (C{prometheus_client}): the
 exposition format (escaping, types, C{_total} suffixes, OpenMetrics
@@ -23,6 +24,7 @@ from twisted.web.server import Request, Site
 import udpdst
 from udpdst.address import formatHostPort
 from udpdst.application import ListeningService
+from udpdst.echo import logs
 from udpdst.echo.config import MetricsConfig
 from udpdst.echo.listeners import ListenError, bindFailure
 from udpdst.echo.stats import Snapshot
@@ -130,8 +132,9 @@ class SnapshotCollector:
 
 class MetricsResource(Resource):
     """
-    C{/metrics}: the registry in the text format the scraper asks for,
-    rendered in the reactor thread (no thread pool: a snapshot is cheap).
+    The whole site: C{/metrics}, the registry in the text format the
+    scraper asks for, rendered in the reactor thread (no thread pool: a
+    snapshot is cheap); 404 for every other path.
     """
 
     isLeaf = True
@@ -139,6 +142,13 @@ class MetricsResource(Resource):
     def __init__(self, registry: Any) -> None:
         Resource.__init__(self)
         self._registry = registry
+
+    def render(self, request: Request) -> bytes:
+        if request.path != b"/metrics":
+            request.setResponseCode(404)
+            request.setHeader("content-type", "text/plain; charset=utf-8")
+            return b"Not found: udpdst serves /metrics only\n"
+        return bytes(Resource.render(self, request))
 
     def render_GET(self, request: Request) -> bytes:
         from prometheus_client.exposition import choose_encoder
@@ -149,6 +159,31 @@ class MetricsResource(Resource):
         return bytes(encoder(self._registry))
 
 
+class MetricsSite(Site):
+    """
+    The metrics endpoint's site: a request is logged at debug level, as
+    one line with the client, method, path and status, never at info (a
+    scrape every few seconds, or anyone who can reach the port, would fill
+    the log), and never with the client's other headers.
+    """
+
+    noisy = False
+    _log = Logger()
+
+    def log(self, request: Request) -> None:  # type: ignore[override]
+        if not logs.minimumLevel.debug:
+            return
+        client = request.getClientAddress()
+        path = request.path.decode("ascii", "backslashreplace")
+        self._log.debug(
+            "metrics request from {client}: {method} {path} -> {code}",
+            client=getattr(client, "host", "?"),
+            method=request.method.decode("ascii", "backslashreplace"),
+            path=path[:200],
+            code=request.code,
+        )
+
+
 def metricsSite(snapshot: Callable[[], Snapshot]) -> Site:
     """
     A web site serving C{/metrics} from C{snapshot()}, and nothing else.
@@ -157,9 +192,7 @@ def metricsSite(snapshot: Callable[[], Snapshot]) -> Site:
 
     registry = CollectorRegistry(auto_describe=True)
     registry.register(SnapshotCollector(snapshot))  # type: ignore[arg-type]
-    root = Resource()
-    root.putChild(b"metrics", MetricsResource(registry))
-    return Site(root)
+    return MetricsSite(MetricsResource(registry))
 
 
 class MetricsService(ListeningService[Any]):
@@ -182,21 +215,40 @@ class MetricsService(ListeningService[Any]):
         self._snapshot = snapshot
         self._reactor = reactor
 
+    def prepare(self) -> None:
+        """
+        Bind now, without saying so yet (a reload binds the moved endpoint
+        before it closes the old one, and L{announce}s it once it applies).
+
+        @raise ListenError: It cannot bind.
+        """
+        if self.listeningPort is None:
+            self.listeningPort = self._bind()
+
     def _listen(self) -> Any:
+        port = self._bind()
+        self.announce(port)
+        return port
+
+    def _bind(self) -> Any:
         reactor = self._reactor
         if reactor is None:
             from twisted.internet import reactor
         host, port = self.config.endpoint
         where = f"metrics {self.config.listen}"
         try:
-            listening = reactor.listenTCP(
-                port, metricsSite(self._snapshot), interface=host
-            )
+            return reactor.listenTCP(port, metricsSite(self._snapshot), interface=host)
         except CannotListenError as e:
             raise ListenError(bindFailure(where, e, udp=False)) from None
+
+    def announce(self, port: Any = None) -> None:
+        """
+        Log where the endpoint serves.
+        """
+        listening = port if port is not None else self.listeningPort
+        assert listening is not None, "announced once bound"
         bound = listening.getHost()
         self._log.info(
             "udpdst metrics on http://{address}/metrics",
             address=formatHostPort(bound.host, bound.port),
         )
-        return listening

@@ -9,30 +9,36 @@ from __future__ import annotations
 import re
 import signal
 from collections.abc import Callable, Sequence
-from dataclasses import fields
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from udpdst.echo import logs
 from udpdst.echo._twistd import TwistdHooks
 from udpdst.echo.config import Config, ConfigError, LimitsConfig, ListenConfig
 from udpdst.echo.limits import (
+    AccessList,
+    NetworkLimiter,
+    RateLimiter,
     accessListFor,
     prefixLimiterFor,
     prefixSettings,
     rateLimiterFor,
     rateSettings,
 )
-from udpdst.echo.listeners import ListenError, ListenerService
+from udpdst.echo.listeners import ListenError, ListenerService, identity
 from udpdst.echo.protocol import EchoProtocol
 from udpdst.echo.stats import ListenerStats, Snapshot, takeSnapshot
 from udpdst.echo.systemd import InheritedSocket, Notifier
 from udpdst.port import IO_PATH
+
+if TYPE_CHECKING:
+    from udpdst.echo.metrics import MetricsService
 
 
 class EchoService(MultiService):
@@ -95,8 +101,16 @@ class EchoService(MultiService):
         self._statsCall: LoopingCall | None = None
         self.snapshotProvider: Callable[[], Snapshot] | None = None
         #: Called with no arguments once a reload is applied (the worker
-        #: processes restart with the new configuration).
+        #: processes restart with the new configuration); the reload is done
+        #: (systemd hears C{READY=1}) once the L{Deferred}s they return
+        #: fire.
         self.afterReload: list[Callable[[], object]] = []
+        #: L{None}, or what the service waits for, once the reactor runs,
+        #: before it says it runs (and tells systemd C{READY=1}): a
+        #: L{Deferred} that fires when it serves, or fails with one line
+        #: saying why it cannot (the process then stops, status 1).  The
+        #: worker processes announcing themselves, for instance.
+        self.readyWhen: Callable[[], Deferred[None]] | None = None
         self._reloader = reloader
         self._notifier = notifier if notifier is not None else Notifier({})
         self._reloading: Deferred[None] | None = None
@@ -112,21 +126,7 @@ class EchoService(MultiService):
             self._addMetrics()
 
     def _echo(self) -> EchoProtocol:
-        # One protocol per socket (a protocol has one transport); the access
-        # list and the rate limiters are shared, so that a source (and a
-        # network) gets one budget however many listeners it reaches.
-        protocol = EchoProtocol.fromConfig(
-            self.config.echo.prefixBytes,
-            self.config.limits,
-            access=self._access,
-            rateLimiter=self.limiter,
-            networkLimiter=self.networkLimiter,
-            answerBroadcast=self.config.echo.answer_broadcast,
-        )
-        # Twisted's "Starting protocol <... object at 0x...>" lines say less
-        # than the service's own listening and reload lines, at every reload.
-        protocol.noisy = False
-        return protocol
+        return _echoFor(self.config, self._access, self.limiter, self.networkLimiter)
 
     def _addListener(
         self, listener: ListenConfig, inherited: InheritedSocket | None
@@ -142,10 +142,13 @@ class EchoService(MultiService):
             raise
         return child
 
-    def _addMetrics(self) -> None:
+    def _metricsService(self, config: Config) -> MetricsService:
         from udpdst.echo.metrics import MetricsService
 
-        metrics = MetricsService(self.config.metrics, self.snapshot, self._reactor)
+        return MetricsService(config.metrics, self.snapshot, self._reactor)
+
+    def _addMetrics(self) -> None:
+        metrics = self._metricsService(self.config)
         try:
             # Binds at once if this service runs (a reload).
             metrics.setServiceParent(self)
@@ -178,7 +181,10 @@ class EchoService(MultiService):
             from twisted.internet import reactor
         # Logged once the reactor runs, i.e. once SIGTERM/SIGINT stop the
         # service cleanly (twistd binds and starts services before that).
-        reactor.callWhenRunning(self._logRunning)
+        reactor.callWhenRunning(self._whenServing)
+        if self.readyWhen is not None and self._twistd is not None:
+            # A daemon's first process exits 0 once the service serves.
+            self._twistd.holdStartStatus()
         self._startStats()
         if self._reloader is not None:
             self._previousHangup = signal.signal(
@@ -210,6 +216,31 @@ class EchoService(MultiService):
         d.addCallback(lambda _: self.logStats(final=True))
         return d
 
+    def _whenServing(self) -> None:
+        if self.readyWhen is None:
+            self._logRunning()
+            return
+        waiting = self.readyWhen()
+        waiting.addCallbacks(lambda _: self._logRunning(), self._cannotServe)
+
+    def _cannotServe(self, reason: Failure) -> None:
+        """
+        The service cannot serve after all (its workers cannot start): one
+        critical line, and the process ends with status 1.
+        """
+        if not self.running:
+            return
+        message = str(reason.value) or reason.getErrorMessage()
+        self._log.critical("{message}; stopping", message=message)
+        self._notifier.notify(f"STATUS={message}")
+        if self._twistd is not None:
+            self._twistd.tellDaemonParent(message)
+            self._twistd.exitStatus = 1
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor
+        reactor.stop()
+
     def _logRunning(self) -> None:
         interval = self.config.log.stats_interval
         count = len(self.listeners)
@@ -223,6 +254,8 @@ class EchoService(MultiService):
             logLevel=self.config.log.level,
             statsInterval=interval,
         )
+        if self._twistd is not None:
+            self._twistd.started()
         self._notifyReady()
 
     def _reloadOnSignal(self) -> None:
@@ -234,15 +267,25 @@ class EchoService(MultiService):
         self._notifier.reloading()
         try:
             reloading = self.reload(self._reloader())
-        except ConfigError as e:
-            self._log.error(
-                "reload failed, the running configuration is kept: {error}",
-                error=str(e),
-            )
-            self._notifyReady()
+        except (ConfigError, ListenError) as e:
+            self._reloadFailed(str(e))
+            return
+        except Exception as e:
+            # A value the schema let through that a piece of the service
+            # cannot take (a number too large to convert): still one line,
+            # the traceback only for a debug log.
+            self._log.failure("reload failed", level=LogLevel.debug)
+            self._reloadFailed(f"{type(e).__name__}: {e}")
             return
         self._reloading = reloading
         reloading.addBoth(self._reloaded)
+
+    def _reloadFailed(self, reason: str) -> None:
+        self._log.error(
+            "reload failed, the running configuration is kept: {error}",
+            error=reason,
+        )
+        self._notifyReady()
 
     def _reloaded(self, result: Any) -> None:
         self._reloading = None
@@ -256,88 +299,158 @@ class EchoService(MultiService):
 
     def reload(self, config: Config) -> Deferred[None]:
         """
-        Apply a new configuration to the running service: listeners that
-        are gone close, new ones bind, and unchanged ones keep their socket
-        (no datagram lost); the echo's prefix and limits, the log level and
-        the stats interval change in place; the metrics endpoint moves.  One
-        info line says what changed; one error line if a new listener or
-        endpoint cannot bind (the rest is applied, that one is not served).
+        Apply a new configuration to the running service, all or nothing.
 
+        Every new piece is built first: the echo's access list, rate limiter
+        and protocols, the new listeners' sockets (bound, not yet announced)
+        and the moved metrics endpoint.  If any of that fails, what was
+        built is closed and the running configuration stays whole.  Then it
+        swaps: a listener of the same identity (address, port, C{v6_only},
+        C{reuse_port}, systemd name: L{identity}) keeps its socket, its other
+        settings applied in place, so that no datagram is lost; the echo's
+        prefix and limits, the log level and the stats interval change in
+        place.  Only then do the listeners that are gone, and the old
+        metrics endpoint, close: a socket is never closed before its
+        replacement is bound.  One info line says what changed.
+
+        @return: A L{Deferred} that fires once the old sockets closed and
+            the L{afterReload} hooks are done.
         @raise ConfigError: The new configuration cannot be applied while
             running (a systemd listener it did not have); nothing changed.
+        @raise ListenError: A new listener or the new metrics endpoint
+            cannot bind; nothing changed.
+        @raise Exception: Whatever else building a piece raised; nothing
+            changed.
         """
         old = self.config
-        keep, remove, add = self._planListeners(config)
-        changes = _changes(old, config, add, remove)
-        self.config = config
+        plan = self._planListeners(config)
+        access, limiter = self._access, self.limiter
+        networkLimiter = self.networkLimiter
         if config.limits != old.limits:
-            self._access = accessListFor(config.limits)
+            access = accessListFor(config.limits)
             if rateSettings(config.limits) != rateSettings(old.limits):
-                evictions = self.limiter.evictions
-                self.limiter = rateLimiterFor(config.limits)
-                self.limiter.evictions = evictions
+                limiter = rateLimiterFor(config.limits)
             if prefixSettings(config.limits) != prefixSettings(old.limits):
-                evictions = self.networkLimiter.evictions
-                self.networkLimiter = prefixLimiterFor(config.limits)
-                self.networkLimiter.evictions = evictions
+                networkLimiter = prefixLimiterFor(config.limits)
+        protocols = {}
         if config.limits != old.limits or config.echo != old.echo:
-            for child in keep:
-                child.replaceProtocol(self._echo())
+            protocols = {
+                child: _echoFor(config, access, limiter, networkLimiter)
+                for child, _ in plan.keep
+            }
+        added: list[ListenerService] = []
+        metrics: MetricsService | None = None
+        moveMetrics = config.metrics != old.metrics
+        try:
+            for listener, inherited in plan.add:
+                child = ListenerService(
+                    listener,
+                    _echoFor(config, access, limiter, networkLimiter),
+                    inherited,
+                    self._reactor,
+                )
+                try:
+                    child.prepare()
+                except ListenError as e:
+                    raise ListenError(self._bindHint(str(e), listener, plan)) from None
+                added.append(child)
+            if moveMetrics and config.metrics.listen:
+                metrics = self._metricsService(config)
+                metrics.prepare()
+        except BaseException:
+            for child in added:
+                child.stopService()
+            raise
+
+        # Nothing below fails on a user's input: the swap.
+        self.config = config
+        if limiter is not self.limiter:
+            limiter.evictions = self.limiter.evictions
+        if networkLimiter is not self.networkLimiter:
+            networkLimiter.evictions = self.networkLimiter.evictions
+        self._access, self.limiter = access, limiter
+        self.networkLimiter = networkLimiter
+        inPlace = []
+        for child, listener in plan.keep:
+            inPlace += child.update(listener)
+            if child in protocols:
+                child.replaceProtocol(protocols[child])
+        changes = _changes(old, config, added, plan.remove, inPlace)
+        for child in added:
+            self.listeners.append(child)
+            child.setServiceParent(self)
+            child.announce()
         if config.log.level != old.log.level:
             logs.setLogLevel(config.log.level)
         if config.log.stats_interval != old.log.stats_interval:
             self._stopStats()
             self._startStats()
-        stopped = [maybeDeferred(self._removeListener, child) for child in remove]
-        moveMetrics = config.metrics != old.metrics
-        if moveMetrics and self.metrics is not None:
-            stopped.append(maybeDeferred(self.removeService, self.metrics))
-            self.metrics = None
-        d: Deferred[Any] = gatherResults(stopped)
+        stopped = [maybeDeferred(self._removeListener, child) for child in plan.remove]
+        if moveMetrics:
+            if self.metrics is not None:
+                stopped.append(maybeDeferred(self.removeService, self.metrics))
+            self.metrics = metrics
+            if metrics is not None:
+                metrics.setServiceParent(self)
+                metrics.announce()
 
-        def bind(_: Any) -> None:
-            # After the removed ones closed: a listener re-added with other
-            # options takes the same address and port.
-            for listener, inherited in add:
-                try:
-                    self._addListener(listener, inherited)
-                except ListenError as e:
-                    self._log.error("reload: {message}; not serving it", message=str(e))
-            if moveMetrics and config.metrics.listen:
-                try:
-                    self._addMetrics()
-                except ListenError as e:
-                    self._log.error("reload: {message}; no metrics", message=str(e))
+        def closed(_: Any) -> Deferred[Any]:
             self._log.info(
                 "reloaded configuration: {changes}",
                 changes="; ".join(changes) or "nothing changed",
             )
-            for hook in self.afterReload:
-                hook()
+            return gatherResults([maybeDeferred(hook) for hook in self.afterReload])
 
-        d.addCallback(bind)
+        d: Deferred[Any] = gatherResults(stopped)
+        d.addCallback(closed)
+        d.addCallback(lambda _: None)
         return d
 
-    def _planListeners(
-        self, config: Config
-    ) -> tuple[
-        list[ListenerService],
-        list[ListenerService],
-        list[tuple[ListenConfig, InheritedSocket | None]],
-    ]:
+    def _bindHint(self, message: str, listener: ListenConfig, plan: _Plan) -> str:
         """
-        Which running listeners stay, which go, and which are new.
+        Why a new listener could not bind, with what to do if it clashes
+        with one this reload would close: that one serves until its
+        replacement is bound, so only a restart can make the change.
+        """
+        wildcards = ("::", "0.0.0.0")
+        for child in plan.remove:
+            old = child.listener
+            if (
+                listener.port
+                and old.port == listener.port
+                and (
+                    old.address == listener.address
+                    or old.address in wildcards
+                    or listener.address in wildcards
+                )
+            ):
+                return (
+                    f"{message} (it clashes with listener {child.address}, which "
+                    "serves until its replacement is bound; restart the service "
+                    "to make this change)"
+                )
+        return message
+
+    def _planListeners(self, config: Config) -> _Plan:
+        """
+        Which running listeners stay (with their new settings), which go,
+        and which are new.
+
+        @raise ConfigError: A systemd listener is new.
         """
         running = list(self.listeners)
-        keep: list[ListenerService] = []
-        add: list[tuple[ListenConfig, InheritedSocket | None]] = []
+        plan = _Plan()
         for listener in config.listen:
-            same = [child for child in running if child.listener == listener]
+            same = [
+                child
+                for child in running
+                if identity(child.listener) == identity(listener)
+            ]
             if same:
                 # A systemd listener serves every socket it was given.
                 mine = same if listener.systemd else same[:1]
-                keep.extend(mine)
                 for child in mine:
+                    plan.keep.append((child, listener))
                     running.remove(child)
             elif listener.systemd:
                 raise ConfigError(
@@ -345,8 +458,9 @@ class EchoService(MultiService):
                     "sockets only at start; restart the service to use it"
                 )
             else:
-                add.append((listener, None))
-        return keep, running, add
+                plan.add.append((listener, None))
+        plan.remove = running
+        return plan
 
     def _removeListener(self, child: ListenerService) -> Deferred[None] | None:
         self.listeners.remove(child)
@@ -399,17 +513,56 @@ class EchoService(MultiService):
         )
 
 
+def _echoFor(
+    config: Config,
+    access: AccessList,
+    limiter: RateLimiter,
+    networkLimiter: NetworkLimiter,
+) -> EchoProtocol:
+    """
+    An echo protocol for one socket (a protocol has one transport); the
+    access list and the rate limiters are shared, so that a source (and a
+    network) gets one budget however many listeners it reaches.
+    """
+    protocol = EchoProtocol.fromConfig(
+        config.echo.prefixBytes,
+        config.limits,
+        access=access,
+        rateLimiter=limiter,
+        networkLimiter=networkLimiter,
+        answerBroadcast=config.echo.answer_broadcast,
+    )
+    # Twisted's "Starting protocol <... object at 0x...>" lines say less
+    # than the service's own listening and reload lines, at every reload.
+    protocol.noisy = False
+    return protocol
+
+
+@dataclass
+class _Plan:
+    """
+    What a reload does with the listeners: those it keeps (each with its
+    new settings), those it adds (not bound yet), those it removes.
+    """
+
+    keep: list[tuple[ListenerService, ListenConfig]] = field(default_factory=list)
+    add: list[tuple[ListenConfig, InheritedSocket | None]] = field(default_factory=list)
+    remove: list[ListenerService] = field(default_factory=list)
+
+
 def _changes(
     old: Config,
     new: Config,
-    add: Sequence[tuple[ListenConfig, Any]],
+    add: Sequence[ListenerService],
     remove: Sequence[ListenerService],
+    inPlace: Sequence[str],
 ) -> list[str]:
     """
     What a reload changes, as phrases for its log line.
     """
     changes = [f"listener {child.address} removed" for child in remove]
-    changes += [f"listener {listener.describe()} added" for listener, _ in add]
+    changes += [f"listener {child.address} added" for child in add]
+    changes += inPlace
     if new.echo.prefix != old.echo.prefix:
         changes.append(f"prefix {old.echo.prefix!r} -> {new.echo.prefix!r}")
     if new.echo.answer_broadcast != old.echo.answer_broadcast:

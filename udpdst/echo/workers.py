@@ -31,6 +31,13 @@ object per line:
 Standard error is logged by the parent line by line (a worker that cannot
 even start writes its traceback there).
 
+The service says it runs (systemd's C{READY=1}) once every worker has said
+it serves; if they do not all do so within L{READY_TIMEOUT}, or one ends
+before it was ready L{START_ATTEMPTS} times in a row (the user twistd
+switched to cannot run this Python, say), one line says why and the process
+exits with status 1.  A reload is done once only workers of the new
+configuration serve.
+
 This module is the parent's side; L{udpdst.echo.worker} is the worker's.
 """
 
@@ -45,7 +52,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import (
@@ -64,6 +71,21 @@ _log = Logger(namespace="udpdst.echo.workers")
 #: The longest line the parent accepts from a worker; a longer one is cut
 #: off (a worker is our own code, but a runaway one must not exhaust memory).
 MAX_LINE = 1 << 20
+
+#: Seconds a worker has to say it serves before it is killed; the service
+#: gives up if its workers have not all done so by then at start.
+READY_TIMEOUT = 60.0
+
+#: How many times in a row a worker may end before it was ready, at start,
+#: before the service gives up (it cannot start: the same would happen to
+#: every restart).
+START_ATTEMPTS = 3
+
+
+class WorkersFailed(Exception):
+    """
+    The workers could not start; C{str(error)} is one line saying why.
+    """
 
 
 def cpuCount() -> int:
@@ -149,9 +171,14 @@ class _WorkerProtocol(ProcessProtocol):
     lines, and tells the pool when it ends.
     """
 
-    def __init__(self, pool: WorkerPool, number: int, setup: bytes) -> None:
+    def __init__(
+        self, pool: WorkerPool, number: int, setup: bytes, generation: int = 0
+    ) -> None:
         self.pool = pool
         self.number = number
+        #: Which configuration it runs: the pool's count of reloads when it
+        #: was started.
+        self.generation = generation
         self._setup = setup
         self._buffers = {1: b"", 2: b""}
         self.pid: int | None = None
@@ -164,6 +191,9 @@ class _WorkerProtocol(ProcessProtocol):
         self.replaces: _WorkerProtocol | None = None
         #: Kills it if it is not ready in time.
         self.readyTimeout: Any = None
+        #: Its last line on standard error: why it could not start, if it
+        #: could not.
+        self.lastWords = ""
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid  # type: ignore[union-attr]
@@ -213,7 +243,9 @@ class WorkerPool(Service):
         *,
         backoff: Callable[[], Backoff] = Backoff,
         stopTimeout: float = 10.0,
-        readyTimeout: float = 60.0,
+        readyTimeout: float = READY_TIMEOUT,
+        startAttempts: int = START_ATTEMPTS,
+        startTimeout: float | None = None,
         command: Sequence[str] | None = None,
     ) -> None:
         """
@@ -229,6 +261,11 @@ class WorkerPool(Service):
             before it is killed.
         @param readyTimeout: Seconds a worker has to start serving before
             it is killed (and restarted, after its backoff).
+        @param startAttempts: At start, how many times in a row a worker
+            may end before it was ready before the pool gives up
+            (L{whenReady}).
+        @param startTimeout: At start, the seconds all the workers have to
+            serve before the pool gives up; C{readyTimeout} if L{None}.
         @param command: The worker's command line; L{workerCommand} by
             default.
         """
@@ -239,6 +276,14 @@ class WorkerPool(Service):
         self._backoffs = [backoff() for _ in range(count)]
         self._stopTimeout = stopTimeout
         self._readyTimeout = readyTimeout
+        self._startAttempts = startAttempts
+        self._startTimeout = readyTimeout if startTimeout is None else startTimeout
+        self._startFailures = [0] * count
+        self._startDeadline: Any = None
+        self._waiting: list[Deferred[None]] = []
+        self._failure: WorkersFailed | None = None
+        self._generation = 0
+        self._reloads: list[tuple[Deferred[None], Any]] = []
         self._command = list(command) if command is not None else workerCommand()
         self.workers: list[_WorkerProtocol | None] = [None] * count
         self._restarts: list[Any] = [None] * count
@@ -266,9 +311,28 @@ class WorkerPool(Service):
         # Spawned once the reactor runs: its child reaper is in place then.
         self.clock.callWhenRunning(self._startAll)
 
+    def whenReady(self) -> Deferred[None]:
+        """
+        Fire once every worker has said it serves, for the first time; fail
+        with L{WorkersFailed} if they do not all do so within the ready
+        timeout, or if one ends before it was ready C{startAttempts} times
+        in a row (the pool then stops restarting them).
+        """
+        if self._announced:
+            return succeed(None)
+        if self._failure is not None:
+            return fail(self._failure)
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+        return d
+
     def _startAll(self) -> None:
         if self._stopping:
             return
+        if not self._announced and self._startDeadline is None:
+            self._startDeadline = self.clock.callLater(
+                self._startTimeout, self._startTimedOut
+            )
         for slot in range(self.count):
             if self.workers[slot] is None:
                 self._spawn(slot)
@@ -287,8 +351,18 @@ class WorkerPool(Service):
 
     def _spawn(self, slot: int) -> None:
         self._restarts[slot] = None
+        if not self._fds:
+            # A worker serves what its parent bound: with nothing bound it
+            # could only exit, and be restarted, forever.
+            self._log.error(
+                "worker {worker} not started: no socket to serve", worker=slot + 1
+            )
+            self._gaveUp("no socket to serve")
+            return
         previous = self.workers[slot]
-        worker = _WorkerProtocol(self, slot + 1, self._setup(slot + 1))
+        worker = _WorkerProtocol(
+            self, slot + 1, self._setup(slot + 1), self._generation
+        )
         childFDs: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
         for i, s in enumerate(self._fds):
             childFDs[3 + i] = s.fd
@@ -303,6 +377,8 @@ class WorkerPool(Service):
         except OSError as e:
             # fork or exec failed: out of memory or processes, or the user
             # twistd switched to (--uid) may not run this Python.
+            if self._failedToStart(slot, f"could not be started ({e.strerror or e})"):
+                return
             delay = self._scheduleRestart(slot, 0.0)
             self._log.error(
                 "cannot start worker {worker} ({command}): {error}; retrying in "
@@ -367,6 +443,7 @@ class WorkerPool(Service):
         if worker in self._retiring:
             # Replaced by a reload, or stopped.
             self._retiring.remove(worker)
+            self._checkReloaded()
             return
         slot = worker.number - 1
         newest = self.workers[slot]
@@ -378,6 +455,17 @@ class WorkerPool(Service):
             # An older worker, if any, serves on until the restart is ready.
             self.workers[slot], worker.replaces = worker.replaces, None
         if self._stopping:
+            return
+        if (
+            newest is worker
+            and not worker.ready
+            and self._failedToStart(
+                slot,
+                how
+                + " before it was ready"
+                + (f" ({worker.lastWords})" if worker.lastWords else ""),
+            )
+        ):
             return
         if newest is not worker:
             self._log.error(
@@ -401,20 +489,110 @@ class WorkerPool(Service):
             delay=delay,
         )
 
-    def reload(self, document: Mapping[str, Any]) -> None:
+    def _failedToStart(self, slot: int, how: str) -> bool:
+        """
+        Count a start of C{slot}'s worker that failed before the pool was
+        first ready; give up once it failed C{startAttempts} times in a row.
+
+        @return: Whether the pool gave up.
+        """
+        if self._announced:
+            return False
+        self._startFailures[slot] += 1
+        if self._startFailures[slot] < self._startAttempts:
+            return False
+        self._gaveUp(
+            f"worker {slot + 1} {how}, {self._startFailures[slot]} times in a row"
+        )
+        return True
+
+    def _startTimedOut(self) -> None:
+        self._startDeadline = None
+        ready = sum(1 for w in self.workers if w is not None and w.ready)
+        self._gaveUp(
+            f"{ready} of {self.count} workers serving after {self._startTimeout:g} s"
+        )
+
+    def _gaveUp(self, reason: str) -> None:
+        """
+        The workers cannot start: stop restarting them, and tell those
+        waiting (L{whenReady}) why.
+        """
+        if self._announced or self._failure is not None:
+            return
+        self._failure = WorkersFailed(f"the workers could not start: {reason}")
+        if self._startDeadline is not None and self._startDeadline.active():
+            self._startDeadline.cancel()
+        self._startDeadline = None
+        for slot, call in enumerate(self._restarts):
+            if call is not None and call.active():
+                call.cancel()
+            self._restarts[slot] = None
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.errback(self._failure)
+
+    def reload(self, document: Mapping[str, Any]) -> Deferred[None]:
         """
         Serve a new configuration: take the sockets again and replace each
         worker by one started with C{document}; each old worker stops once
         its successor is ready, so that the sockets are served throughout.
+
+        @return: A L{Deferred} that fires once only workers of the new
+            configuration serve (every old one has ended), or after the
+            ready timeout if they do not (the old ones serve on meanwhile,
+            and the new ones are restarted as usual).
         """
         self.document = dict(document)
-        if not self.running or self._stopping:
-            return
-        self._fds = list(self._sockets())
+        if not self.running or self._stopping or self._failure is not None:
+            return succeed(None)
+        fds = list(self._sockets())
+        if not fds:
+            self._log.error(
+                "reload: no socket to serve; the workers serve on as they were"
+            )
+            return succeed(None)
+        self._fds = fds
+        self._generation += 1
         for slot in range(self.count):
             # A slot waiting for its restart gets the new setup then.
             if self._restarts[slot] is None:
                 self._spawn(slot)
+        d: Deferred[None] = Deferred()
+        timeout = self.clock.callLater(self._readyTimeout, self._reloadTimedOut, d)
+        self._reloads.append((d, timeout))
+        self._checkReloaded()
+        return d
+
+    def _reloaded(self) -> bool:
+        """
+        Whether only workers of the newest configuration run, all ready.
+        """
+        return all(
+            w is not None
+            and w.ready
+            and w.replaces is None
+            and w.generation == self._generation
+            for w in self.workers
+        ) and all(w.generation == self._generation for w in self._retiring)
+
+    def _checkReloaded(self, force: bool = False) -> None:
+        if not self._reloads or not (force or self._reloaded()):
+            return
+        reloads, self._reloads = self._reloads, []
+        for d, timeout in reloads:
+            if timeout.active():
+                timeout.cancel()
+            d.callback(None)
+
+    def _reloadTimedOut(self, d: Deferred[None]) -> None:
+        self._reloads = [(w, t) for w, t in self._reloads if w is not d]
+        self._log.warn(
+            "reload: the workers of the new configuration are not all serving "
+            "after {timeout:g} s; older ones serve on until they are",
+            timeout=self._readyTimeout,
+        )
+        d.callback(None)
 
     # Messages from workers
 
@@ -450,15 +628,18 @@ class WorkerPool(Service):
         globalLogPublisher(event)
 
     def _stderr(self, worker: _WorkerProtocol, line: bytes) -> None:
+        text = line.decode("utf-8", "backslashreplace").rstrip()
+        worker.lastWords = text.strip()[:500]
         self._log.warn(
             "worker {worker} (pid {pid}): {line}",
             worker=worker.number,
             pid=worker.pid,
-            line=line.decode("utf-8", "backslashreplace").rstrip(),
+            line=text,
         )
 
     def _ready(self, worker: _WorkerProtocol) -> None:
         worker.ready = True
+        self._startFailures[worker.number - 1] = 0
         worker.readyAt = self.clock.seconds()
         if worker.readyTimeout is not None:
             worker.readyTimeout.cancel()
@@ -478,16 +659,23 @@ class WorkerPool(Service):
                 worker=worker.number,
                 pid=worker.pid,
             )
+        self._checkReloaded()
         if self._announced:
             return
         live = [w for w in self.workers if w is not None]
         if len(live) == self.count and all(w.ready for w in live):
             self._announced = True
+            if self._startDeadline is not None and self._startDeadline.active():
+                self._startDeadline.cancel()
+            self._startDeadline = None
             self._log.info(
                 "udpdst workers: {count} running (pids {pids})",
                 count=self.count,
                 pids=", ".join(str(w.pid) for w in live),
             )
+            waiting, self._waiting = self._waiting, []
+            for d in waiting:
+                d.callback(None)
 
     # Stats
 
@@ -508,6 +696,11 @@ class WorkerPool(Service):
     def stopService(self) -> Deferred[Any]:
         Service.stopService(self)
         self._stopping = True
+        # Nobody waits for a reload of a pool that stops.
+        self._checkReloaded(force=True)
+        if self._startDeadline is not None and self._startDeadline.active():
+            self._startDeadline.cancel()
+        self._startDeadline = None
         for slot, call in enumerate(self._restarts):
             if call is not None and call.active():
                 call.cancel()
@@ -562,7 +755,14 @@ def serveWithWorkers(
             found.append(WorkerSocket(child.listener, port.fileno(), child.address))
         return found
 
-    pool = WorkerPool(count, configDocument(service.config), sockets, reactor)
+    pool = WorkerPool(
+        count,
+        configDocument(service.config),
+        sockets,
+        reactor,
+        readyTimeout=READY_TIMEOUT,
+        startAttempts=START_ATTEMPTS,
+    )
 
     def total() -> Snapshot:
         # The parent's own (all zero) first, so that every listener and the
@@ -570,7 +770,10 @@ def serveWithWorkers(
         return service.localSnapshot() + pool.total()
 
     service.snapshotProvider = total
+    # A reload is done once the workers of the new configuration serve.
     service.afterReload.append(lambda: pool.reload(configDocument(service.config)))
+    # Ready (for systemd, and the "running" line) once the workers serve.
+    service.readyWhen = pool.whenReady
     service.addService(pool)
     return pool
 

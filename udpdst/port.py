@@ -10,7 +10,7 @@ import operator
 import socket
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from twisted.internet import error, udp
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -62,6 +62,12 @@ _TRUNCATED = L.MSG_TRUNC
 _CONTROL_TRUNCATED = L.MSG_CTRUNC
 
 
+#: The L{PortCounters} that count for the socket itself rather than for the
+#: process reading it: every process that shares the socket sees all of it,
+#: so these do not add up across processes.
+SOCKET_FIGURES = frozenset({"kernelDrops"})
+
+
 @dataclass(slots=True)
 class PortCounters:
     """
@@ -94,11 +100,6 @@ class PortCounters:
         the socket's count: processes that share one socket each see all of
         it.
     """
-
-    #: The fields that count for the socket itself rather than for the
-    #: process reading it: every process that shares the socket sees all of
-    #: them, so they do not add up across processes.
-    socketFigures: ClassVar[frozenset[str]] = frozenset({"kernelDrops"})
 
     received: int = 0
     oversized: int = 0

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from udpdst.port import PortCounters
+from udpdst.port import SOCKET_FIGURES, PortCounters
 
 
 def _frozen(figures: Mapping[str, int]) -> Mapping[str, int]:
@@ -64,7 +64,7 @@ class ListenerStats:
         process sees whole: the larger, the later, is kept.
         """
         counters = dict(_sum(self.counters, other.counters))
-        for name in PortCounters.socketFigures:
+        for name in SOCKET_FIGURES:
             if name in self.counters and name in other.counters:
                 counters[name] = max(self.counters[name], other.counters[name])
         return ListenerStats(counters, _sum(self.refused, other.refused))

@@ -202,7 +202,8 @@ class DestinationPort(udp.Port):
     together when the batch is done, in order; a write
     outside a pass is sent at once.  Errors known at C{write} time raise;
     errors of the send itself are counted in C{counters.sendErrors} and
-    logged sparsely.  C{IP_RECVERR} is on, so that replies the kernel drops
+    logged sparsely, a reply written after the socket closed included
+    (C{EBADF}).  C{IP_RECVERR} is on, so that replies the kernel drops
     on the way out (a full queue: C{ENOBUFS}) are counted there too rather
     than as replied; the ICMP errors it also reports are read off the error
     queue and counted in C{counters.icmpErrors}.

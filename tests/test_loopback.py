@@ -18,6 +18,7 @@ from twisted.internet.protocol import DatagramProtocol
 import udpdst
 from tests.clients import ask
 from tests.conftest import requiresIPv6
+from tests.kernel import flood, memInfo, rowOf
 from tests.reactors import runUntil
 from udpdst import Destination, DestinationPort, PeerAddress
 
@@ -575,6 +576,75 @@ def test_kernelDropsAreCounted(epollReactor: Any) -> None:
     assert 0 < survived < sent
     assert proto.got[-1] == b"after"
     assert port.counters.kernelDrops == sent - survived
+
+
+@pytest.mark.parametrize(
+    "interface",
+    [
+        "127.0.0.1",
+        "0.0.0.0",
+        pytest.param("::1", marks=requiresIPv6),
+        pytest.param("::", marks=requiresIPv6),
+    ],
+)
+def test_everyDropIsCountedOnEverySocket(epollReactor: Any, interface: str) -> None:
+    """
+    On a socket bound to one address as on a wildcard one, C{kernelDrops}
+    agrees with the kernel's own count (C{/proc/net/udp}'s C{drops} column and
+    C{SO_MEMINFO}): at once through C{refreshCounters}, before any datagram
+    has reported the drops; from C{SO_RXQ_OVFL} alone as datagrams are read;
+    and when the port closes.  The figure never goes back, though the
+    datagrams read after a refresh carry older counts.
+    """
+    proto = Collector()
+    port = udpdst.listenUDP(
+        0, proto, interface, reactor=epollReactor, receiveBufferSize=4096
+    )
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(interface, interface)
+    target = (host, port.getHost().port)
+    sender = socket.socket(
+        socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM
+    )
+    server = port.socket
+
+    def drain() -> None:
+        while True:
+            before = len(proto.got)
+            port.doRead()
+            if len(proto.got) == before:
+                return
+
+    sent = 200
+    try:
+        flood(sender, target, sent, b"z" * 512, lambda: memInfo(server))
+        first = rowOf(server).drops
+        assert 0 < first < sent
+        # Not one datagram has reported them yet.
+        assert port.counters.kernelDrops == 0
+        assert port.refreshCounters().kernelDrops == first == memInfo(server)[1]
+        drain()
+        assert len(proto.got) == sent - first
+        assert port.counters.kernelDrops == first
+        # Overflow again; now only SO_RXQ_OVFL tells: the survivors were
+        # queued before the drops, the next datagram after them.
+        flood(sender, target, sent, b"z" * 512, lambda: memInfo(server))
+        second = rowOf(server).drops
+        assert second > first
+        drain()
+        assert port.counters.kernelDrops == first
+        flood(sender, target, 1, b"after", lambda: memInfo(server))
+        drain()
+        assert proto.got[-1] == b"after"
+        assert port.counters.kernelDrops == second == memInfo(server)[1]
+        # Drops no datagram reports, counted when the port closes.
+        flood(sender, target, sent, b"z" * 512, lambda: memInfo(server))
+        third = rowOf(server).drops
+        assert third > second
+    finally:
+        sender.close()
+        runUntil(epollReactor, port.stopListening)
+    assert port.counters.kernelDrops == third
+    assert port.counters.received == len(proto.got)
 
 
 def test_floodOfBadDatagramsLogsSparsely(epollReactor: Any) -> None:

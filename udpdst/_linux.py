@@ -31,6 +31,12 @@ IPV6_RECVERR: int = getattr(socket, "IPV6_RECVERR", 25)
 MSG_ERRQUEUE: int = int(getattr(socket, "MSG_ERRQUEUE", 0x2000))
 
 SO_RXQ_OVFL: int = getattr(socket, "SO_RXQ_OVFL", 40)
+#: C{getsockopt(SOL_SOCKET, SO_MEMINFO)}: the socket's C{sk_meminfo}, an array
+#: of u32 of which the C{SK_MEMINFO_DROPS}th is the count of datagrams the
+#: kernel dropped on the socket (what C{SO_RXQ_OVFL} stamps on a datagram,
+#: and the C{drops} column of C{/proc/net/udp}).
+SO_MEMINFO: int = getattr(socket, "SO_MEMINFO", 55)
+SK_MEMINFO_DROPS = 8
 SO_REUSEPORT: int = getattr(socket, "SO_REUSEPORT", 15)
 
 # Plain ints: socket's are MsgFlag enum members, and `flags & MSG_TRUNC` on

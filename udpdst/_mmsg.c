@@ -26,7 +26,8 @@
  *       few sendmmsg calls as the kernel allows.  Stops at the first datagram
  *       that fails: `sent` datagrams went out, and `errno` (0 if none failed)
  *       is that of items[start + sent].  The caller decides about that one and
- *       calls again from the next.
+ *       calls again from the next.  A closed socket is such a failure
+ *       (EBADF), not an exception.
  *
  *   QueuedWrite(write, peertype, limit)
  *       The fast path of DestinationPort.write, as a method descriptor that
@@ -543,13 +544,20 @@ mmsg_send(PyObject *Py_UNUSED(self), PyObject *args)
 
     if (!PyArg_ParseTuple(args, "OO!n:send", &sock, &PyList_Type, &items, &start))
         return NULL;
-    int fd = socket_fd(sock);
-    if (fd < 0)
-        return NULL;
     Py_ssize_t total = PyList_GET_SIZE(items);
     if (start < 0 || start > total) {
         PyErr_SetString(PyExc_ValueError, "send: start out of range");
         return NULL;
+    }
+    int fd = PyObject_AsFileDescriptor(sock);
+    if (fd < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_ValueError))
+            return NULL;
+        /* A closed socket (fileno() == -1) fails the first send with EBADF,
+         * as sendmsg does in io._sendEach: a failure the caller counts, not
+         * an exception that would lose the replies it had queued. */
+        PyErr_Clear();
+        return Py_BuildValue("(ni)", (Py_ssize_t)0, start < total ? EBADF : 0);
     }
     /* Refuse a bad item before anything is sent: an exception would lose
      * the count of what already went out. */

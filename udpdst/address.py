@@ -7,6 +7,7 @@ interface index, the largest payload for a peer.
 
 from __future__ import annotations
 
+import errno
 import socket
 from dataclasses import dataclass
 
@@ -32,10 +33,14 @@ def interfaceIndex(zone: str) -> int:
     is itself, a name is asked of the kernel each time (an interface can be
     re-created with another index, or its index reused by another).
 
-    @raise OSError: No interface has that name.
+    @raise OSError: No interface has that name (a number above 2**32 - 1,
+        which no index can be, included).
     """
     if zone.isdigit():
-        return int(zone)
+        index = int(zone)
+        if index > 0xFFFFFFFF:
+            raise OSError(errno.ENODEV, "no such interface", zone)
+        return index
     return socket.if_nametoindex(zone)
 
 

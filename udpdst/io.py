@@ -21,7 +21,8 @@ The interface, the same for both paths, is a L{Path}, whose fields are:
     C{(data, target, control)} with C{control} from C{packControl} and
     C{target} from C{decodeKey} or C{packTarget}; it returns C{(sent, errno)}
     and stops at the first failure, whose C{errno} is that of
-    C{items[start + sent]}.
+    C{items[start + sent]}; a closed socket is such a failure (C{EBADF}),
+    never an exception.
 
 What the C code may touch of a port is one object, its L{Outbox}: whether
 it reads, whether replies are held, the queue of replies and how to flush

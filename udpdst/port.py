@@ -6,6 +6,7 @@ from there.
 from __future__ import annotations
 
 import errno
+import operator
 import socket
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -65,6 +66,12 @@ _TRUNCATED = L.MSG_TRUNC
 _CONTROL_TRUNCATED = L.MSG_CTRUNC
 
 
+#: The L{PortCounters} that count for the socket itself rather than for the
+#: process reading it: every process that shares the socket sees all of it,
+#: so these do not add up across processes.
+SOCKET_FIGURES = frozenset({"kernelDrops"})
+
+
 @dataclass(slots=True)
 class PortCounters:
     """
@@ -89,9 +96,13 @@ class PortCounters:
     @ivar controlTruncated: Datagrams whose control data did not fit; they
         were delivered with an unknown destination.
     @ivar kernelDrops: Datagrams the kernel dropped on this socket (receive
-        buffer full), as last reported by C{SO_RXQ_OVFL}.  The kernel stamps
-        the count on a datagram as it queues it, so drops show with the next
-        datagram that gets through.
+        buffer full, mostly): the count of C{/proc/net/udp}'s C{drops} column.
+        Read as the port reads (C{SO_RXQ_OVFL}: the kernel stamps the count
+        on a datagram as it queues it, so drops show with the next datagram
+        that gets through), and at once by
+        L{DestinationPort.refreshCounters} and when the port closes.  It is
+        the socket's count: processes that share one socket each see all of
+        it.
     """
 
     received: int = 0
@@ -131,6 +142,23 @@ def _enableSendErrors(sock: socket.socket) -> None:
             sock.setsockopt(level, option, 1)
         except OSError:
             pass
+
+
+def _socketDrops(sock: socket.socket) -> int | None:
+    """
+    The count of datagrams the kernel dropped on C{sock} so far
+    (C{SO_MEMINFO}), or L{None} where it cannot be read (the socket is
+    closed, or the kernel is older than 3.9).
+    """
+    size = (L.SK_MEMINFO_DROPS + 1) * L.U32_SIZE
+    try:
+        info = sock.getsockopt(socket.SOL_SOCKET, L.SO_MEMINFO, size)
+    except OSError:
+        return None
+    if len(info) < size:
+        return None
+    drops: int = L.U32.unpack_from(info, L.SK_MEMINFO_DROPS * L.U32_SIZE)[0]
+    return drops
 
 
 def _interfaceName(index: int) -> str:
@@ -178,7 +206,8 @@ class DestinationPort(udp.Port):
     together when the batch is done, in order; a write
     outside a pass is sent at once.  Errors known at C{write} time raise;
     errors of the send itself are counted in C{counters.sendErrors} and
-    logged sparsely.  C{IP_RECVERR} is on, so that replies the kernel drops
+    logged sparsely, a reply written after the socket closed included
+    (C{EBADF}).  C{IP_RECVERR} is on, so that replies the kernel drops
     on the way out (a full queue: C{ENOBUFS}) are counted there too rather
     than as replied; the ICMP errors it also reports are read off the error
     queue and counted in C{counters.icmpErrors}.
@@ -193,7 +222,9 @@ class DestinationPort(udp.Port):
         0.8 kB a key: small enough that a flood of spoofed sources adds
         little to a server's peak memory.
     @ivar ancillaryBufferSize: Room for control data per datagram; sized for
-        every message that can arrive together.
+        every message that can arrive together.  Every socket, also one
+        bound to a single address, gets C{SO_RXQ_OVFL}, so every socket
+        needs it.
     """
 
     #: The L{udpdst.io.Path} this port reads and writes with; set it (e.g. to
@@ -272,6 +303,11 @@ class DestinationPort(udp.Port):
     def _bindSocket(self) -> None:
         udp.Port._bindSocket(self)
         _enableSendErrors(self.socket)
+        try:
+            # Drops are counted on every socket, whatever it is bound to.
+            self.socket.setsockopt(socket.SOL_SOCKET, L.SO_RXQ_OVFL, 1)
+        except OSError:
+            pass  # refreshCounters still reads the kernel's count
         sockname = self.socket.getsockname()
         host = sockname[0]
         self._family6 = self.socket.family == socket.AF_INET6
@@ -322,7 +358,8 @@ class DestinationPort(udp.Port):
             remaining = self.maxDatagramsPerRead
             budget = self.maxThroughput
             size = self.maxPacketSize
-            ancSize = self.ancillaryBufferSize if self._wildcard else 0
+            ancSize = self.ancillaryBufferSize
+            counters = self.counters
             while remaining > 0 and budget > 0 and outbox.reading:
                 want = min(io.BATCH, remaining)
                 got = self._receive(want, size, ancSize, self._handlers())
@@ -333,8 +370,10 @@ class DestinationPort(udp.Port):
                         self._drainErrors()
                     return
                 count, delivered, nbytes, drops, rest = got
-                if drops >= 0:
-                    self.counters.kernelDrops = drops
+                if drops > counters.kernelDrops:
+                    # A datagram queued before a refreshCounters carries an
+                    # older (smaller) count: the figure never goes back.
+                    counters.kernelDrops = drops
                 if not self._delivered(delivered, rest) or count < want:
                     return
                 remaining -= want
@@ -441,6 +480,23 @@ class DestinationPort(udp.Port):
             except OSError:
                 break
             self.counters.icmpErrors += 1
+
+    def refreshCounters(self) -> PortCounters:
+        """
+        Read now what the kernel counts for this socket, so that C{counters}
+        agree with C{/proc/net/udp} at this moment: C{kernelDrops} also
+        covers drops no datagram has reported yet (C{SO_RXQ_OVFL} reports
+        them only with the next datagram queued).  One system call; nothing
+        changes once the port has closed.
+
+        @return: C{counters}.
+        """
+        counters = self.counters
+        sock = getattr(self, "socket", None)
+        drops = _socketDrops(sock) if sock is not None else None
+        if drops is not None and drops > counters.kernelDrops:
+            counters.kernelDrops = drops
+        return counters
 
     def readConnectionLost(self, reason: Any) -> None:
         """
@@ -620,14 +676,25 @@ class DestinationPort(udp.Port):
         the text), looked up now, so a re-created interface is found;
         C{"<broadcast>"} is the limited broadcast address, as Python's
         C{sendto} (and so Twisted's port) reads it.
+
+        @raise error.InvalidAddressError: C{addr} cannot be sent to: its port
+            is not 0-65535 (Twisted's C{write} lets C{sendto} raise
+            C{OverflowError}), its zone names no interface, or its host is
+            not an IP address.
         """
         host = addr[0]
+        try:
+            port = operator.index(addr[1])
+        except TypeError:
+            port = -1
+        if not 0 <= port <= 0xFFFF:
+            raise error.InvalidAddressError(host, f"port {addr[1]!r} is not 0-65535")
         if self._family6:
             bare, _, zone = host.partition("%")
             scope = _scopeOf(zone, host) if zone else 0
-            sockaddr: Any = (bare, addr[1], 0, scope)
+            sockaddr: Any = (bare, port, 0, scope)
         else:
-            sockaddr = (_LIMITED_BROADCAST if host == "<broadcast>" else host, addr[1])
+            sockaddr = (_LIMITED_BROADCAST if host == "<broadcast>" else host, port)
         try:
             return self.ioPath.packTarget(sockaddr)
         except (OSError, ValueError):
@@ -678,8 +745,17 @@ class DestinationPort(udp.Port):
         counters = self.counters
         start = 0
         total = len(queue)
+        try:
+            sock = self.socket
+        except AttributeError:
+            # The port has closed (Twisted deletes the socket): a reply
+            # written since is counted as a send that failed, not raised, as
+            # on a socket closed under the port (EBADF).
+            for item in queue:
+                self._sendFailed(item, errno.EBADF)
+            return
         while start < total:
-            sent, no = self.ioPath.send(self.socket, queue, start)
+            sent, no = self.ioPath.send(sock, queue, start)
             counters.replied += sent
             start += sent
             if no:
@@ -734,6 +810,8 @@ class DestinationPort(udp.Port):
         self._outbox.reading = False
         if self._outbox.queue:
             self._flush()
+        # The socket's last word on drops, before it goes.
+        self.refreshCounters()
         self._pending = []
         # The handlers refer back to the port: no cycle outlives the socket.
         self._readHandlers = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import time
 import urllib.error
@@ -25,6 +26,7 @@ from tests._service_helpers import (
     scrape,
     startedTwistd,
 )
+from tests.kernel import flood, rowOn
 
 prometheus_client = pytest.importorskip(
     "prometheus_client", reason="the metrics extra (prometheus_client) is not installed"
@@ -238,3 +240,49 @@ def test_onlyMetricsQuietly(started, level: str) -> None:  # type: ignore[no-unt
         )
         assert lines[-1].endswith(" GET /" + "p" * 199 + " -> 404")
     assert "Traceback" not in output
+
+
+def test_kernelDropsAgreeWithTheKernel(started, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """
+    Datagrams the kernel dropped on a listener bound to one address (a small
+    receive buffer, overflowed while the service is stopped) show in
+    /metrics and in the final stats line as the kernel counts them
+    (C{/proc/net/udp}), though no datagram queued after the drops has
+    reported them.
+    """
+    config = tmp_path / "udpdst.toml"
+    config.write_text(
+        '[[listen]]\naddress = "127.0.0.1"\nport = 0\nreceive_buffer = 4096\n'
+        '[metrics]\nlisten = "127.0.0.1:0"\n[log]\nstats_interval = 0\n'
+    )
+    process = started("--config", str(config))
+    ((_, port),) = process.listening()
+    (match,) = process.waitFor(METRICS_LINE)
+    url = f"http://{match.group(1)}/metrics"
+
+    def queue() -> tuple[int, int]:
+        row = rowOn("127.0.0.1", port)
+        return row.rxQueue, row.drops
+
+    os.kill(process.proc.pid, signal.SIGSTOP)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            flood(sender, ("127.0.0.1", port), 200, b"z" * 512, queue)
+    finally:
+        os.kill(process.proc.pid, signal.SIGCONT)
+    dropped = rowOn("127.0.0.1", port).drops
+    assert 0 < dropped < 200
+    # Once the service has read what was queued, nothing moves any more.
+    deadline = time.monotonic() + DEADLINE
+    while queue()[0] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert queue() == (0, dropped)
+
+    listener = (("listener", f"127.0.0.1:{port}"),)
+    samples = scrape(url)
+    assert samples[("udpdst_kernel_drops_total", listener)] == dropped
+    assert samples[("udpdst_received_total", listener)] == 200 - dropped
+    process.stop()
+    line = re.search(r"final stats 127\.0\.0\.1:\d+: (.*)", process.output())
+    assert line is not None, process.output()
+    assert f"kernel drops {dropped}," in line.group(1)

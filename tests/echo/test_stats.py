@@ -16,7 +16,7 @@ import pytest
 from tests._service_helpers import Twistd, echo
 from udpdst.echo.protocol import REFUSAL_REASONS, EchoCounters
 from udpdst.echo.stats import ListenerStats, Snapshot, portFigures, takeSnapshot
-from udpdst.port import PortCounters
+from udpdst.port import SOCKET_FIGURES, PortCounters
 
 
 def listener(**counters: int) -> ListenerStats:
@@ -102,6 +102,29 @@ def test_snapshotsAddUp() -> None:
     assert total.listeners["0.0.0.0:9"] == b.listeners["0.0.0.0:9"]
     assert (total.rateLimitedSources, total.limiterEvictions) == (5, 1)
     assert a + Snapshot() == a
+
+
+def test_socketFiguresDoNotAddUpAcrossProcesses() -> None:
+    """
+    The kernel's drops are the socket's count, which every process serving
+    that socket sees whole: processes' snapshots keep the largest (the
+    latest), while two sockets of one address in one process add up.
+    """
+    assert SOCKET_FIGURES == {"kernelDrops"}
+    parent = Snapshot({"[::]:7": listener(received=0, kernelDrops=9)})
+    worker1 = Snapshot({"[::]:7": listener(received=4, kernelDrops=7)})
+    worker2 = Snapshot({"[::]:7": listener(received=5, kernelDrops=9)})
+    total = parent + worker1 + worker2
+    assert dict(total.listeners["[::]:7"].counters) == {
+        "received": 9,
+        "replied": 0,
+        "kernelDrops": 9,
+    }
+    one, two = PortCounters(), PortCounters()
+    one.kernelDrops, two.kernelDrops = 2, 3
+    echoes = EchoCounters()
+    snapshot = takeSnapshot([("[::]:7", one, echoes), ("[::]:7", two, echoes)])
+    assert snapshot.listeners["[::]:7"].counters["kernelDrops"] == 5
 
 
 def test_snapshotRoundTripsThroughJSON() -> None:

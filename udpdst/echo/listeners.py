@@ -121,12 +121,14 @@ class ListenerService(ListeningService[DestinationPort]):
     def counterSources(self) -> tuple[str, Any, Any]:
         """
         Where this listener's counters are: C{(address, port counters or
-        None, echo counters)}, for L{udpdst.echo.stats.takeSnapshot}.
+        None, echo counters)}, for L{udpdst.echo.stats.takeSnapshot}.  The
+        port's are read from the kernel first (its drops), so that a
+        snapshot agrees with C{/proc/net/udp} when it is taken.
         """
         port = self.listeningPort or self._lastPort
         return (
             self.address,
-            port.counters if port is not None else None,
+            port.refreshCounters() if port is not None else None,
             self.protocol.counters,
         )
 

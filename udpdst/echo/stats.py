@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from udpdst.port import PortCounters
+from udpdst.port import SOCKET_FIGURES, PortCounters
 
 
 def _frozen(figures: Mapping[str, int]) -> Mapping[str, int]:
@@ -50,9 +50,24 @@ class ListenerStats:
         return sum(self.refused.values())
 
     def __add__(self, other: ListenerStats) -> ListenerStats:
+        """
+        Two sockets' figures together (two listeners of one address).
+        """
         return ListenerStats(
             _sum(self.counters, other.counters), _sum(self.refused, other.refused)
         )
+
+    def shared(self, other: ListenerStats) -> ListenerStats:
+        """
+        What two processes serving the same socket counted: the sum, except
+        for the figures of the socket itself (C{kernelDrops}), which each
+        process sees whole: the larger, the later, is kept.
+        """
+        counters = dict(_sum(self.counters, other.counters))
+        for name in SOCKET_FIGURES:
+            if name in self.counters and name in other.counters:
+                counters[name] = max(self.counters[name], other.counters[name])
+        return ListenerStats(counters, _sum(self.refused, other.refused))
 
     def asDict(self) -> dict[str, Any]:
         return {"counters": dict(self.counters), "refused": dict(self.refused)}
@@ -86,13 +101,14 @@ class Snapshot:
 
     def __add__(self, other: Snapshot) -> Snapshot:
         """
-        Two processes' figures together: listeners of the same address add
-        up (workers serving one port), others are kept side by side.
+        Two processes' figures together: listeners of the same address are
+        one socket that both served (workers), so their figures add up
+        (L{ListenerStats.shared}); others are kept side by side.
         """
         listeners = dict(self.listeners)
         for address, stats in other.listeners.items():
             mine = listeners.get(address)
-            listeners[address] = stats if mine is None else mine + stats
+            listeners[address] = stats if mine is None else mine.shared(stats)
         return Snapshot(
             listeners,
             self.rateLimitedSources + other.rateLimitedSources,
@@ -153,10 +169,13 @@ def takeSnapshot(
         L{None}.
     @param networkLimiter: Likewise, the shared per-network limiter.
     """
-    snapshot = Snapshot()
+    byAddress: dict[str, ListenerStats] = {}
     for address, port, echo in listeners:
         stats = ListenerStats(portFigures(port), echo.refused)
-        snapshot = snapshot + Snapshot({address: stats})
+        mine = byAddress.get(address)
+        # Two listeners of one address in one process are two sockets.
+        byAddress[address] = stats if mine is None else mine + stats
+    snapshot = Snapshot(byAddress)
     if limiter is not None:
         snapshot = snapshot + Snapshot({}, len(limiter), limiter.evictions)
     if networkLimiter is not None:

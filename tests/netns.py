@@ -117,6 +117,17 @@ def unavailableReason() -> str | None:
     return reason
 
 
+def nftUnavailableReason() -> str | None:
+    """
+    Why tests with nftables rules cannot run here (see L{unavailableReason}),
+    or L{None} if they can.
+    """
+    reason = unavailableReason()
+    if reason is None and shutil.which("nft") is None:
+        reason = "nftables (the nft command) is not installed; tests/run installs it"
+    return reason
+
+
 def builtPair() -> Iterator[Pair]:
     """
     For fixtures: a new L{Pair}, deleted when the test is done; the test
@@ -172,6 +183,35 @@ class Namespace:
             raise NetnsError(
                 f"sysctl {key}={value} in {self.name}: {proc.stderr.strip()}"
             )
+
+    def nft(self, ruleset: str) -> None:
+        """
+        Load an nftables C{ruleset} (C{nft -f -}) in this namespace; the
+        rules go with it.
+        """
+        proc = subprocess.run(
+            self.argv("nft", "-f", "-"),
+            input=ruleset,
+            capture_output=True,
+            text=True,
+            timeout=IP_TIMEOUT,
+        )
+        if proc.returncode != 0:
+            raise NetnsError(f"nft in {self.name}: {proc.stderr.strip()}")
+
+    def run(self, *command: str, timeout: float = 30.0) -> str:
+        """
+        Run C{command} in this namespace; return its standard output.
+        """
+        proc = subprocess.run(
+            self.argv(*command), capture_output=True, text=True, timeout=timeout
+        )
+        if proc.returncode != 0:
+            raise NetnsError(
+                f"{' '.join(command)} in {self.name} failed ({proc.returncode}): "
+                f"{proc.stderr.strip()}"
+            )
+        return proc.stdout
 
     def delete(self) -> None:
         if self._alive:
@@ -389,6 +429,53 @@ class Pair:
         if proc.returncode != 0:
             raise NetnsError(f"client failed ({proc.returncode}): {err.strip()}")
         return json.loads(out)  # type: ignore[no-any-return]
+
+    #: Addresses that are nobody's: the client routes them to the server,
+    #: whose TPROXY rule (L{redirect}) hands their datagrams to a listener.
+    FOREIGN_V4 = "198.51.100.0/24"
+    FOREIGN_V6 = "2001:db8:77::/64"
+
+    def redirect(self, toPort: int, localPorts: tuple[int, ...] = ()) -> None:
+        """
+        Add a transparent proxy to the server namespace: an nftables C{TPROXY}
+        rule hands every UDP datagram arriving on the veth for L{FOREIGN_V4}
+        or L{FOREIGN_V6} (any port but C{toPort}), and for the server's
+        primary addresses on C{localPorts}, to the socket on C{toPort}, with
+        the policy routing TPROXY needs; the client routes the foreign
+        prefixes to the server.  Datagrams from the server namespace itself
+        are not redirected.
+        """
+        assert self.server is not None and self.client is not None
+        server, client = self.server, self.client
+        for family, default in (("-4", "0.0.0.0/0"), ("-6", "::/0")):
+            server.ip(family, "rule", "add", "fwmark", "1", "lookup", "100")
+            server.ip(
+                family, "route", "add", "local", default, "dev", "lo", "table", "100"
+            )
+        client.ip("route", "add", self.FOREIGN_V4, "via", self.SERVER_V4)
+        client.ip("-6", "route", "add", self.FOREIGN_V6, "via", self.SERVER_V6)
+        to = f"tproxy ip to :{toPort} meta mark set 1 accept"
+        to6 = f"tproxy ip6 to :{toPort} meta mark set 1 accept"
+        iif = f'iifname "{self.SERVER_IF}" meta l4proto udp'
+        rules = [
+            f"{iif} ip daddr {self.FOREIGN_V4} udp dport != {toPort} {to}",
+            f"{iif} ip6 daddr {self.FOREIGN_V6} udp dport != {toPort} {to6}",
+        ]
+        if localPorts:
+            ports = ", ".join(str(p) for p in localPorts)
+            rules += [
+                f"{iif} ip daddr {self.SERVER_V4} udp dport {{ {ports} }} {to}",
+                f"{iif} ip6 daddr {self.SERVER_V6} udp dport {{ {ports} }} {to6}",
+            ]
+        body = "\n".join(f"    {rule}" for rule in rules)
+        server.nft(
+            "table inet udpdst_tproxy {\n"
+            "  chain prerouting {\n"
+            "    type filter hook prerouting priority mangle; policy accept;\n"
+            f"{body}\n"
+            "  }\n"
+            "}\n"
+        )
 
     def ifindex(self, ns: Namespace, ifname: str) -> int:
         return int(json.loads(ns.ip("-j", "link", "show", ifname).stdout)[0]["ifindex"])

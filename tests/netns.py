@@ -435,6 +435,21 @@ class Pair:
     FOREIGN_V4 = "198.51.100.0/24"
     FOREIGN_V6 = "2001:db8:77::/64"
 
+    def routeForeign(self) -> None:
+        """
+        What a C{TPROXY} rule needs besides the rule: the client routes
+        L{FOREIGN_V4} and L{FOREIGN_V6} to the server, whose policy routing
+        delivers locally what a rule marked (mark 1).
+        """
+        assert self.server is not None and self.client is not None
+        for family, default in (("-4", "0.0.0.0/0"), ("-6", "::/0")):
+            self.server.ip(family, "rule", "add", "fwmark", "1", "lookup", "100")
+            self.server.ip(
+                family, "route", "add", "local", default, "dev", "lo", "table", "100"
+            )
+        self.client.ip("route", "add", self.FOREIGN_V4, "via", self.SERVER_V4)
+        self.client.ip("-6", "route", "add", self.FOREIGN_V6, "via", self.SERVER_V6)
+
     def redirect(self, toPort: int, localPorts: tuple[int, ...] = ()) -> None:
         """
         Add a transparent proxy to the server namespace: an nftables C{TPROXY}
@@ -445,15 +460,8 @@ class Pair:
         prefixes to the server.  Datagrams from the server namespace itself
         are not redirected.
         """
-        assert self.server is not None and self.client is not None
-        server, client = self.server, self.client
-        for family, default in (("-4", "0.0.0.0/0"), ("-6", "::/0")):
-            server.ip(family, "rule", "add", "fwmark", "1", "lookup", "100")
-            server.ip(
-                family, "route", "add", "local", default, "dev", "lo", "table", "100"
-            )
-        client.ip("route", "add", self.FOREIGN_V4, "via", self.SERVER_V4)
-        client.ip("-6", "route", "add", self.FOREIGN_V6, "via", self.SERVER_V6)
+        assert self.server is not None
+        self.routeForeign()
         to = f"tproxy ip to :{toPort} meta mark set 1 accept"
         to6 = f"tproxy ip6 to :{toPort} meta mark set 1 accept"
         iif = f'iifname "{self.SERVER_IF}" meta l4proto udp'
@@ -468,7 +476,7 @@ class Pair:
                 f"{iif} ip6 daddr {self.SERVER_V6} udp dport {{ {ports} }} {to6}",
             ]
         body = "\n".join(f"    {rule}" for rule in rules)
-        server.nft(
+        self.server.nft(
             "table inet udpdst_tproxy {\n"
             "  chain prerouting {\n"
             "    type filter hook prerouting priority mangle; policy accept;\n"

@@ -619,19 +619,19 @@ class DestinationPort(udp.Port):
         if scoped:
             host = f"{host}%{_interfaceName(addr[3])}"
         peer = PeerAddress(host, addr[1], dst)
-        if (
-            self._transparentReplies is None
-            or dst is None
-            or dst.port == self._realPortNumber
-        ):
+        replies = self._transparentReplies
+        if replies is not None and dst is not None and dst.port != self._realPortNumber:
+            # Sent to another port (TPROXY): the reply goes through a reply
+            # socket.  write's fast paths (QueuedWrite in C) see a _reply that
+            # is not this port's and leave it to _writeSlow, which sends it.
+            peer._reply = (replies, None, self._sockaddr(peer), dst, maxPayload(host))
+        else:
             control = (
                 self.ioPath.packControl(replyControl(self.addressFamily, dst, host))
                 if self._wildcard
                 else self.ioPath.packControl(())
             )
             peer._reply = (self, self._outbox, target, control, maxPayload(host))
-        # Else sent to another port (TPROXY): with no _reply, write's fast
-        # paths (QueuedWrite in C) leave the reply to _writeSlow.
         entry = (peer, dst)
         if useCache and not scoped:
             peers = self._peers
@@ -720,8 +720,21 @@ class DestinationPort(udp.Port):
     ) -> None:
         """
         L{write} to an address this port did not make (rebuilt, or from
-        another port), or with another destination than it carries.
+        another port), or with another destination than it carries, or one
+        that a reply socket answers (L{_classify}).
         """
+        replies = self._transparentReplies
+        if replies is not None and type(addr) is PeerAddress:
+            reply = addr._reply
+            if (
+                reply is not None
+                and reply[0] is replies
+                and (dst is None or dst is addr.destination)
+            ):
+                if len(datagram) > reply[4]:
+                    self._tooLong()
+                replies.send(bytes(datagram), reply[2], reply[3])  # type: ignore[arg-type]
+                return
         if self._connectedAddr:
             try:
                 udp.Port.write(self, datagram, addr)

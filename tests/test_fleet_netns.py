@@ -23,6 +23,8 @@ pytestmark = pytest.mark.netns
 HOSTS = 2
 FLOWS = 200
 PORT = 5353
+#: The clients' source ports are this and the next FLOWS - 1.
+FIRST_SOURCE_PORT = 40000
 
 
 @pytest.fixture
@@ -39,11 +41,17 @@ def fleet() -> Iterator[Fleet]:
 
 def flows(vip: str, count: int, timeout: float = 2.0) -> list[dict[str, Any]]:
     """
-    C{count} queries to the VIP, each from a connected socket of its own
-    (so each its own source port: its own flow).
+    C{count} queries to the VIP, each from a connected socket of its own on
+    a source port of its own: a flow each.
     """
     return [
-        {"host": vip, "port": PORT, "timeout": timeout, "payload": f"flow {i}"}
+        {
+            "host": vip,
+            "port": PORT,
+            "timeout": timeout,
+            "payload": f"flow {i}",
+            "sourcePort": FIRST_SOURCE_PORT + i,
+        }
         for i in range(count)
     ]
 

@@ -89,7 +89,9 @@ def test_freeLocalPairIsAnsweredAndReleased(receiver: socket.socket) -> None:
     """
     cache, counters = replies()
     pair = ("127.0.0.2", freePort("127.0.0.2"))
-    cache.send(b"hello", receiver.getsockname(), Destination(*pair, 0, pair[0]))
+    cache.send(
+        b"hello", cache.route(receiver.getsockname(), Destination(*pair, 0, pair[0]))
+    )
     data, source = receiver.recvfrom(100)
     assert (data, source) == (b"hello", pair)
     assert len(cache) == 0
@@ -111,7 +113,10 @@ def test_heldLocalPairIsRefused(receiver: socket.socket, wildcard: bool) -> None
         service.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         service.bind(("0.0.0.0" if wildcard else "127.0.0.2", port))
         service.settimeout(5)
-        cache.send(b"hello", receiver.getsockname(), Destination("127.0.0.2", port, 0))
+        cache.send(
+            b"hello",
+            cache.route(receiver.getsockname(), Destination("127.0.0.2", port, 0)),
+        )
         receiver.sendto(b"for the service", ("127.0.0.2", port))
         assert service.recvfrom(100)[0] == b"for the service"
     assert (counters.replySocketsRefused, counters.replied) == (1, 0)
@@ -129,7 +134,8 @@ def test_mappedPeerIsAnsweredOverIPv4(receiver: socket.socket) -> None:
     cache, counters = replies()
     pair = ("127.0.0.3", freePort("127.0.0.3"))
     host, port = receiver.getsockname()
-    cache.send(b"hi", ("::ffff:" + host, port, 0, 0), Destination(*pair, 0, pair[0]))
+    route = cache.route(("::ffff:" + host, port, 0, 0), Destination(*pair, 0, pair[0]))
+    cache.send(b"hi", route)
     assert receiver.recvfrom(100) == (b"hi", pair)
     assert counters.replied == 1
 
@@ -166,7 +172,7 @@ def test_cacheKeepsTheMostRecentlyUsed(
     peer = receiver.getsockname()
     a, b, c = (Destination("198.51.100.1", p, 0) for p in (1, 2, 3))
     for dst in (a, b, a, c, a, b):
-        cache.send(b"x", peer, dst)
+        cache.send(b"x", cache.route(peer, dst))
     # a, b opened; a reused; c evicts b (least recent); a reused; b evicts c.
     assert opened.opened == [
         ("198.51.100.1", 1),
@@ -197,15 +203,15 @@ def test_idleSocketsAreClosed(
     monkeypatch.setattr(cache, "_open", _Opened())
     peer = receiver.getsockname()
     old, busy = Destination("198.51.100.1", 1, 0), Destination("198.51.100.1", 2, 0)
-    cache.send(b"x", peer, old)
+    cache.send(b"x", cache.route(peer, old))
     clock.advance(6)
-    cache.send(b"x", peer, busy)
+    cache.send(b"x", cache.route(peer, busy))
     clock.advance(5)
     assert (len(cache), counters.replySocketsEvicted) == (1, 1)
     clock.advance(5)
     assert (len(cache), counters.replySocketsEvicted) == (0, 2)
     assert not clock.getDelayedCalls()
-    cache.send(b"x", peer, old)
+    cache.send(b"x", cache.route(peer, old))
     cache.close()
     assert not clock.getDelayedCalls()
 

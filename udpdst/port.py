@@ -624,7 +624,8 @@ class DestinationPort(udp.Port):
             # Sent to another port (TPROXY): the reply goes through a reply
             # socket.  write's fast paths (QueuedWrite in C) see a _reply that
             # is not this port's and leave it to _writeSlow, which sends it.
-            peer._reply = (replies, None, self._sockaddr(peer), dst, maxPayload(host))
+            route = replies.route(self._sockaddr(peer), dst)
+            peer._reply = (replies, None, route, None, maxPayload(host))
         else:
             control = (
                 self.ioPath.packControl(replyControl(self.addressFamily, dst, host))
@@ -733,7 +734,7 @@ class DestinationPort(udp.Port):
             ):
                 if len(datagram) > reply[4]:
                     self._tooLong()
-                replies.send(bytes(datagram), reply[2], reply[3])  # type: ignore[arg-type]
+                replies.send(bytes(datagram), reply[2])  # type: ignore[arg-type]
                 return
         if self._connectedAddr:
             try:
@@ -766,7 +767,7 @@ class DestinationPort(udp.Port):
                 and dst is not None
                 and dst.port != self._realPortNumber
             ):
-                replies.send(bytes(datagram), sockaddr, dst)
+                replies.send(bytes(datagram), replies.route(sockaddr, dst))
                 return
             control = replyControl(self.addressFamily, dst, host)
         if type(datagram) is not bytes:

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import errno
 import socket
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
@@ -103,6 +103,25 @@ def isTransparent(sock: socket.socket) -> bool:
         return False
 
 
+class Route(NamedTuple):
+    """
+    How one peer's replies for one destination leave (see
+    L{ReplySockets.route}).
+
+    @ivar key: The reply socket's key in the cache: C{(host, port, scope)}.
+    @ivar family: Its address family.
+    @ivar local: The address it is bound to, as C{bind} takes it.
+    @ivar peer: The peer, as C{sendto} on it takes it.
+    @ivar dst: The destination replied for, for log lines.
+    """
+
+    key: tuple[str, int, int]
+    family: int
+    local: tuple[Any, ...]
+    peer: tuple[Any, ...]
+    dst: Destination
+
+
 def _sparse(count: int) -> bool:
     # The 1st, 2nd, 4th, 8th... occurrence (see udpdst.port.sparse).
     return count & (count - 1) == 0
@@ -157,10 +176,10 @@ class ReplySockets:
     def __len__(self) -> int:
         return len(self._sockets)
 
-    def send(self, data: bytes, peer: tuple[Any, ...], dst: Destination) -> None:
+    def route(self, peer: tuple[Any, ...], dst: Destination) -> Route:
         """
-        Send C{data} to C{peer} from C{(dst.host, dst.port)}; what fails is
-        counted (and logged sparsely), never raised.
+        How a reply to C{peer} for a datagram sent to C{dst} leaves: worked
+        out once per peer and destination, and given to L{send}.
 
         @param peer: The peer as the port's socket addresses it:
             C{(host, port)}, or C{(host, port, flowinfo, scope)} for IPv6,
@@ -170,64 +189,71 @@ class ReplySockets:
         host = dst.host
         if ":" in host:
             scope = dst.ifindex if host.lower().startswith("fe80:") else 0
-            family = socket.AF_INET6
-            local: tuple[Any, ...] = (host, dst.port, 0, scope)
-        else:
-            scope = 0
-            family = socket.AF_INET
-            local = (host, dst.port)
-            if peer[0].startswith(_MAPPED):
-                peer = (peer[0][len(_MAPPED) :], peer[1])
-        key = (host, dst.port, scope)
-        counters = self._counters
+            return Route(
+                (host, dst.port, scope),
+                socket.AF_INET6,
+                (host, dst.port, 0, scope),
+                peer,
+                dst,
+            )
+        if peer[0].startswith(_MAPPED):
+            peer = (peer[0][len(_MAPPED) :], peer[1])
+        return Route((host, dst.port, 0), socket.AF_INET, (host, dst.port), peer, dst)
+
+    def send(self, data: bytes, route: Route) -> None:
+        """
+        Send C{data} as C{route} (from L{route}) says; what fails is counted
+        (and logged sparsely), never raised.
+        """
+        key = route.key
         entry = self._sockets.pop(key, None)
-        if entry is not None:
-            sock = entry[0]
-            counters.replySocketsReused += 1
-            self._sockets[key] = (sock, self._reactor.seconds())
-            self._sendFrom(sock, data, peer, dst)
+        if entry is None:
+            self._sendNew(data, route)
             return
-        opened = self._open(family, local, dst)
+        sock = entry[0]
+        self._counters.replySocketsReused += 1
+        self._sockets[key] = (sock, self._reactor.seconds())
+        try:
+            sock.sendto(data, route.peer)
+        except OSError as e:
+            self._sendFailed(e, route)
+        else:
+            self._counters.replied += 1
+
+    def _sendNew(self, data: bytes, route: Route) -> None:
+        opened = self._open(route.family, route.local, route.dst)
         if opened is None:
             return
         sock, keep = opened
-        counters.replySocketsOpened += 1
-        if not keep:
-            try:
-                self._sendFrom(sock, data, peer, dst)
-            finally:
+        self._counters.replySocketsOpened += 1
+        if keep:
+            if len(self._sockets) >= self.size:
+                self._evict(next(iter(self._sockets)))
+            self._sockets[route.key] = (sock, self._reactor.seconds())
+            if self._sweeping is None:
+                self._sweeping = self._reactor.callLater(self.idleTimeout, self._sweep)
+        try:
+            sock.sendto(data, route.peer)
+        except OSError as e:
+            self._sendFailed(e, route)
+        else:
+            self._counters.replied += 1
+        finally:
+            if not keep:
                 sock.close()
-            return
-        if len(self._sockets) >= self.size:
-            self._evict(next(iter(self._sockets)))
-        self._sockets[key] = (sock, self._reactor.seconds())
-        if self._sweeping is None:
-            self._sweeping = self._reactor.callLater(self.idleTimeout, self._sweep)
-        self._sendFrom(sock, data, peer, dst)
 
-    def _sendFrom(
-        self, sock: socket.socket, data: bytes, peer: tuple[Any, ...], dst: Destination
-    ) -> None:
+    def _sendFailed(self, e: OSError, route: Route) -> None:
         counters = self._counters
-        while True:
-            try:
-                sock.sendto(data, peer)
-            except InterruptedError:
-                continue
-            except OSError as e:
-                counters.sendErrors += 1
-                if _sparse(counters.sendErrors):
-                    self._log.info(
-                        "{port}: a reply from {source} could not be sent "
-                        "({error}; {count} so far)",
-                        port=self._owner,
-                        source=str(dst),
-                        error=errno.errorcode.get(e.errno or 0, e.errno),
-                        count=counters.sendErrors,
-                    )
-                return
-            counters.replied += 1
-            return
+        counters.sendErrors += 1
+        if _sparse(counters.sendErrors):
+            self._log.info(
+                "{port}: a reply from {source} could not be sent "
+                "({error}; {count} so far)",
+                port=self._owner,
+                source=str(route.dst),
+                error=errno.errorcode.get(e.errno or 0, e.errno),
+                count=counters.sendErrors,
+            )
 
     def _open(
         self, family: int, local: tuple[Any, ...], dst: Destination
@@ -329,6 +355,7 @@ __all__ = [
     "NEEDS_CAPABILITY",
     "CapabilityError",
     "ReplySockets",
+    "Route",
     "isTransparent",
     "makeTransparent",
 ]

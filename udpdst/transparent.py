@@ -290,10 +290,13 @@ class ReplySockets:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind(local)
                 return sock, True
-            # Local and free; transparent still, should the kernel allow
-            # binding foreign addresses (ip_nonlocal_bind), as sending from
-            # them needs it.
-            makeTransparent(sock)
+            # Local and free.  Transparent if allowed, should the kernel let
+            # anyone bind foreign addresses (ip_nonlocal_bind): sending from
+            # them needs it; sending from the host's own does not.
+            try:
+                makeTransparent(sock)
+            except OSError:
+                pass
             return sock, False
         except OSError as e:
             sock.close()

@@ -238,6 +238,10 @@ class DestinationPort(udp.Port):
     than as replied; the ICMP errors it also reports are read off the error
     queue and counted in C{counters.icmpErrors}.
 
+    A transparent port (C{transparent=True}, for C{TPROXY} rules) answers a
+    datagram sent to another port than its own from that address and port,
+    through the reply sockets of L{udpdst.transparent}.
+
     @ivar counters: The L{PortCounters}.
     @ivar maxDatagramsPerRead: The most datagrams one C{doRead} handles before
         it yields to the reactor (also bounded by C{maxThroughput} bytes).
@@ -624,7 +628,8 @@ class DestinationPort(udp.Port):
             # Sent to another port (TPROXY): the reply goes through a reply
             # socket.  write's fast paths (QueuedWrite in C) see a _reply that
             # is not this port's and leave it to _writeSlow, which sends it.
-            route = replies.route(self._sockaddr(peer), dst)
+            sockaddr = (addr[0], addr[1], 0, addr[3]) if self._family6 else addr
+            route = replies.route(sockaddr, dst)
             peer._reply = (replies, None, route, None, maxPayload(host))
         else:
             control = (

@@ -9,11 +9,15 @@ source counts as lost), round by round, interleaved:
     reply leaves through the listening socket (C{IP_PKTINFO}, batched);
   - C{transparent}: to 198.51.100.7:5353, an address nobody has, redirected
     to the listener; each reply leaves through the cached reply socket bound
-    to that pair (L{udpdst.transparent}).
+    to that pair (L{udpdst.transparent});
+  - C{one-shot}: to the server's own address on port 5300, redirected; each
+    reply leaves through a socket opened for it and closed after it (what
+    udpdst does for the host's own addresses, so as never to hold a port a
+    local service may want): the cost of a reply without the cache.
 
 Both I/O paths (C{C}: the C extension, C{py}: C{UDPDST_IO=python}) run, each
 its own server.  Prints replies/s and the server's CPU time per reply (its
-own rusage), medians over the rounds, and the ratio transparent/ordinary.
+own rusage), medians over the rounds, and each case's ratio to ordinary.
 
     python bench/transparent.py [--rounds 5] [--duration 2]
 
@@ -46,6 +50,8 @@ _spec.loader.exec_module(run)
 
 PORT = 7000
 FOREIGN = ("198.51.100.7", 5353)
+#: The server's own address, on a port nothing holds: a reply socket per reply.
+OWN = (Pair.SERVER_V4, 5300)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             port = PORT + (0 if path == "C" else 1)
             cases.append((path, "ordinary", Pair.SERVER_V4, port))
             cases.append((path, "transparent", FOREIGN[0], FOREIGN[1] + (path == "py")))
+            cases.append((path, "one-shot", OWN[0], OWN[1] + (path == "py")))
         records: dict[tuple[str, str], list[dict[str, float]]] = {}
         for round_ in range(args.rounds + 1):  # round 0 warms up
             order = cases[round_ % len(cases) :] + cases[: round_ % len(cases)]
@@ -137,38 +144,45 @@ def main(argv: list[str] | None = None) -> int:
         pair.delete()
     print(f"{'path':4} {'case':12} {'replies/s':>10} {'µs CPU/reply':>13} {'lost':>6}")
     for path in servers:
-        for kind in ("ordinary", "transparent"):
+        base = _medians(records[(path, "ordinary")])
+        for kind in ("ordinary", "transparent", "one-shot"):
             rows = records[(path, kind)]
-            rate = statistics.median(r["rate"] for r in rows)
-            cpu = statistics.median(r["cpu_us"] for r in rows)
+            rate, cpu = _medians(rows)
             lost = sum(r["lost"] for r in rows)
-            print(f"{path:4} {kind:12} {rate:10.0f} {cpu:13.2f} {lost:6d}")
-        ordinary = records[(path, "ordinary")]
-        transparent = records[(path, "transparent")]
-        print(
-            f"{path:4} transparent/ordinary: replies/s "
-            f"{statistics.median(r['rate'] for r in transparent) / statistics.median(r['rate'] for r in ordinary):.2f}x, "
-            f"CPU per reply "
-            f"{statistics.median(r['cpu_us'] for r in transparent) / statistics.median(r['cpu_us'] for r in ordinary):.2f}x"
-        )
+            print(
+                f"{path:4} {kind:12} {rate:10.0f} {cpu:13.2f} {lost:6d}"
+                f"   x ordinary: replies/s {rate / base[0]:.2f}, CPU {cpu / base[1]:.2f}"
+            )
         c = counters[path]
         print(
             f"{path:4} reply sockets: opened {c['replySocketsOpened']}, reused "
             f"{c['replySocketsReused']}, evicted {c['replySocketsEvicted']}, failed "
-            f"{c['replySocketsFailed']}; send errors {c['sendErrors']}"
+            f"{c['replySocketsFailed']}, refused {c['replySocketsRefused']}; send "
+            f"errors {c['sendErrors']}, kernel drops {c['kernelDrops']}"
         )
     return 0
 
 
+def _medians(rows: list[dict[str, float]]) -> tuple[float, float]:
+    """
+    The median replies/s and CPU µs per reply of C{rows}.
+    """
+    return (
+        statistics.median(r["rate"] for r in rows),
+        statistics.median(r["cpu_us"] for r in rows),
+    )
+
+
 def _rules(pair: Pair) -> str:
     """
-    The TPROXY rules: L{FOREIGN} to L{PORT} (the C path's server), the same
-    address on the next port to the next port (the Python path's).
+    The TPROXY rules: L{FOREIGN} and L{OWN} to L{PORT} (the C path's
+    server), the same addresses on the next ports to the next port (the
+    Python path's).
     """
-    host, port = FOREIGN
     rules = "".join(
         f'    iifname "{pair.SERVER_IF}" ip daddr {host} udp dport {port + i} '
         f"tproxy ip to :{PORT + i} meta mark set 1 accept\n"
+        for host, port in (FOREIGN, OWN)
         for i in (0, 1)
     )
     return (

@@ -209,7 +209,7 @@ BAD_FILES = [
     ("[[listen]]\nport = true\n", "must be an integer port number", "a boolean"),
     ("[[listen]]\ntransparent = 'yes'\n", "must be true or false", "a string"),
     ("[[listen]]\nreply_sockets = 0\n", "out of range", "1..65536"),
-    ("[[listen]]\nreply_socket_idle = 0\n", "out of range", ">= 0.001"),
+    ("[[listen]]\nreply_socket_idle = 0\n", "out of range", "0.001..86400"),
     ("[[listen]]\nreuse_port = 1\n", "must be true or false", "an integer"),
     ("[limits]\nper_source_rate = 'fast'\n", "must be a number", "a string"),
     ("[limits]\nper_source_rate = -1\n", "out of range", "0.001..1e+09, or 0"),

@@ -328,7 +328,7 @@ class ListenConfig:
     )
     reply_socket_idle: float = _key(
         60.0,
-        _number(0.001),
+        _number(0.001, 86400.0),
         "with transparent: seconds an unused reply socket stays open",
     )
 

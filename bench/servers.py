@@ -15,6 +15,8 @@ VARIANT is one of:
                  ACL and rate limiter engaged but set never to refuse
 
 Twisted variants run on the epoll reactor.  PORT 0 picks a free port.
+--transparent makes a udpdst variant's port transparent (listenUDP
+transparent=True; bench/transparent.py runs it behind a TPROXY rule).
 
 Every server speaks the same control protocol on stdin/stdout as
 bench/cserver.c, so that bench/run.py reads the server's CPU time from inside
@@ -108,7 +110,9 @@ def _counters(port) -> dict:
     }
 
 
-def _runTwisted(variant: str, address: str, portNumber: int) -> None:
+def _runTwisted(
+    variant: str, address: str, portNumber: int, transparent: bool = False
+) -> None:
     from twisted.internet import epollreactor
 
     epollreactor.install()
@@ -139,7 +143,10 @@ def _runTwisted(variant: str, address: str, portNumber: int) -> None:
             protocol = _serviceEcho(reactor)
         else:
             raise SystemExit(f"unknown variant {variant!r}")
-        port = listenUDP(portNumber, protocol, interface=address, reactor=reactor)
+        options = {"transparent": True} if transparent else {}
+        port = listenUDP(
+            portNumber, protocol, interface=address, reactor=reactor, **options
+        )
 
     class ControlLines(LineOnlyReceiver):
         delimiter = b"\n"
@@ -252,11 +259,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("address")
     parser.add_argument("port", type=int)
+    parser.add_argument(
+        "--transparent", action="store_true", help="udpdst variants: transparent=True"
+    )
     args = parser.parse_args(argv)
     if args.variant == "asyncio":
         _runAsyncio(args.address, args.port)
     else:
-        _runTwisted(args.variant, args.address, args.port)
+        _runTwisted(args.variant, args.address, args.port, args.transparent)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ where QUERIES is a JSON list of objects::
      "connected": true,                   # connect(): a reply from any other
                                           #   address is dropped by the kernel
      "bind": "10.1.2.5",                  # optional local address
+     "sourcePort": 40000,                 # optional local port (connected)
      "broadcast": false,                  # set SO_BROADCAST
      "multicastIf": "veth1",              # optional IP(V6)_MULTICAST_IF
      "timeout": 2.0, "payload": "q1"}
@@ -52,7 +53,12 @@ def _askConnected(spec: dict[str, Any], payload: bytes, result: dict[str, Any]) 
     Ask from the tests' connected client (L{udpdst.check.Probe}): a reply
     from another source is caught and reported as C{"wrong source"}.
     """
-    with Probe(spec["host"], spec["port"], source=spec.get("bind")) as probe:
+    with Probe(
+        spec["host"],
+        spec["port"],
+        source=spec.get("bind"),
+        sourcePort=spec.get("sourcePort", 0),
+    ) as probe:
         result["local"] = list(probe.local)
         started = time.monotonic()
         (answer,) = askAll(

@@ -142,6 +142,15 @@ def main(argv: list[str]) -> int:
         help="join a multicast group (IPv4 or IPv6) on an interface",
     )
     parser.add_argument("--v6only", action="store_true", help="listenUDP(v6Only=True)")
+    parser.add_argument(
+        "--transparent",
+        choices=["no", "listen", "adopt"],
+        default="no",
+        help="listenUDP(transparent=True), or adoptDatagramPort of a socket "
+        "this script made with IP_TRANSPARENT (the port is told nothing)",
+    )
+    parser.add_argument("--reply-sockets", type=int, default=256)
+    parser.add_argument("--reply-idle", type=float, default=60.0)
     parser.add_argument("--lifetime", type=float, default=30.0)
     options = parser.parse_args(argv)
 
@@ -152,6 +161,25 @@ def main(argv: list[str]) -> int:
     )
     if options.impl == "stock":
         port = reactor.listenUDP(options.port, protocol, interface=options.interface)
+    elif options.transparent == "adopt":
+        from udpdst import adoptDatagramPort
+
+        family = socket.AF_INET6 if ":" in options.interface else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((options.interface, options.port))
+        sock.setblocking(False)
+        port = adoptDatagramPort(
+            sock.fileno(),
+            family,
+            protocol,
+            reactor=reactor,
+            replySockets=options.reply_sockets,
+            replySocketIdleTimeout=options.reply_idle,
+        )
+        sock.close()
     else:
         from udpdst import listenUDP
 
@@ -161,6 +189,9 @@ def main(argv: list[str]) -> int:
             interface=options.interface,
             reactor=reactor,
             v6Only=options.v6only,
+            transparent=options.transparent == "listen",
+            replySockets=options.reply_sockets,
+            replySocketIdleTimeout=options.reply_idle,
         )
     holder["port"] = port
     for spec in options.join:

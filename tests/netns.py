@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,17 @@ def unavailableReason() -> str | None:
     return reason
 
 
+def nftUnavailableReason() -> str | None:
+    """
+    Why tests with nftables rules cannot run here (see L{unavailableReason}),
+    or L{None} if they can.
+    """
+    reason = unavailableReason()
+    if reason is None and shutil.which("nft") is None:
+        reason = "nftables (the nft command) is not installed; tests/run installs it"
+    return reason
+
+
 def builtPair() -> Iterator[Pair]:
     """
     For fixtures: a new L{Pair}, deleted when the test is done; the test
@@ -172,6 +183,35 @@ class Namespace:
             raise NetnsError(
                 f"sysctl {key}={value} in {self.name}: {proc.stderr.strip()}"
             )
+
+    def nft(self, ruleset: str) -> None:
+        """
+        Load an nftables C{ruleset} (C{nft -f -}) in this namespace; the
+        rules go with it.
+        """
+        proc = subprocess.run(
+            self.argv("nft", "-f", "-"),
+            input=ruleset,
+            capture_output=True,
+            text=True,
+            timeout=IP_TIMEOUT,
+        )
+        if proc.returncode != 0:
+            raise NetnsError(f"nft in {self.name}: {proc.stderr.strip()}")
+
+    def run(self, *command: str, timeout: float = 30.0) -> str:
+        """
+        Run C{command} in this namespace; return its standard output.
+        """
+        proc = subprocess.run(
+            self.argv(*command), capture_output=True, text=True, timeout=timeout
+        )
+        if proc.returncode != 0:
+            raise NetnsError(
+                f"{command[0]} in {self.name} failed ({proc.returncode}): "
+                f"{proc.stderr.strip()}"
+            )
+        return proc.stdout
 
     def delete(self) -> None:
         if self._alive:
@@ -390,6 +430,61 @@ class Pair:
             raise NetnsError(f"client failed ({proc.returncode}): {err.strip()}")
         return json.loads(out)  # type: ignore[no-any-return]
 
+    #: Addresses that are nobody's: the client routes them to the server,
+    #: whose TPROXY rule (L{redirect}) hands their datagrams to a listener.
+    FOREIGN_V4 = "198.51.100.0/24"
+    FOREIGN_V6 = "2001:db8:77::/64"
+
+    def routeForeign(self) -> None:
+        """
+        What a C{TPROXY} rule needs besides the rule: the client routes
+        L{FOREIGN_V4} and L{FOREIGN_V6} to the server, whose policy routing
+        delivers locally what a rule marked (mark 1).
+        """
+        assert self.server is not None and self.client is not None
+        for family, default in (("-4", "0.0.0.0/0"), ("-6", "::/0")):
+            self.server.ip(family, "rule", "add", "fwmark", "1", "lookup", "100")
+            self.server.ip(
+                family, "route", "add", "local", default, "dev", "lo", "table", "100"
+            )
+        self.client.ip("route", "add", self.FOREIGN_V4, "via", self.SERVER_V4)
+        self.client.ip("-6", "route", "add", self.FOREIGN_V6, "via", self.SERVER_V6)
+
+    def redirect(self, toPort: int, localPorts: tuple[int, ...] = ()) -> None:
+        """
+        Add a transparent proxy to the server namespace: an nftables C{TPROXY}
+        rule hands every UDP datagram arriving on the veth for L{FOREIGN_V4}
+        or L{FOREIGN_V6} (any port but C{toPort}), and for the server's
+        primary addresses on C{localPorts}, to the socket on C{toPort}, with
+        the policy routing TPROXY needs; the client routes the foreign
+        prefixes to the server.  Datagrams from the server namespace itself
+        are not redirected.
+        """
+        assert self.server is not None
+        self.routeForeign()
+        to = f"tproxy ip to :{toPort} meta mark set 1 accept"
+        to6 = f"tproxy ip6 to :{toPort} meta mark set 1 accept"
+        iif = f'iifname "{self.SERVER_IF}" meta l4proto udp'
+        rules = [
+            f"{iif} ip daddr {self.FOREIGN_V4} udp dport != {toPort} {to}",
+            f"{iif} ip6 daddr {self.FOREIGN_V6} udp dport != {toPort} {to6}",
+        ]
+        if localPorts:
+            ports = ", ".join(str(p) for p in localPorts)
+            rules += [
+                f"{iif} ip daddr {self.SERVER_V4} udp dport {{ {ports} }} {to}",
+                f"{iif} ip6 daddr {self.SERVER_V6} udp dport {{ {ports} }} {to6}",
+            ]
+        body = "\n".join(f"    {rule}" for rule in rules)
+        self.server.nft(
+            "table inet udpdst_tproxy {\n"
+            "  chain prerouting {\n"
+            "    type filter hook prerouting priority mangle; policy accept;\n"
+            f"{body}\n"
+            "  }\n"
+            "}\n"
+        )
+
     def ifindex(self, ns: Namespace, ifname: str) -> int:
         return int(json.loads(ns.ip("-j", "link", "show", ifname).stdout)[0]["ifindex"])
 
@@ -406,6 +501,143 @@ class Pair:
             self.stopServers()
         finally:
             for ns in (self.server, self.client):
+                if ns is not None:
+                    ns.delete()
+
+
+class Fleet:
+    """
+    A service address (VIP) on several hosts behind a router that spreads
+    client flows over them, as anycast with ECMP or a balancer in direct
+    server return mode does::
+
+        client c0: 10.20.0.2/24, fd20::2/64 -- router r0: .1, ::1
+        router rI: 10.21.I.1/24, fd21:I::1/64 -- host I h0: .2, ::2
+        each host's lo: VIP_V4/32, VIP_V6/128
+
+    The router has one route to the VIP with a next hop per host, hashed on
+    the flow's addresses and ports (C{fib_multipath_hash_policy=1}); each
+    host's default route points back at the router, so replies go back
+    directly.  L{withdraw} takes a host out of the route.
+    """
+
+    VIP_V4 = "192.0.2.100"
+    VIP_V6 = "fd99::100"
+    CLIENT_V4 = "10.20.0.2"
+    CLIENT_V6 = "fd20::2"
+
+    def __init__(self, hosts: int) -> None:
+        self.count = hosts
+        self.router: Namespace | None = None
+        self.client: Namespace | None = None
+        self.hosts: list[Namespace] = []
+        self._processes: list[ServerProcess] = []
+
+    @classmethod
+    def create(cls, hosts: int) -> Fleet:
+        fleet = cls(hosts)
+        try:
+            fleet._build()
+        except BaseException:
+            fleet.delete()
+            raise
+        return fleet
+
+    @staticmethod
+    def hostV4(index: int) -> str:
+        return f"10.21.{index}.2"
+
+    @staticmethod
+    def hostV6(index: int) -> str:
+        return f"fd21:{index}::2"
+
+    def _build(self) -> None:
+        self.router = router = Namespace.create()
+        self.client = client = Namespace.create()
+        links = [(client, "c0", "r0", "10.20.0", "fd20:")]
+        for index in range(1, self.count + 1):
+            host = Namespace.create()
+            self.hosts.append(host)
+            links.append((host, "h0", f"r{index}", f"10.21.{index}", f"fd21:{index}:"))
+        for ns, inside, outside, v4, v6 in links:
+            router.ip("link", "add", outside, "type", "veth", "peer", "name", inside)
+            router.ip("link", "set", inside, "netns", ns.name)
+            for where, ifname, last in ((router, outside, "1"), (ns, inside, "2")):
+                where.ip("link", "set", "lo", "up")
+                where.ip("link", "set", ifname, "addrgenmode", "none")
+                where.ip("addr", "add", f"{v4}.{last}/24", "dev", ifname)
+                where.ip("addr", "add", f"{v6}:{last}/64", "dev", ifname, "nodad")
+                # Neighbour discovery for forwarded packets needs one.
+                where.ip("addr", "add", f"fe80::{last}/64", "dev", ifname, "nodad")
+                where.ip("link", "set", ifname, "up")
+            ns.ip("route", "add", "default", "via", f"{v4}.1")
+            ns.ip("-6", "route", "add", "default", "via", f"{v6}:1")
+        # After the links: an interface takes IPv6 forwarding from "all"
+        # only when it is set.
+        router.sysctl("net.ipv4.ip_forward", "1")
+        router.sysctl("net.ipv6.conf.all.forwarding", "1")
+        router.sysctl("net.ipv4.fib_multipath_hash_policy", "1")
+        router.sysctl("net.ipv6.fib_multipath_hash_policy", "1")
+        for host in self.hosts:
+            host.ip("addr", "add", f"{self.VIP_V4}/32", "dev", "lo")
+            host.ip("addr", "add", f"{self.VIP_V6}/128", "dev", "lo", "nodad")
+        self.route(range(1, self.count + 1))
+
+    def route(self, hosts: Iterable[int]) -> None:
+        """
+        Route the VIP to C{hosts} (numbered from 1) on the router.
+        """
+        assert self.router is not None
+        hops = list(hosts)
+        for family, vip, gateway in (
+            ("-4", f"{self.VIP_V4}/32", self.hostV4),
+            ("-6", f"{self.VIP_V6}/128", self.hostV6),
+        ):
+            nexthops: list[str] = []
+            for index in hops:
+                nexthops += ["nexthop", "via", gateway(index)]
+            if len(hops) == 1:
+                nexthops = ["via", gateway(hops[0])]
+            self.router.ip(family, "route", "replace", vip, *nexthops)
+
+    def withdraw(self, index: int) -> None:
+        """
+        Take host C{index} out of the VIP's route, as a balancer's health
+        check or a routing daemon's withdrawal would.
+        """
+        self.route(i for i in range(1, self.count + 1) if i != index)
+
+    def startServer(
+        self, index: int, *args: str, timeout: float = 10.0
+    ) -> ServerProcess:
+        """
+        Start L{SERVER_SCRIPT} on host C{index} and wait until it listens.
+        """
+        proc = ServerProcess(
+            self.hosts[index - 1].argv(sys.executable, str(SERVER_SCRIPT), *args)
+        )
+        self._processes.append(proc)
+        proc.waitReady(timeout)
+        return proc
+
+    def query(self, queries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """
+        Run L{CLIENT_SCRIPT} in the client namespace with C{queries}, for at
+        most as long as all their timeouts.
+        """
+        assert self.client is not None
+        timeout = 10.0 + sum(q.get("timeout", 2.0) for q in queries)
+        out = self.client.run(
+            sys.executable, str(CLIENT_SCRIPT), json.dumps(queries), timeout=timeout
+        )
+        return json.loads(out)  # type: ignore[no-any-return]
+
+    def delete(self) -> None:
+        try:
+            while self._processes:
+                self._processes.pop().stop()
+        finally:
+            for ns in (self.client, self.router, *self.hosts):
                 if ns is not None:
                     ns.delete()
 

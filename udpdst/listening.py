@@ -21,6 +21,7 @@ from udpdst._memory import isMemoryReactor
 from udpdst.multicast import listenMulticast
 from udpdst.port import DestinationPort
 from udpdst.protocol import AnyDatagramProtocol, asTwistedProtocol
+from udpdst.transparent import DEFAULT_IDLE_TIMEOUT, DEFAULT_SIZE
 
 
 def listenUDP(
@@ -35,9 +36,11 @@ def listenUDP(
     Like C{reactor.listenUDP}, with a L{DestinationPort}.
 
     @param options: The port's keyword-only options (C{reusePort},
-        C{receiveBufferSize}, C{v6Only}); see L{DestinationPort.__init__}.
+        C{receiveBufferSize}, C{v6Only}, C{transparent}, C{replySockets},
+        C{replySocketIdleTimeout}); see L{DestinationPort.__init__}.
     @raise twisted.internet.error.CannotListenError: the bind failed (port
-        in use, no permission, address not local).
+        in use, no permission, address not local), or C{transparent=True}
+        without C{CAP_NET_ADMIN} or C{CAP_NET_RAW} (the message says so).
     @raise twisted.internet.error.InvalidAddressError: C{interface} is not
         an IP address.
     @return: The listening port.  With one of Twisted's memory reactors
@@ -75,6 +78,10 @@ def adoptDatagramPort(
     protocol: AnyDatagramProtocol,
     maxPacketSize: int = 8192,
     reactor: IReactorFDSet | None = None,
+    *,
+    transparent: bool = False,
+    replySockets: int = DEFAULT_SIZE,
+    replySocketIdleTimeout: float = DEFAULT_IDLE_TIMEOUT,
 ) -> DestinationPort:
     """
     Like C{reactor.adoptDatagramPort}: wrap an already bound datagram socket
@@ -85,6 +92,11 @@ def adoptDatagramPort(
     arrive with an unknown destination and are answered from the kernel's
     choice.
 
+    A socket that has C{IP_TRANSPARENT} (or C{IPV6_TRANSPARENT}) set is
+    served as a port made with C{transparent=True} (see
+    L{DestinationPort.__init__}); C{transparent=True} sets the option on one
+    that has not.
+
     With one of Twisted's memory reactors nothing is touched: the call is
     recorded in the reactor's C{adoptedPorts}, as those reactors do, and the
     port returned is a L{udpdst.testing.FakeDestinationTransport} (on
@@ -92,6 +104,8 @@ def adoptDatagramPort(
     connected.
 
     @raise twisted.internet.error.UnsupportedAddressFamily: not IPv4 or IPv6.
+    @raise twisted.internet.error.CannotListenError: C{transparent=True}
+        without C{CAP_NET_ADMIN} or C{CAP_NET_RAW}.
     """
     if addressFamily not in (socket.AF_INET, socket.AF_INET6):
         raise error.UnsupportedAddressFamily(addressFamily)
@@ -124,6 +138,9 @@ def adoptDatagramPort(
             maxPacketSize,
         ),
     )
+    p.transparent = transparent
+    p.replySockets = replySockets
+    p.replySocketIdleTimeout = replySocketIdleTimeout
     # systemd hands over blocking sockets; the reactor needs non-blocking.
     cast(socket.socket, p._preexistingSocket).setblocking(False)
     p.startListening()

@@ -25,6 +25,14 @@ from udpdst import io
 from udpdst.address import Destination, PeerAddress, interfaceIndex, maxPayload
 from udpdst.cmsg import enableDestinationOptions, parseDestination, replyControl
 from udpdst.interfaces import IDestinationDatagramProtocol, IDestinationTransport
+from udpdst.transparent import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_SIZE,
+    CapabilityError,
+    ReplySockets,
+    isTransparent,
+    makeTransparent,
+)
 
 #: The I/O path this process runs: C{"recvmmsg"} (the C extension) or
 #: C{"recvmsg"} (pure Python, also when C{UDPDST_IO=python}).
@@ -103,6 +111,19 @@ class PortCounters:
         L{DestinationPort.refreshCounters} and when the port closes.  It is
         the socket's count: processes that share one socket each see all of
         it.
+    @ivar replySocketsOpened: Transparent ports: reply sockets opened, to
+        reply from a datagram's original address and port
+        (L{udpdst.transparent}).
+    @ivar replySocketsReused: Transparent ports: replies sent through a
+        cached reply socket.
+    @ivar replySocketsEvicted: Transparent ports: reply sockets closed to
+        make room in the cache or because they were idle.
+    @ivar replySocketsFailed: Transparent ports: reply sockets that could not
+        be opened (no capability, no permission for the port); those replies
+        were not sent.
+    @ivar replySocketsRefused: Transparent ports: replies not sent because
+        another socket on this host is bound to the original address and
+        port, whose datagrams a reply socket there would take.
     """
 
     received: int = 0
@@ -114,6 +135,11 @@ class PortCounters:
     kernelDrops: int = 0
     unreadable: int = 0
     icmpErrors: int = 0
+    replySocketsOpened: int = 0
+    replySocketsReused: int = 0
+    replySocketsEvicted: int = 0
+    replySocketsFailed: int = 0
+    replySocketsRefused: int = 0
 
     def asDict(self) -> dict[str, int]:
         return asdict(self)
@@ -212,6 +238,10 @@ class DestinationPort(udp.Port):
     than as replied; the ICMP errors it also reports are read off the error
     queue and counted in C{counters.icmpErrors}.
 
+    A transparent port (C{transparent=True}, for C{TPROXY} rules) answers a
+    datagram sent to another port than its own from that address and port,
+    through the reply sockets of L{udpdst.transparent}.
+
     @ivar counters: The L{PortCounters}.
     @ivar maxDatagramsPerRead: The most datagrams one C{doRead} handles before
         it yields to the reactor (also bounded by C{maxThroughput} bytes).
@@ -247,6 +277,9 @@ class DestinationPort(udp.Port):
         reusePort: bool = False,
         receiveBufferSize: int | None = None,
         v6Only: bool = False,
+        transparent: bool = False,
+        replySockets: int = DEFAULT_SIZE,
+        replySocketIdleTimeout: float = DEFAULT_IDLE_TIMEOUT,
     ) -> None:
         """
         @param port: The port number to bind; C{0} for any.
@@ -261,12 +294,28 @@ class DestinationPort(udp.Port):
             the port.
         @param receiveBufferSize: C{SO_RCVBUF} in bytes, if given.
         @param v6Only: With C{"::"}, serve IPv6 only.
+        @param transparent: Set C{IP_TRANSPARENT} (and C{IPV6_TRANSPARENT})
+            before binding, so that C{TPROXY} rules deliver to this port, and
+            reply to a datagram sent to another port than this one from that
+            address and port (L{udpdst.transparent}).  Needs
+            C{CAP_NET_ADMIN} or C{CAP_NET_RAW}, also after start: the reply
+            sockets are opened as replies need them.  An adopted socket that
+            has the option already is served so without being asked.
+        @param replySockets: Transparent ports: the most reply sockets kept
+            open (each a file descriptor).
+        @param replySocketIdleTimeout: Transparent ports: seconds an unused
+            reply socket stays open.
         """
         udp.Port.__init__(self, port, proto, interface, maxPacketSize, reactor)
         self.reusePort = reusePort
         self.receiveBufferSize = receiveBufferSize
         self.v6Only = v6Only
+        self.transparent = transparent
+        self.replySockets = replySockets
+        self.replySocketIdleTimeout = replySocketIdleTimeout
         self.counters = PortCounters()
+        # The reply sockets of a transparent port, once it listens.
+        self._transparentReplies: ReplySockets | None = None
         self._wildcard = False
         self._fixedDestination: Destination | None = None
         # What the read pass and the writes in it share, also with C.
@@ -298,7 +347,24 @@ class DestinationPort(udp.Port):
             skt.setsockopt(socket.SOL_SOCKET, L.SO_REUSEPORT, 1)
         if self.receiveBufferSize:
             skt.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receiveBufferSize)
+        if self.transparent:
+            self._makeTransparent(skt)
         return skt
+
+    def _makeTransparent(self, skt: socket.socket) -> None:
+        """
+        Set the transparent options on C{skt}, before it is bound.
+
+        @raise error.CannotListenError: the process lacks the capability; the
+            message names it.
+        """
+        try:
+            makeTransparent(skt)
+        except CapabilityError as e:
+            skt.close()
+            raise error.CannotListenError(
+                self.interface, self.port, e.strerror
+            ) from None
 
     def _bindSocket(self) -> None:
         udp.Port._bindSocket(self)
@@ -308,10 +374,27 @@ class DestinationPort(udp.Port):
             self.socket.setsockopt(socket.SOL_SOCKET, L.SO_RXQ_OVFL, 1)
         except OSError:
             pass  # refreshCounters still reads the kernel's count
+        if isTransparent(self.socket):
+            # Asked for, or set on an adopted socket by whoever made it.
+            self.transparent = True
+        elif self.transparent:
+            # An adopted socket, asked to be transparent: too late for
+            # binding foreign addresses, in time for TPROXY and replies.
+            self._makeTransparent(self.socket)
+        if self.transparent:
+            self._transparentReplies = ReplySockets(
+                self.reactor,
+                self.counters,
+                self,
+                self.replySockets,
+                self.replySocketIdleTimeout,
+            )
         sockname = self.socket.getsockname()
         host = sockname[0]
         self._family6 = self.socket.family == socket.AF_INET6
-        if host in _WILDCARDS:
+        if host in _WILDCARDS or self.transparent:
+            # A transparent socket bound to one address is still sent
+            # datagrams for others (TPROXY): it needs each destination too.
             self._wildcard = True
             refused = enableDestinationOptions(self.socket)
             if refused:
@@ -540,12 +623,21 @@ class DestinationPort(udp.Port):
         if scoped:
             host = f"{host}%{_interfaceName(addr[3])}"
         peer = PeerAddress(host, addr[1], dst)
-        control = (
-            self.ioPath.packControl(replyControl(self.addressFamily, dst, host))
-            if self._wildcard
-            else self.ioPath.packControl(())
-        )
-        peer._reply = (self, self._outbox, target, control, maxPayload(host))
+        replies = self._transparentReplies
+        if replies is not None and dst is not None and dst.port != self._realPortNumber:
+            # Sent to another port (TPROXY): the reply goes through a reply
+            # socket.  write's fast paths (QueuedWrite in C) see a _reply that
+            # is not this port's and leave it to _writeSlow, which sends it.
+            sockaddr = (addr[0], addr[1], 0, addr[3]) if self._family6 else addr
+            route = replies.route(sockaddr, dst)
+            peer._reply = (replies, None, route, None, maxPayload(host))
+        else:
+            control = (
+                self.ioPath.packControl(replyControl(self.addressFamily, dst, host))
+                if self._wildcard
+                else self.ioPath.packControl(())
+            )
+            peer._reply = (self, self._outbox, target, control, maxPayload(host))
         entry = (peer, dst)
         if useCache and not scoped:
             peers = self._peers
@@ -634,8 +726,21 @@ class DestinationPort(udp.Port):
     ) -> None:
         """
         L{write} to an address this port did not make (rebuilt, or from
-        another port), or with another destination than it carries.
+        another port), or with another destination than it carries, or one
+        that a reply socket answers (L{_classify}).
         """
+        replies = self._transparentReplies
+        if replies is not None and type(addr) is PeerAddress:
+            reply = addr._reply
+            if (
+                reply is not None
+                and reply[0] is replies
+                and (dst is None or dst is addr.destination)
+            ):
+                if len(datagram) > reply[4]:
+                    self._tooLong()
+                replies.send(bytes(datagram), reply[2])  # type: ignore[arg-type]
+                return
         if self._connectedAddr:
             try:
                 udp.Port.write(self, datagram, addr)
@@ -650,7 +755,8 @@ class DestinationPort(udp.Port):
         host = addr[0]
         try:
             self._checkAddress(addr)
-            target = self._target(addr)
+            sockaddr = self._sockaddr(addr)
+            target = self._pack(sockaddr)
         except error.InvalidAddressError:
             self.counters.sendErrors += 1
             raise
@@ -660,6 +766,14 @@ class DestinationPort(udp.Port):
         if self._wildcard:
             if dst is None:
                 dst = self._destinationFor(addr)
+            replies = self._transparentReplies
+            if (
+                replies is not None
+                and dst is not None
+                and dst.port != self._realPortNumber
+            ):
+                replies.send(bytes(datagram), replies.route(sockaddr, dst))
+                return
             control = replyControl(self.addressFamily, dst, host)
         if type(datagram) is not bytes:
             datagram = bytes(datagram)
@@ -669,18 +783,17 @@ class DestinationPort(udp.Port):
         self.counters.sendErrors += 1
         raise error.MessageLengthError("message too long")
 
-    def _target(self, addr: tuple[str, int]) -> Any:
+    def _sockaddr(self, addr: tuple[str, int]) -> tuple[Any, ...]:
         """
-        C{addr} as L{io.send} takes it; a scoped IPv6 host (C{"fe80::5%eth0"})
-        is sent with its interface index (Python would ignore the zone in
-        the text), looked up now, so a re-created interface is found;
-        C{"<broadcast>"} is the limited broadcast address, as Python's
-        C{sendto} (and so Twisted's port) reads it.
+        C{addr} as C{sendto} takes it on this port's socket; a scoped IPv6
+        host (C{"fe80::5%eth0"}) is sent with its interface index (Python
+        would ignore the zone in the text), looked up now, so a re-created
+        interface is found; C{"<broadcast>"} is the limited broadcast
+        address, as Python's C{sendto} (and so Twisted's port) reads it.
 
         @raise error.InvalidAddressError: C{addr} cannot be sent to: its port
             is not 0-65535 (Twisted's C{write} lets C{sendto} raise
-            C{OverflowError}), its zone names no interface, or its host is
-            not an IP address.
+            C{OverflowError}) or its zone names no interface.
         """
         host = addr[0]
         try:
@@ -692,13 +805,19 @@ class DestinationPort(udp.Port):
         if self._family6:
             bare, _, zone = host.partition("%")
             scope = _scopeOf(zone, host) if zone else 0
-            sockaddr: Any = (bare, port, 0, scope)
-        else:
-            sockaddr = (_LIMITED_BROADCAST if host == "<broadcast>" else host, port)
+            return (bare, port, 0, scope)
+        return (_LIMITED_BROADCAST if host == "<broadcast>" else host, port)
+
+    def _pack(self, sockaddr: tuple[Any, ...]) -> Any:
+        """
+        C{sockaddr} (from L{_sockaddr}) as L{io.send} takes it.
+
+        @raise error.InvalidAddressError: its host is not an IP address.
+        """
         try:
             return self.ioPath.packTarget(sockaddr)
         except (OSError, ValueError):
-            raise error.InvalidAddressError(host, "not an IP address") from None
+            raise error.InvalidAddressError(sockaddr[0], "not an IP address") from None
 
     def _destinationFor(self, addr: tuple[str, int]) -> Destination | None:
         """
@@ -817,6 +936,9 @@ class DestinationPort(udp.Port):
         self._readHandlers = None
         self._peers.clear()
         self._peerDestinations.clear()
+        if self._transparentReplies is not None:
+            self._transparentReplies.close()
+            self._transparentReplies = None
         udp.Port.connectionLost(self, reason)
 
 

@@ -133,6 +133,12 @@ v6_only = true
 systemd = true
 fd_name = "echo"
 
+[[listen]]
+port = 7000
+transparent = true
+reply_sockets = 1024
+reply_socket_idle = 5
+
 [echo]
 prefix = "héllo "
 
@@ -163,6 +169,9 @@ listen = "[::1]:9135"
         ListenConfig("127.0.0.1", 7, True, 1048576, False, 1500),
         ListenConfig("::", 7, v6_only=True),
         ListenConfig(systemd=True, fd_name="echo"),
+        ListenConfig(
+            port=7000, transparent=True, reply_sockets=1024, reply_socket_idle=5.0
+        ),
     )
     assert config.echo == EchoConfig("héllo ")
     assert config.echo.prefixBytes == "héllo ".encode()
@@ -198,6 +207,9 @@ BAD_FILES = [
     ("[echo]\nprefix = 5\n", "prefix must be a string", "an integer"),
     ("[[listen]]\nport = '7'\n", "must be an integer port number", "a string"),
     ("[[listen]]\nport = true\n", "must be an integer port number", "a boolean"),
+    ("[[listen]]\ntransparent = 'yes'\n", "must be true or false", "a string"),
+    ("[[listen]]\nreply_sockets = 0\n", "out of range", "1..65536"),
+    ("[[listen]]\nreply_socket_idle = 0\n", "out of range", "0.001..86400"),
     ("[[listen]]\nreuse_port = 1\n", "must be true or false", "an integer"),
     ("[limits]\nper_source_rate = 'fast'\n", "must be a number", "a string"),
     ("[limits]\nper_source_rate = -1\n", "out of range", "0.001..1e+09, or 0"),
@@ -296,6 +308,18 @@ def test_parseListenSystemd() -> None:
     assert parseListen("systemd:echo") == ListenConfig(systemd=True, fd_name="echo")
 
 
+def test_parseListenTransparent() -> None:
+    """
+    C{,transparent} after a listener is C{transparent = true}.
+    """
+    assert parseListen("[::]:7000,transparent") == ListenConfig(
+        address="::", port=7000, transparent=True
+    )
+    assert parseListen("systemd:dns,transparent") == ListenConfig(
+        systemd=True, fd_name="dns", transparent=True
+    )
+
+
 @pytest.mark.parametrize(
     "text, cause",
     [
@@ -307,6 +331,8 @@ def test_parseListenSystemd() -> None:
         ("127.0.0.1:x", "ADDRESS:PORT"),
         ("localhost:7", "bad address 'localhost'"),
         ("127.0.0.1:65536", "port = 65536 is out of range"),
+        ("[::]:7000,transparant", "the only option after a comma is transparent"),
+        ("[::]:7000,", "the only option after a comma is transparent"),
     ],
 )
 def test_parseListenBad(text: str, cause: str) -> None:

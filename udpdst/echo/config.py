@@ -315,6 +315,22 @@ class ListenConfig:
     fd_name: str = _key(
         "", _text, "with systemd: only the sockets with this FileDescriptorName="
     )
+    transparent: bool = _key(
+        False,
+        _boolean,
+        "IP_TRANSPARENT: serve what a TPROXY rule redirects, replying from the "
+        "original address and port (needs CAP_NET_ADMIN)",
+    )
+    reply_sockets: int = _key(
+        256,
+        _integer(1, 65536),
+        "with transparent: the most reply sockets kept open (one descriptor each)",
+    )
+    reply_socket_idle: float = _key(
+        60.0,
+        _number(0.001, 86400.0),
+        "with transparent: seconds an unused reply socket stays open",
+    )
 
     def describe(self) -> str:
         """
@@ -613,27 +629,41 @@ def parseListen(text: str, where: str = "--listen") -> ListenConfig:
     """
     Parse a command-line listener: C{ADDRESS:PORT} with IPv6 in brackets
     (C{[::]:7}, C{0.0.0.0:7}, C{[fe80::1%eth0]:7}), or C{systemd} /
-    C{systemd:NAME} for sockets passed by systemd.
+    C{systemd:NAME} for sockets passed by systemd; either followed by
+    C{,transparent} for C{transparent = true}.
 
     @raise ConfigError: C{text} is not one of those.
     """
-    if text == "systemd":
-        return ListenConfig(systemd=True)
-    if text.startswith("systemd:"):
-        return ListenConfig(systemd=True, fd_name=text[len("systemd:") :])
+    spec, comma, flag = text.partition(",")
+    if comma and flag != "transparent":
+        raise ConfigError(
+            f"{where} {text!r}: the only option after a comma is transparent "
+            "([::]:7000,transparent)"
+        )
+    transparent = bool(comma)
+    if spec == "systemd":
+        return ListenConfig(systemd=True, transparent=transparent)
+    if spec.startswith("systemd:"):
+        return ListenConfig(
+            systemd=True, fd_name=spec[len("systemd:") :], transparent=transparent
+        )
     shape = (
         f"{where} {text!r}: use ADDRESS:PORT, with IPv6 in brackets "
-        "([::]:12345, 0.0.0.0:12345), or systemd[:NAME]"
+        "([::]:12345, 0.0.0.0:12345), or systemd[:NAME]; add ,transparent for "
+        "a TPROXY listener"
     )
-    address, port = _hostPort(text, where, shape)
-    return ListenConfig(address=_listenAddress(address, where), port=port)
+    address, port = _hostPort(spec, where, shape)
+    return ListenConfig(
+        address=_listenAddress(address, where), port=port, transparent=transparent
+    )
 
 
 #: The help text of the two options that are not one key: C{--listen} (a
 #: whole listener) and C{--reuse-port} (a key of every listener).
 LISTEN_HELP = (
     "ADDRESS:PORT to listen on, IPv6 in brackets ([::]:7, 0.0.0.0:7), or "
-    "systemd[:NAME] for sockets passed by systemd. Repeat for more; "
+    "systemd[:NAME] for sockets passed by systemd; append ,transparent for "
+    "a TPROXY listener ([::]:7000,transparent). Repeat for more; "
     "replaces the config file's listeners."
 )
 REUSE_PORT_HELP = "Set reuse_port on every listener (SO_REUSEPORT)."

@@ -193,7 +193,14 @@ class ListenerService(ListeningService[DestinationPort]):
                     self.protocol,
                     listener.max_packet_size,
                     self._reactor,
+                    transparent=listener.transparent,
+                    replySockets=listener.reply_sockets,
+                    replySocketIdleTimeout=listener.reply_socket_idle,
                 )
+            except CannotListenError as e:
+                raise ListenError(
+                    bindFailure(f"systemd socket {fd} ({self.inherited.name})", e)
+                ) from None
             except Exception as e:
                 raise ListenError(
                     f"cannot use systemd socket {fd} ({self.inherited.name}): {e}"
@@ -212,6 +219,9 @@ class ListenerService(ListeningService[DestinationPort]):
                     reusePort=listener.reuse_port,
                     receiveBufferSize=listener.receive_buffer or None,
                     v6Only=listener.v6_only,
+                    transparent=listener.transparent,
+                    replySockets=listener.reply_sockets,
+                    replySocketIdleTimeout=listener.reply_socket_idle,
                 )
             except CannotListenError as e:
                 raise ListenError(bindFailure(listener.describe(), e)) from None
@@ -236,6 +246,9 @@ class ListenerService(ListeningService[DestinationPort]):
             how = ", ".join(
                 x for x in (how, "reuse_port" if listener.reuse_port else "") if x
             )
+        served = port if port is not None else self._lastPort
+        if served is not None and served.transparent:
+            how = ", ".join(x for x in (how, "transparent") if x)
         # The detail is text of the message, not a field: a JSON line
         # carries only fields that mean something on their own.
         self._log.info(
@@ -252,7 +265,8 @@ class ListenerService(ListeningService[DestinationPort]):
 def identity(listener: ListenConfig) -> tuple[Any, ...]:
     """
     What makes a listener the same socket across a reload: its address,
-    port, C{v6_only}, C{reuse_port} and systemd name.  Its other settings
+    port, C{v6_only}, C{reuse_port}, C{transparent} (set before binding)
+    with its reply-socket settings, and systemd name.  Its other settings
     are applied to the open socket (L{ListenerService.update}); a listener
     of another identity is another socket.
     """
@@ -263,6 +277,9 @@ def identity(listener: ListenConfig) -> tuple[Any, ...]:
         listener.port,
         listener.v6_only,
         listener.reuse_port,
+        listener.transparent,
+        listener.reply_sockets,
+        listener.reply_socket_idle,
     )
 
 

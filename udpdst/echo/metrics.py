@@ -48,6 +48,11 @@ _HELP = {
     "kernelDrops": "Datagrams the kernel dropped on the socket (buffer full).",
     "unreadable": "Datagrams dropped because their peer address was unusable.",
     "icmpErrors": "ICMP errors (e.g. port unreachable) about replies sent.",
+    "replySocketsOpened": "Reply sockets opened to answer from a redirected address and port.",
+    "replySocketsReused": "Replies sent through a cached reply socket (transparent listeners).",
+    "replySocketsEvicted": "Reply sockets closed to make room, or after idling.",
+    "replySocketsFailed": "Reply sockets that could not be opened; those replies were not sent.",
+    "replySocketsRefused": "Replies not sent: another local socket holds their source address and port.",
 }
 
 

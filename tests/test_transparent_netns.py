@@ -197,20 +197,24 @@ def test_idleReplySocketsAreClosed(
     )
     first = pair.query(q("198.51.100.30", 5353))
     assertFrom(first[0], "198.51.100.30", 5353)
-    # Wait (bounded) until the sweep has run: later replies report it.
-    deadline = 50
-    for _ in range(deadline):
-        later = pair.query(q("198.51.100.31", 5353, "later"))
-        counters = assertFrom(later[0], "198.51.100.31", 5353)["counters"]
+    # Wait (bounded) until the sweep has run, asking the listener's own port
+    # (no reply socket): its replies report the counters.
+    for _ in range(50):
+        later = pair.query(q(P.SERVER_V4, LISTEN, "later"))
+        counters = assertFrom(later[0], P.SERVER_V4, LISTEN)["counters"]
         if counters["replySocketsEvicted"] >= 1:
             break
         time.sleep(0.1)
     else:
         pytest.fail(f"no idle reply socket closed: {counters}")
     again = pair.query(q("198.51.100.30", 5353, "again"))
-    counters = assertFrom(again[0], "198.51.100.30", 5353)["counters"]
-    assert counters["replySocketsReused"] == 0, counters
-    server.stop()
+    assertFrom(again[0], "198.51.100.30", 5353)
+    final = server.stop()
+    assert final is not None
+    # The pair's one socket was closed, and its next reply opened another.
+    assert final["replySocketsOpened"] == 2, final
+    assert final["replySocketsReused"] == 0, final
+    assert final["replySocketsEvicted"] >= 1, final
 
 
 def _localQuery(pair: Pair, host: str, port: int) -> dict[str, Any]:

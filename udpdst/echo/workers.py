@@ -521,13 +521,7 @@ class WorkerPool(Service):
         if self._announced or self._failure is not None:
             return
         self._failure = WorkersFailed(f"the workers could not start: {reason}")
-        if self._startDeadline is not None and self._startDeadline.active():
-            self._startDeadline.cancel()
-        self._startDeadline = None
-        for slot, call in enumerate(self._restarts):
-            if call is not None and call.active():
-                call.cancel()
-            self._restarts[slot] = None
+        self._cancelTimers()
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.errback(self._failure)
@@ -693,11 +687,11 @@ class WorkerPool(Service):
 
     # Stopping
 
-    def stopService(self) -> Deferred[Any]:
-        Service.stopService(self)
-        self._stopping = True
-        # Nobody waits for a reload of a pool that stops.
-        self._checkReloaded(force=True)
+    def _cancelTimers(self) -> None:
+        """
+        Cancel the start deadline and every scheduled restart: the pool
+        gave up starting, or stops.
+        """
         if self._startDeadline is not None and self._startDeadline.active():
             self._startDeadline.cancel()
         self._startDeadline = None
@@ -705,6 +699,13 @@ class WorkerPool(Service):
             if call is not None and call.active():
                 call.cancel()
             self._restarts[slot] = None
+
+    def stopService(self) -> Deferred[Any]:
+        Service.stopService(self)
+        self._stopping = True
+        # Nobody waits for a reload of a pool that stops.
+        self._checkReloaded(force=True)
+        self._cancelTimers()
         newest = [w for w in self.workers if w is not None]
         older = [w.replaces for w in newest if w.replaces is not None]
         for worker in newest + older:
